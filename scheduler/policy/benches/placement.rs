@@ -1,0 +1,2 @@
+//! Placement benchmark (filled in below).
+fn main() {}

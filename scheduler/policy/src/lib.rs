@@ -1,0 +1,22 @@
+//! `hami-policy`: the placement core of hami, pure and deterministic (no I/O, no async, no Kubernetes
+//! client). The scheduler extender and the trace simulator run exactly this code.
+//!
+//! - [`state`]: a node's inventory and committed use; commit/release that never overcommit.
+//! - [`fit`]: the filter (does a pod fit a node, on which GPUs), complete and HAMi-compatible.
+//! - [`frag`]: FGD's fragmentation measure over a workload model.
+//! - [`policies`]: node scoring policies (HAMi binpack/spread, the FGD paper's baselines, FGD, ours).
+//! - [`cluster`]: one decision over many nodes, with random tie-breaking and a score cache.
+
+pub mod cluster;
+pub mod error;
+pub mod fit;
+pub mod frag;
+pub mod policies;
+pub mod state;
+
+pub use cluster::{Cluster, Decision, ScoreCache};
+pub use error::{Error, Result};
+pub use fit::{FitFailure, GpuOrder, Reason, ScoringWeights, fit_pod};
+pub use frag::{TaskShape, WorkloadModel, node_frag};
+pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
+pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};

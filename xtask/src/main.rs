@@ -1,0 +1,140 @@
+//! `cargo xtask`: project automation.
+//!
+//! - `cargo xtask sim [hami-sim args]`: the trace simulator, built in release mode (the main job).
+//! - `cargo xtask ci`: everything CI checks, in order: formatting, clippy (warnings denied), every
+//!   workspace member inheriting the workspace lints, the test suite, and a short simulator smoke run.
+//!   It installs what it needs first (the toolchain components named in `rust-toolchain.toml`).
+//! - `cargo xtask bench [criterion args]`: the placement benchmarks (`cargo bench -p hami-policy`).
+//! - `cargo xtask lint`: formatting and clippy only.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// Runs a command in the workspace root, echoing it; fails on a non-zero exit.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    run(&cargo(), &["fmt", "--all", "--", "--check"])?;
+    run(
+        &cargo(),
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    check_lints_inherited()
+}
+
+/// Every member manifest must opt into the workspace lints (`[lints] workspace = true`).
+fn check_lints_inherited() -> Result<()> {
+    let text = std::fs::read_to_string(root().join("Cargo.toml")).context("reading Cargo.toml")?;
+    let members: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("members"))
+        .take(1)
+        .flat_map(|l| l.split('"').skip(1).step_by(2))
+        .collect();
+    if members.is_empty() {
+        bail!("no workspace members found in Cargo.toml");
+    }
+    for m in members {
+        let manifest = root().join(m).join("Cargo.toml");
+        let body =
+            std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        if !body.contains("[lints]\nworkspace = true") {
+            bail!(
+                "{} does not inherit the workspace lints ([lints] workspace = true)",
+                manifest.display()
+            );
+        }
+    }
+    eprintln!("all workspace members inherit the workspace lints");
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    // rustup installs the components listed in rust-toolchain.toml on first use; make it explicit so a
+    // machine with a minimal profile gets them before fmt/clippy run.
+    run("rustup", &["component", "add", "rustfmt", "clippy"])?;
+    lint()?;
+    run(&cargo(), &["test", "--workspace", "--locked"])?;
+    // A short end-to-end run of the main job on its embedded default.
+    let out = root().join("target/xtask-ci-sim");
+    let out = out.to_string_lossy();
+    run(
+        &cargo(),
+        &[
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "hami-sim",
+            "--",
+            "--policy",
+            "bestfit,fgd",
+            "--seeds",
+            "42",
+            "--quiet",
+            "--out",
+            &out,
+        ],
+    )?;
+    for f in ["summary.csv", "curve.csv", "allocation.svg"] {
+        let p = root().join("target/xtask-ci-sim").join(f);
+        let len = std::fs::metadata(&p)
+            .with_context(|| format!("simulator output {} missing", p.display()))?
+            .len();
+        if len == 0 {
+            bail!("simulator output {} is empty", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match args.first().map(String::as_str) {
+        Some("sim") => {
+            let mut a = vec!["run", "--release", "--quiet", "-p", "hami-sim", "--"];
+            a.extend(rest);
+            run(&cargo(), &a)
+        }
+        Some("bench") => {
+            let mut a = vec!["bench", "-p", "hami-policy", "--bench", "placement", "--"];
+            a.extend(rest);
+            run(&cargo(), &a)
+        }
+        Some("ci") => ci(),
+        Some("lint") => lint(),
+        _ => bail!("usage: cargo xtask <sim|ci|bench|lint> [args]"),
+    }
+}
