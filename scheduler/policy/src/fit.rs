@@ -359,7 +359,11 @@ impl Search<'_> {
         let cands = candidates(self.node, req, &live, &mut failure);
         let count = req.count as usize;
         if cands.len() < count || count == 0 {
-            failure.reasons.entry(Reason::InsufficientDevices).or_insert(1);
+            // Per-GPU reasons explain a shortfall; the count reason stands alone only when every GPU
+            // fits and there are simply not enough of them.
+            if failure.reasons.is_empty() {
+                failure.reasons.insert(Reason::InsufficientDevices, n);
+            }
             self.failure.get_or_insert(failure);
             return false;
         }
@@ -463,25 +467,38 @@ impl Search<'_> {
                 .map(|idx| idx.iter().map(|&k| sorted[k]).collect())
                 .collect();
         }
-        sorted.truncate(TOPOLOGY_CANDIDATE_CAP.max(count));
-        let mut sets: Vec<RankedSet> = Combinations::new(sorted.len(), count)
-            .filter_map(|idx| {
-                let set: Vec<(usize, u64)> = idx.iter().map(|&k| sorted[k]).collect();
+        // Pools to draw sets from: with numa-bind one per NUMA node, else one; each capped to the best
+        // candidates by policy order (so the cap never hides a feasible NUMA group).
+        let cap = TOPOLOGY_CANDIDATE_CAP.max(count);
+        let ranked: Vec<(usize, (usize, u64))> = sorted.iter().copied().enumerate().collect();
+        let mut pools: Vec<Vec<(usize, (usize, u64))>> = Vec::new();
+        if req.numa_bind {
+            let mut numas: Vec<Option<u32>> = ranked.iter().map(|&(_, (i, _))| gpus[i].numa).collect();
+            numas.sort_unstable();
+            numas.dedup();
+            for numa in numas {
+                let pool: Vec<_> = ranked.iter().copied().filter(|&(_, (i, _))| gpus[i].numa == numa).take(cap).collect();
+                pools.push(pool);
+            }
+        } else {
+            pools.push(ranked.into_iter().take(cap).collect());
+        }
+        let mut sets: Vec<RankedSet> = Vec::new();
+        for pool in &pools {
+            for idx in Combinations::new(pool.len(), count) {
+                let set: Vec<(usize, u64)> = idx.iter().map(|&k| pool[k].1).collect();
                 let numa = gpus[set[0].0].numa;
                 let same_numa = set.iter().all(|&(i, _)| gpus[i].numa == numa);
-                if req.numa_bind && !same_numa {
-                    return None;
-                }
                 let mut links = 0u32;
                 for (a, &(i, _)) in set.iter().enumerate() {
                     for &(j, _) in &set[a + 1..] {
                         links = links.saturating_add(link_score(&gpus[i], &gpus[j]));
                     }
                 }
-                let rank: usize = idx.iter().sum();
-                Some((same_numa, links, rank, set))
-            })
-            .collect();
+                let rank: usize = idx.iter().map(|&k| pool[k].0).sum();
+                sets.push((same_numa, links, rank, set));
+            }
+        }
         sets.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
         sets.into_iter().map(|s| s.3).collect()
     }

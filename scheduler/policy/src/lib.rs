@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod error;
 pub mod fit;
 pub mod frag;
+pub mod ledger;
 pub mod policies;
 pub mod state;
 
@@ -18,5 +19,6 @@ pub use cluster::{Cluster, Decision, ScoreCache};
 pub use error::{Error, Result};
 pub use fit::{FitFailure, GpuOrder, Reason, ScoringWeights, fit_pod};
 pub use frag::{TaskShape, WorkloadModel, node_frag};
+pub use ledger::{Ledger, LedgerEntry};
 pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
 pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};

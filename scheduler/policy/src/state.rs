@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use hami_api::{ContainerKind, GpuDevice, NodeInventory, PodRequest};
+use hami_api::{
+    ContainerDevice, ContainerDevices, ContainerKind, GpuDevice, NodeInventory, PodDevices, PodRequest,
+};
 
 use crate::{
     error::{Error, Result},
@@ -121,6 +123,39 @@ impl NodePlacement {
             *p = p.max(steady);
         }
         peak
+    }
+
+    /// HAMi's allocation annotation value for this placement on `node`
+    /// (`hami.io/vgpu-devices-allocated` / `-to-allocate`, `reference/hami.md` §1.3): one entry per
+    /// container in pod order, init containers included, an empty entry for a container without GPUs
+    /// (peer bugs C08, C14); each device is `UUID,vendor,memMiB,cores` with `vendor` the vendor's common
+    /// word (`NVIDIA`), not the card model. Encode it with [`PodDevices::encode`].
+    ///
+    /// `node` must be the inventory the placement was made on. A grant naming a GPU that `node` does not
+    /// have cannot come from [`crate::fit::fit_pod`] or pass [`NodeState::commit`]; it is left out.
+    #[must_use]
+    pub fn to_pod_devices(&self, node: &NodeInventory, vendor: &str) -> PodDevices {
+        PodDevices(
+            self.containers
+                .iter()
+                .map(|grants| {
+                    ContainerDevices(
+                        grants
+                            .iter()
+                            .filter_map(|g| {
+                                let gpu = node.gpus.get(g.gpu)?;
+                                Some(ContainerDevice::new(
+                                    gpu.uuid.clone(),
+                                    vendor,
+                                    g.memory_mib,
+                                    g.cores,
+                                ))
+                            })
+                            .collect(),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
