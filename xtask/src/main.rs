@@ -116,6 +116,34 @@ fn ci() -> Result<()> {
             bail!("simulator output {} is empty", p.display());
         }
     }
+    check_fidelity(&root().join("target/xtask-ci-sim/summary.csv"))
+}
+
+/// The FGD paper's published means of unallocated GPU % at 100 % arrived on the default trace
+/// (`data/alibaba-gpu-v2023/summary_by_workload_policy.csv`), and how far our mean may be from them.
+const PAPER_AT_100: &[(&str, f64)] = &[("bestfit", 7.14), ("fgd", 4.77)];
+const FIDELITY_PP: f64 = 1.0;
+
+/// Our `bestfit` and `fgd` must land within 1 percentage point of the paper (mean over the seeds run).
+fn check_fidelity(summary: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(summary).with_context(|| format!("reading {}", summary.display()))?;
+    for &(policy, paper) in PAPER_AT_100 {
+        let values: Vec<f64> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() == 6 && f[0] == "default" && f[1] == policy && f[3] == "100")
+            .filter_map(|f| f[4].parse::<f64>().ok())
+            .collect();
+        if values.is_empty() {
+            bail!("{}: no {policy} value at 100 % arrived", summary.display());
+        }
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        eprintln!("fidelity: {policy} {mean:.2} % unallocated at 100 % arrived (paper {paper:.2})");
+        if (mean - paper).abs() > FIDELITY_PP {
+            bail!("{policy}: {mean:.2} % is more than {FIDELITY_PP} pp from the paper's {paper:.2} %");
+        }
+    }
     Ok(())
 }
 

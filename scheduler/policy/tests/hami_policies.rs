@@ -289,7 +289,11 @@ fn numa_bind_finds_the_group_beyond_the_candidate_cap() {
     let numa: Vec<u32> = (0..16).map(|i| if i < 8 { 0 } else { 1 }).collect();
     let mut n = node("n", numa_gpus(&numa));
     for i in [6, 7, 14, 15] {
-        n.gpus[i] = GpuUsage { slots: 1, memory_mib: GIB, cores: 10 };
+        n.gpus[i] = GpuUsage {
+            slots: 1,
+            memory_mib: GIB,
+            cores: 10,
+        };
     }
     let c = cluster(vec![n]);
     let mut req = mib(7, GIB, 10);

@@ -76,12 +76,18 @@ impl Error {
                     .unwrap_or("?");
                 format!("field {column}: {}", err.kind())
             }
-            csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+            csv::ErrorKind::UnequalLengths {
+                expected_len, len, ..
+            } => {
                 format!("{len} fields, the header has {expected_len}")
             }
             _ => source.to_string(),
         };
-        Self::Csv { file: file.to_owned(), line, message }
+        Self::Csv {
+            file: file.to_owned(),
+            line,
+            message,
+        }
     }
 }
 

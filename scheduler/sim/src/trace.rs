@@ -121,7 +121,10 @@ pub fn read_nodes(name: &str, text: &str) -> Result<NodeList> {
         .from_reader(text.as_bytes());
     let mut nodes = Vec::new();
     let mut seen = BTreeSet::new();
-    let headers = rdr.headers().map_err(|source| Error::csv(name, &source, None))?.clone();
+    let headers = rdr
+        .headers()
+        .map_err(|source| Error::csv(name, &source, None))?
+        .clone();
     for rec in rdr.records() {
         let rec = rec.map_err(|source| Error::csv(name, &source, Some(&headers)))?;
         let line = rec.position().map_or(0, csv::Position::line);
@@ -186,7 +189,10 @@ pub fn read_pods(name: &str, text: &str) -> Result<Vec<TracePod>> {
     let mut pods = Vec::new();
     let mut shapes: std::collections::HashMap<(u64, u64, u64, u64, String), u64> =
         std::collections::HashMap::new();
-    let headers = rdr.headers().map_err(|source| Error::csv(name, &source, None))?.clone();
+    let headers = rdr
+        .headers()
+        .map_err(|source| Error::csv(name, &source, None))?
+        .clone();
     for rec in rdr.records() {
         let rec = rec.map_err(|source| Error::csv(name, &source, Some(&headers)))?;
         let line = rec.position().map_or(0, csv::Position::line);
