@@ -477,7 +477,12 @@ impl Search<'_> {
             numas.sort_unstable();
             numas.dedup();
             for numa in numas {
-                let pool: Vec<_> = ranked.iter().copied().filter(|&(_, (i, _))| gpus[i].numa == numa).take(cap).collect();
+                let pool: Vec<_> = ranked
+                    .iter()
+                    .copied()
+                    .filter(|&(_, (i, _))| gpus[i].numa == numa)
+                    .take(cap)
+                    .collect();
                 pools.push(pool);
             }
         } else {

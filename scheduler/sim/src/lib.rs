@@ -159,11 +159,10 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
     let mut total = 0u64;
     for t in &cfg.traces {
         let pods = load_trace(t, cfg.data.as_deref())?;
-        let cov: f64 = std::env::var("COV")
-            .ok()
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(PAPER_SHAPE_COVERAGE);
-        let model = Arc::new(WorkloadModel::from_pods(pods.iter().map(|p| &p.request), cov));
+        let model = Arc::new(WorkloadModel::from_pods(
+            pods.iter().map(|p| &p.request),
+            PAPER_SHAPE_COVERAGE,
+        ));
         for p in &policies {
             build_policy(p, Arc::clone(&model), norm)?;
             for &seed in &cfg.seeds {

@@ -18,7 +18,7 @@ struct Args {
     /// Comma-separated traces: names from the data folder (`default`, `gpushare40`, …) or pod-list CSV paths.
     #[arg(long, default_value = "default", value_delimiter = ',')]
     trace: Vec<String>,
-    /// Comma-separated policies, or `all`: random, dotprod, packing, bestfit, fgd, binpack, spread, fgd-bf.
+    /// Comma-separated policies, or `all`: random, dotprod, packing, bestfit, fgd, binpack, spread, fgd-pack.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     policy: Vec<String>,
     /// Comma-separated seeds, or a range `42..51` (inclusive).
