@@ -84,6 +84,16 @@ fn ci() -> Result<()> {
     // rustup installs the components listed in rust-toolchain.toml on first use; make it explicit so a
     // machine with a minimal profile gets them before fmt/clippy run.
     run("rustup", &["component", "add", "rustfmt", "clippy"])?;
+    // The simulated GPU node's FUSE tests need fusermount3 (Debian package `fuse3`); as root, install it.
+    let have_fusermount3 = Command::new("fusermount3").arg("--version").output().is_ok();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if is_root && !have_fusermount3 {
+        run("apt-get", &["update"])?;
+        run("apt-get", &["install", "-y", "--no-install-recommends", "fuse3"])?;
+    }
     lint()?;
     run(&cargo(), &["test", "--workspace", "--locked"])?;
     // A short end-to-end run of the main job on its embedded default.
@@ -97,11 +107,13 @@ fn ci() -> Result<()> {
             "--locked",
             "-p",
             "hami-sim",
+            "--bin",
+            "hami-sim",
             "--",
             "--policy",
             "bestfit,fgd",
             "--seeds",
-            "42",
+            "42,43",
             "--quiet",
             "--out",
             &out,
@@ -152,7 +164,16 @@ fn main() -> Result<()> {
     let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     match args.first().map(String::as_str) {
         Some("sim") => {
-            let mut a = vec!["run", "--release", "--quiet", "-p", "hami-sim", "--"];
+            let mut a = vec![
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "hami-sim",
+                "--bin",
+                "hami-sim",
+                "--",
+            ];
             a.extend(rest);
             run(&cargo(), &a)
         }

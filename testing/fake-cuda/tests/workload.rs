@@ -1,0 +1,251 @@
+//! The CUDA workload program against the fake `libcuda.so.1` and the simulated node (privileged: a FUSE
+//! mount). Skips with a printed reason without root or `/dev/fuse`; fails instead when
+//! `HAMI_REQUIRE_PRIVILEGED=1`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hami_fake_gpu::fs::read_ground_truth;
+use hami_fake_gpu::model::{AllocPath, MIB};
+use hami_fake_gpu::node::privileged_or_skip;
+use hami_fake_gpu::{DeviceModel, FakeNode};
+
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_hami-cuda-workload");
+
+/// A directory holding the built fake driver as `libcuda.so.1`, removed on drop.
+struct LibDir(PathBuf);
+
+impl Drop for LibDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn lib_dir(tag: &str) -> LibDir {
+    // `cargo test` builds the cdylib into target/<profile>/deps (it is uplifted only by `cargo build`).
+    let target = Path::new(WORKLOAD).parent().expect("target dir");
+    let built = [target.join("deps/libcuda.so"), target.join("libcuda.so")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("the fake libcuda.so was not built");
+    let dir = std::env::temp_dir().join(format!("hami-fake-cuda-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating the library dir");
+    let guard = LibDir(dir);
+    std::fs::copy(&built, guard.0.join("libcuda.so.1")).expect("copying libcuda.so");
+    guard
+}
+
+struct Workload {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Workload {
+    fn spawn(node: &FakeNode, lib: &Path, alloc_path: &str, args: &[&str]) -> Self {
+        Self::spawn_env(node, lib, alloc_path, args, &[])
+    }
+
+    fn spawn_env(node: &FakeNode, lib: &Path, alloc_path: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(WORKLOAD)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("HAMI_FAKE_GPU_DIR", node.dir())
+            .env("HAMI_FAKE_CUDA_ALLOC", alloc_path)
+            .env("LD_LIBRARY_PATH", lib)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the workload");
+        let out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Self { child, out }
+    }
+
+    /// Reads stdout up to the line starting with `prefix`.
+    fn line(&mut self, prefix: &str) -> Option<String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self
+                .out
+                .read_line(&mut line)
+                .expect("reading the workload's stdout")
+                == 0
+            {
+                return None;
+            }
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+    }
+
+    fn finish(mut self) -> std::process::Output {
+        drop(self.child.stdin.take());
+        self.child.wait_with_output().expect("waiting for the workload")
+    }
+}
+
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ground_truth_matches_what_the_workload_did_and_exit_frees_it() {
+    if !privileged_or_skip("ground_truth_matches_what_the_workload_did_and_exit_frees_it") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(2, 1024)).unwrap();
+    let lib = lib_dir("truth");
+    let mut w = Workload::spawn(
+        &node,
+        &lib.0,
+        "nvos21",
+        &[
+            "--device", "1", "--alloc", "1048576", "--alloc", "3145728", "--hold",
+        ],
+    );
+    assert_eq!(
+        w.line("device").unwrap().trim(),
+        format!("device 1 total {}", 1024 * MIB)
+    );
+    let allocated = w.line("allocated").unwrap();
+    assert_eq!(allocated.split_whitespace().count(), 3, "{allocated}");
+    let meminfo = w.line("meminfo").unwrap();
+    assert_eq!(
+        meminfo.trim(),
+        format!("meminfo free {} total {}", 1020 * MIB, 1024 * MIB)
+    );
+    let pid = w.child.id();
+    let t = read_ground_truth(node.dir()).unwrap();
+    assert_eq!(t.bytes(pid, 1), 4 * MIB);
+    assert_eq!(t.bytes(pid, 0), 0);
+    assert!(t.allocations.iter().all(|a| a.path == AllocPath::RmAlloc));
+    // Exit without cuMemFree: the driver frees on close.
+    assert!(w.finish().status.success());
+    eventually("the exited workload's memory is freed", || {
+        node.ground_truth().gpus[1].used_bytes == 0
+    });
+}
+
+#[test]
+fn legacy_heap_path_proc_address_raw_ioctls_and_explicit_free() {
+    if !privileged_or_skip("legacy_heap_path_proc_address_raw_ioctls_and_explicit_free") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(1, 1024)).unwrap();
+    let lib = lib_dir("heap");
+    let mut w = Workload::spawn(
+        &node,
+        &lib.0,
+        "vid-heap",
+        &[
+            "--alloc",
+            "2097152",
+            "--raw-alloc",
+            "1048576",
+            "--proc-address",
+            "--free",
+            "--hold",
+        ],
+    );
+    assert!(w.line("allocated").is_some());
+    assert!(w.line("raw-allocated").is_some());
+    let t = node.ground_truth();
+    let pid = w.child.id();
+    assert_eq!(
+        t.bytes(pid, 0),
+        3 * MIB,
+        "libcuda and raw allocations are both the process's"
+    );
+    let heap: Vec<_> = t
+        .allocations
+        .iter()
+        .filter(|a| a.path == AllocPath::VidHeap)
+        .collect();
+    assert_eq!(heap.len(), 1);
+    assert_eq!(heap[0].bytes, 2 * MIB);
+    assert_eq!(t.clients.len(), 2, "libcuda's client and the raw one");
+    assert!(w.finish().status.success());
+    // cuMemFree_v2 freed the libcuda allocation; the exit released the raw one.
+    eventually("everything is freed", || {
+        node.ground_truth().gpus[0].used_bytes == 0
+    });
+}
+
+#[test]
+fn out_of_memory_is_cuda_error_out_of_memory() {
+    if !privileged_or_skip("out_of_memory_is_cuda_error_out_of_memory") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(1, 16)).unwrap();
+    let lib = lib_dir("oom");
+    let w = Workload::spawn(
+        &node,
+        &lib.0,
+        "nvos64",
+        &["--alloc", "8388608", "--alloc", "16777216"],
+    );
+    let out = w.finish();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuMemAlloc_v2 failed: CUresult 2"), "{err}");
+    eventually("the failed workload's memory is freed", || {
+        node.ground_truth().gpus[0].used_bytes == 0
+    });
+}
+
+#[test]
+fn launches_drive_the_utilisation_model_and_end_with_the_process() {
+    if !privileged_or_skip("launches_drive_the_utilisation_model_and_end_with_the_process") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(1, 1024)).unwrap();
+    let lib = lib_dir("launch");
+    // Two launches of 66 blocks on 132 SMs: 50 % each, running for 10 minutes.
+    let args = ["--alloc", "1048576", "--launch", "2", "--grid", "66", "--hold"];
+    let mut w = Workload::spawn_env(
+        &node,
+        &lib.0,
+        "nvos21",
+        &args,
+        &[("HAMI_FAKE_CUDA_KERNEL_US", "600000000")],
+    );
+    assert!(w.line("launched 2").is_some());
+    let pid = w.child.id();
+    let t = node.ground_truth();
+    assert_eq!(t.gpus[0].sm_util_by_pid[&pid], 100);
+    assert_eq!(t.gpus[0].sm_util_percent, 100);
+    assert_eq!(t.gpus[0].launches_by_pid[&pid], 2);
+    assert!(w.finish().status.success());
+    eventually("the exited process stops occupying SMs", || {
+        node.ground_truth().gpus[0].sm_util_percent == 0
+    });
+    assert_eq!(
+        node.ground_truth().gpus[0].launches_by_pid[&pid],
+        2,
+        "launch counts stay"
+    );
+
+    // cuStreamSynchronize waits for the launched work (a lower bound, not a speed check).
+    let start = Instant::now();
+    let args = ["--launch", "1", "--grid", "1", "--sync"];
+    let mut w = Workload::spawn_env(
+        &node,
+        &lib.0,
+        "nvos21",
+        &args,
+        &[("HAMI_FAKE_CUDA_KERNEL_US", "200000")],
+    );
+    assert!(w.line("synchronized").is_some());
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    let out = w.finish();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

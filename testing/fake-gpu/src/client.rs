@@ -1,0 +1,238 @@
+//! A raw RM client: opens the (fake) device files and issues the real `_IOWR('F', nr, struct)` ioctls,
+//! the way libcuda does at the kernel boundary. Used by the tests, the `hami-fake-node alloc` tenant and
+//! (later) the fake `libcuda.so.1`. It works the same against a real `/dev/nvidiactl` of driver 595.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::abi::{self, RmAlloc, RmAllocVariant, RmFree, class, status};
+
+/// Why an RM call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RmError {
+    /// The ioctl syscall itself failed.
+    #[error("ioctl failed: {0}")]
+    Os(#[from] std::io::Error),
+    /// The driver answered with a non-OK `NV_STATUS`.
+    #[error("RM status {0:#x}")]
+    Status(u32),
+}
+
+impl RmError {
+    /// The `NV_STATUS`, if the call reached RM.
+    #[must_use]
+    pub fn status(&self) -> Option<u32> {
+        match self {
+            Self::Status(s) => Some(*s),
+            Self::Os(_) => None,
+        }
+    }
+}
+
+/// Issues `ioctl(fd, cmd, arg)`. `arg` must hold at least `_IOC_SIZE(cmd)` bytes.
+///
+/// # Errors
+/// `InvalidInput` when `arg` is shorter than the command's size; the syscall's error otherwise.
+pub fn ioctl(file: &File, cmd: u32, arg: &mut [u8]) -> std::io::Result<()> {
+    if arg.len() < abi::ioc_size(cmd) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "argument shorter than _IOC_SIZE(cmd)",
+        ));
+    }
+    #[allow(
+        unsafe_code,
+        reason = "ioctl(2) FFI: the kernel reads and writes at most _IOC_SIZE(cmd) bytes of `arg`, checked above"
+    )]
+    // SAFETY: `arg` is a live, exclusively borrowed buffer of at least _IOC_SIZE(cmd) bytes, and the fd is open.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), cmd as _, arg.as_mut_ptr()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// How device memory is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocVia {
+    /// `NV_ESC_RM_ALLOC` with a 32-byte NVOS21.
+    Nvos21,
+    /// `NV_ESC_RM_ALLOC` with a 48-byte NVOS64.
+    Nvos64,
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` / `NVOS32_FUNCTION_ALLOC_SIZE`.
+    VidHeap,
+}
+
+impl std::str::FromStr for AllocVia {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "nvos21" | "rm-alloc" => Ok(Self::Nvos21),
+            "nvos64" => Ok(Self::Nvos64),
+            "vid-heap" => Ok(Self::VidHeap),
+            _ => Err(format!(
+                "unknown allocation path `{s}` (nvos21, nvos64, vid-heap)"
+            )),
+        }
+    }
+}
+
+/// One RM client on an open control device.
+#[derive(Debug)]
+pub struct RmClient {
+    ctl: File,
+    /// The client handle (`hRoot` of every call).
+    pub client: u32,
+}
+
+impl RmClient {
+    /// Opens `<dir>/nvidiactl`, checks the version string and allocates an `NV01_ROOT_CLIENT`.
+    ///
+    /// # Errors
+    /// The file cannot be opened or the driver refuses.
+    pub fn open(dir: &Path) -> Result<Self, RmError> {
+        let ctl = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("nvidiactl"))?;
+        let mut v = vec![0u8; abi::CHECK_VERSION_SIZE];
+        ioctl(&ctl, abi::nv_iowr(abi::NV_ESC_CHECK_VERSION_STR, v.len()), &mut v)?;
+        let mut me = Self { ctl, client: 0 };
+        me.client = me.alloc(RmAllocVariant::Nvos21, 0, 0, class::NV01_ROOT_CLIENT, &mut [])?;
+        Ok(me)
+    }
+
+    /// The open control file.
+    #[must_use]
+    pub fn file(&self) -> &File {
+        &self.ctl
+    }
+
+    /// `NV_ESC_RM_ALLOC` of `h_class` under `parent` with `params` (passed by pointer, as pAllocParms).
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn alloc(
+        &self,
+        variant: RmAllocVariant,
+        h_root: u32,
+        parent: u32,
+        h_class: u32,
+        params: &mut [u8],
+    ) -> Result<u32, RmError> {
+        let a = RmAlloc {
+            h_root,
+            h_parent: parent,
+            h_new: 0,
+            h_class,
+            p_alloc_parms: if params.is_empty() {
+                0
+            } else {
+                params.as_mut_ptr() as u64
+            },
+            params_size: u32::try_from(params.len()).unwrap_or(u32::MAX),
+            flags: 0,
+        };
+        let mut b = variant.encode(&a);
+        ioctl(&self.ctl, abi::nv_iowr(abi::NV_ESC_RM_ALLOC, b.len()), &mut b)?;
+        match abi::get_u32(&b, variant.status_offset()) {
+            Some(status::NV_OK) => Ok(abi::get_u32(&b, 8).unwrap_or(0)),
+            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+        }
+    }
+
+    /// `NV01_DEVICE_0` for GPU `device_id`.
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn alloc_device(&self, device_id: u32) -> Result<u32, RmError> {
+        let mut p = vec![0u8; abi::NV0080_ALLOC_PARAMETERS_SIZE];
+        abi::put_u32(&mut p, 0, device_id);
+        self.alloc(
+            RmAllocVariant::Nvos64,
+            self.client,
+            self.client,
+            class::NV01_DEVICE_0,
+            &mut p,
+        )
+    }
+
+    /// Device memory of `bytes` under `device` (a device or subdevice handle). Returns the handle.
+    ///
+    /// # Errors
+    /// The syscall or RM status (`NV_ERR_NO_MEMORY` when the GPU is full).
+    pub fn alloc_vidmem(&self, device: u32, bytes: u64, via: AllocVia) -> Result<u32, RmError> {
+        match via {
+            AllocVia::Nvos21 | AllocVia::Nvos64 => {
+                let variant = if via == AllocVia::Nvos21 {
+                    RmAllocVariant::Nvos21
+                } else {
+                    RmAllocVariant::Nvos64
+                };
+                let mut p = abi::vidmem_alloc_params(self.client, bytes);
+                self.alloc(
+                    variant,
+                    self.client,
+                    device,
+                    class::NV01_MEMORY_LOCAL_USER,
+                    &mut p,
+                )
+            }
+            AllocVia::VidHeap => {
+                let mut b = abi::nvos32_alloc_size(self.client, device, 0, bytes);
+                ioctl(
+                    &self.ctl,
+                    abi::nv_iowr(abi::NV_ESC_RM_VID_HEAP_CONTROL, b.len()),
+                    &mut b,
+                )?;
+                match abi::get_u32(&b, abi::nvos32::STATUS) {
+                    Some(status::NV_OK) => Ok(abi::get_u32(&b, abi::nvos32::H_MEMORY).unwrap_or(0)),
+                    s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+                }
+            }
+        }
+    }
+
+    /// `(total, free)` device memory of the GPU of `device`, through `NVOS32_FUNCTION_INFO`.
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn mem_info(&self, device: u32) -> Result<(u64, u64), RmError> {
+        let mut b = vec![0u8; abi::NVOS32_SIZE];
+        abi::put_u32(&mut b, abi::nvos32::H_ROOT, self.client);
+        abi::put_u32(&mut b, abi::nvos32::H_PARENT, device);
+        abi::put_u32(&mut b, abi::nvos32::FUNCTION, abi::NVOS32_FUNCTION_INFO);
+        ioctl(
+            &self.ctl,
+            abi::nv_iowr(abi::NV_ESC_RM_VID_HEAP_CONTROL, b.len()),
+            &mut b,
+        )?;
+        match abi::get_u32(&b, abi::nvos32::STATUS) {
+            Some(status::NV_OK) => Ok((
+                abi::get_u64(&b, abi::nvos32::TOTAL).unwrap_or(0),
+                abi::get_u64(&b, abi::nvos32::FREE).unwrap_or(0),
+            )),
+            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+        }
+    }
+
+    /// `NV_ESC_RM_FREE` of `handle` (child of `parent`).
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn free(&self, parent: u32, handle: u32) -> Result<(), RmError> {
+        let mut b = RmFree {
+            h_root: self.client,
+            h_parent: parent,
+            h_old: handle,
+        }
+        .encode();
+        ioctl(&self.ctl, abi::nv_iowr(abi::NV_ESC_RM_FREE, b.len()), &mut b)?;
+        match abi::get_u32(&b, RmFree::STATUS_OFFSET) {
+            Some(status::NV_OK) => Ok(()),
+            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+        }
+    }
+}
