@@ -159,9 +159,26 @@ fn check_fidelity(summary: &Path) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // A failing step is reported in one line (its own output is above it), never with a backtrace.
+    match dispatch() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    // `cargo xtask sim -- --help` and `cargo xtask sim --help` mean the same.
+    let rest: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .map(String::as_str)
+        .skip_while(|a| *a == "--")
+        .collect();
     match args.first().map(String::as_str) {
         Some("sim") => {
             let mut a = vec![

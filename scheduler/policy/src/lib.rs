@@ -13,6 +13,7 @@ pub mod fit;
 pub mod frag;
 pub mod ledger;
 pub mod policies;
+pub mod quota;
 pub mod state;
 
 pub use cluster::{Cluster, Decision, ScoreCache};
@@ -21,4 +22,5 @@ pub use fit::{FitFailure, GpuOrder, Reason, ScoringWeights, fit_pod};
 pub use frag::{TaskShape, WorkloadModel, node_frag};
 pub use ledger::{Ledger, LedgerEntry};
 pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
+pub use quota::{NamespaceQuota, QuotaExceeded, QuotaUsage, check_quota};
 pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};

@@ -12,7 +12,8 @@ use common::{
 };
 use hami_api::{ContainerKind, PodDevices};
 use hami_policy::{
-    Cluster, DeviceGrant, Error, GpuUsage, Ledger, NodePlacement, NodeState, POLICY_NAMES, Reason, fit_pod,
+    Cluster, DeviceGrant, Error, GpuUsage, Ledger, NamespaceQuota, NodePlacement, NodeState, POLICY_NAMES,
+    QuotaUsage, Reason, check_quota, fit_pod,
 };
 
 // ---- C01: multi-container usage keyed by device identity ----
@@ -190,6 +191,61 @@ fn c02_charge_sums_sidecars_and_max_pools_inits() {
             cores: 10
         }
     );
+}
+
+/// C02, HAMi #3052 variant: one 40000 MiB GPU, a namespace quota of 24000 MiB gpumem, two app
+/// containers each asking 1 GPU + gpumem-percentage 40 (16000 MiB each, 32000 in total). Case A (no init
+/// container) and case B (plus a GPU-less init container) are both rejected with `ResourceQuotaNotFit`:
+/// the init container must not shift what is counted. With a 32000 MiB quota both are accepted.
+#[test]
+fn c02_quota_counts_the_effective_request_with_or_without_init_containers() {
+    let mut g = gpu("GPU-A", 0, 40_000);
+    g.split_count = 10;
+    let c = cluster(vec![node("node-1", vec![g])]);
+    let apps = vec![app("a", pct(1, 40, 0)), app("b", pct(1, 40, 0))];
+    let case_a = pod("a", "ua", apps.clone());
+    let mut with_init = vec![plain("setup")];
+    with_init[0].kind = ContainerKind::Init;
+    with_init.extend(apps);
+    let case_b = pod("b", "ub", with_init);
+    let tight = NamespaceQuota {
+        memory_mib: Some(24_000),
+        cores: None,
+    };
+    let enough = NamespaceQuota {
+        memory_mib: Some(32_000),
+        cores: None,
+    };
+    for name in POLICY_NAMES {
+        let pol = policy(name, &c);
+        for p in [&case_a, &case_b] {
+            let d = decide(&c, pol.as_ref(), p).expect("fits the GPU");
+            let demand = QuotaUsage::of_placement(p, &d.placement, 1);
+            assert_eq!(demand.memory_mib, 32_000, "policy {name}, pod {}", p.name);
+            let err = check_quota(&tight, QuotaUsage::default(), demand).expect_err("over quota");
+            assert_eq!(err.resource, "nvidia.com/gpumem");
+            assert!(err.to_string().starts_with("ResourceQuotaNotFit"), "{err}");
+            assert!(check_quota(&enough, QuotaUsage::default(), demand).is_ok());
+        }
+    }
+}
+
+/// C17's quota variant at the policy level: an init container asking 1 GPU + 4 GiB is charged its
+/// peak, so a 3 GiB gpumem quota rejects the pod while a 4 GiB one admits it.
+#[test]
+fn c02_init_container_demand_counts_against_quota() {
+    let c = cluster(vec![node("node-1", gpus("", 1, 16 * GIB))]);
+    let p = pod("p", "u", vec![init("i", mib(1, 4 * GIB, 0)), plain("app")]);
+    let pol = policy("binpack", &c);
+    let d = decide(&c, pol.as_ref(), &p).expect("fits");
+    let demand = QuotaUsage::of_placement(&p, &d.placement, 1);
+    assert_eq!(demand.memory_mib, 4 * GIB);
+    let q = |mib| NamespaceQuota {
+        memory_mib: Some(mib),
+        cores: None,
+    };
+    assert!(check_quota(&q(3 * GIB), QuotaUsage::default(), demand).is_err());
+    assert!(check_quota(&q(4 * GIB), QuotaUsage::default(), demand).is_ok());
 }
 
 // ---- C03: UID-keyed ledger, idempotent and stale deletes ----

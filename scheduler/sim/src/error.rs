@@ -3,8 +3,8 @@
 /// Errors reading a trace or writing results. Every variant names the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    /// A file could not be read or written (the cause follows in the error chain).
+    #[error("{path}")]
     Io {
         /// Path.
         path: String,

@@ -93,7 +93,8 @@ pub fn data_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
     dirs
 }
 
-/// Loads one trace's pods: a path, a name found in the data folders, or the embedded `default`.
+/// Loads one trace's pods: a path, a name found in the data folders, or the embedded `default` (used when
+/// no data folder holds a `default` file).
 ///
 /// # Errors
 /// [`Error::UnknownTrace`] or the loader's errors.
@@ -110,7 +111,7 @@ pub fn load_trace(name: &str, data: Option<&Path>) -> Result<Vec<TracePod>> {
             return read_pods(&p.display().to_string(), &read_file(&p)?);
         }
     }
-    if name == "default" && data.is_none() {
+    if name == "default" {
         return read_pods("embedded openb_pod_list_default.csv", EMBEDDED_DEFAULT_PODS);
     }
     Err(Error::UnknownTrace {

@@ -55,19 +55,43 @@ fn parse_seeds(s: &str) -> Result<Vec<u64>> {
             .parse()
             .with_context(|| format!("seed range end {b:?}"))?;
         anyhow::ensure!(a <= b, "empty seed range {s}");
+        anyhow::ensure!(
+            b - a < MAX_SEEDS as u64,
+            "seed range {s} has more than {MAX_SEEDS} seeds"
+        );
         return Ok((a..=b).collect());
     }
-    s.split(',')
+    let seeds: Vec<u64> = s
+        .split(',')
         .map(|x| x.trim().parse::<u64>().with_context(|| format!("seed {x:?}")))
-        .collect()
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(seeds.len() <= MAX_SEEDS, "more than {MAX_SEEDS} seeds");
+    for (i, a) in seeds.iter().enumerate() {
+        anyhow::ensure!(!seeds[..i].contains(a), "seed {a} is given twice");
+    }
+    Ok(seeds)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    // Errors are reports for the user, not crashes: one line per cause, never a backtrace.
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Most seeds one invocation accepts (a typo like `0..1000000000` must not exhaust memory).
+const MAX_SEEDS: usize = 10_000;
+
+fn run(args: Args) -> Result<()> {
     anyhow::ensure!(
         args.inflation.is_finite() && args.inflation > 0.0 && args.inflation <= 10.0,
         "--inflation must be in (0, 10]"
     );
+    anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
