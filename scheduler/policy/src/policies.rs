@@ -413,7 +413,9 @@ impl Policy for PackingPolicy {
 ///
 /// `fgd-pack` (ours) makes that consolidation explicit: among tied nodes, one that already runs pods wins
 /// over an idle one, so idle nodes stay whole for whole-GPU and multi-GPU pods; remaining ties go to the
-/// first node in cluster order as for `fgd`.
+/// first node in cluster order as for `fgd`. A pod without a GPU-type constraint does not consolidate onto
+/// GPUs of a model that some type-constrained shape of the workload needs ("contested" models): packing
+/// general pods there would take the capacity constrained pods cannot find elsewhere.
 #[derive(Debug, Clone)]
 pub struct FgdPolicy {
     model: Arc<WorkloadModel>,
@@ -477,10 +479,27 @@ impl Policy for FgdPolicy {
                 .collect();
             base.frag_after(inv, &self.model, free_cpu_after, &changed) - before
         };
-        // The artifact's integer node score; `fgd-pack` adds a half point to nodes already in use, which
-        // only ever reorders nodes whose integer scores tie.
+        // The artifact's integer node score; `fgd-pack` adds a half point to nodes already in use (unless a
+        // general pod would consolidate onto a contested GPU model), which only reorders tied nodes.
         let in_use = node.gpus.iter().any(|u| !u.is_idle());
-        let bonus = if self.consolidate && in_use { 0.5 } else { 0.0 };
+        let pod_constrained = pod
+            .containers
+            .iter()
+            .filter_map(|c| c.gpu.as_ref())
+            .any(|r| !r.selector.use_types.is_empty());
+        let contested = !pod_constrained
+            && node.inventory.gpus.first().is_some_and(|g| {
+                self.model.shapes.iter().any(|(sh, _)| {
+                    sh.gpu.as_ref().is_some_and(|r| {
+                        !r.selector.use_types.is_empty() && r.selector.allows_model(&g.model)
+                    })
+                })
+            });
+        let bonus = if self.consolidate && in_use && !contested {
+            0.5
+        } else {
+            0.0
+        };
         let rank = |d: f64| -> f64 { (100.0 / (1.0 + d.exp())).floor() + bonus };
         let placement = match single_gpu(pod) {
             Some(ci) => {
@@ -594,6 +613,51 @@ mod tests {
             }],
             node_policy: None,
             gpu_policy: None,
+        }
+    }
+
+    /// With a type-constrained shape (`use-gputype: V100`) in the workload, a general pod does not
+    /// consolidate onto V100 nodes (order decides, as in FGD) but still does onto T4 nodes.
+    #[test]
+    fn fgd_pack_keeps_general_pods_off_contested_models() {
+        let pod = whole_gpu_pod();
+        let mut constrained = whole_gpu_pod();
+        if let Some(g) = constrained.containers[0].gpu.as_mut() {
+            g.selector.use_types = vec!["V100".into()];
+        }
+        let model = Arc::new(WorkloadModel::from_pods([&pod, &constrained], 1.0));
+        let pack = FgdPolicy::consolidating(model);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for (gpu_model, expect) in [("V100", 0), ("T4", 1)] {
+            let mk = |name: &str| {
+                let gpus = (0..2)
+                    .map(|i| GpuDevice::new(format!("{name}-{i}"), i, gpu_model, 16_384))
+                    .collect();
+                NodeState::new(Arc::new(NodeInventory {
+                    name: name.into(),
+                    cpu_milli: 64_000,
+                    memory_mib: 1 << 18,
+                    gpus,
+                }))
+            };
+            let mut busy = mk("b");
+            busy.commit(
+                &pod,
+                &NodePlacement {
+                    containers: vec![vec![DeviceGrant {
+                        gpu: 0,
+                        memory_mib: 16_384,
+                        cores: 100,
+                    }]],
+                },
+            )
+            .unwrap();
+            let cluster = Cluster::new(vec![mk("a"), busy]);
+            assert_eq!(
+                cluster.decide(&pack, &pod, &mut rng, None).unwrap().node,
+                expect,
+                "{gpu_model}"
+            );
         }
     }
 
