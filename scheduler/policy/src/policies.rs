@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use hami_api::{GpuPolicy, NodePolicy, PodRequest};
+use hami_api::{DeviceSelector, GpuPolicy, NodePolicy, PodRequest};
 use rand::{Rng, RngCore, seq::index};
 
 use crate::{
@@ -421,6 +421,8 @@ pub struct FgdPolicy {
     model: Arc<WorkloadModel>,
     /// Whether ties prefer nodes already in use (`fgd-pack`).
     consolidate: bool,
+    /// The selectors of the workload's GPU-type-constrained shapes (for `fgd-pack`'s contested models).
+    constrained: Vec<DeviceSelector>,
 }
 
 impl FgdPolicy {
@@ -430,15 +432,24 @@ impl FgdPolicy {
         Self {
             model,
             consolidate: false,
+            constrained: Vec::new(),
         }
     }
 
     /// Ours: FGD whose ties prefer nodes already in use.
     #[must_use]
     pub fn consolidating(model: Arc<WorkloadModel>) -> Self {
+        let constrained = model
+            .shapes
+            .iter()
+            .filter_map(|(shape, _)| shape.gpu.as_ref())
+            .filter(|r| !r.selector.use_types.is_empty())
+            .map(|r| r.selector.clone())
+            .collect();
         Self {
             model,
             consolidate: true,
+            constrained,
         }
     }
 }
@@ -488,13 +499,11 @@ impl Policy for FgdPolicy {
             .filter_map(|c| c.gpu.as_ref())
             .any(|r| !r.selector.use_types.is_empty());
         let contested = !pod_constrained
-            && node.inventory.gpus.first().is_some_and(|g| {
-                self.model.shapes.iter().any(|(sh, _)| {
-                    sh.gpu.as_ref().is_some_and(|r| {
-                        !r.selector.use_types.is_empty() && r.selector.allows_model(&g.model)
-                    })
-                })
-            });
+            && node
+                .inventory
+                .gpus
+                .first()
+                .is_some_and(|g| self.constrained.iter().any(|sel| sel.allows_model(&g.model)));
         let bonus = if self.consolidate && in_use && !contested {
             0.5
         } else {
