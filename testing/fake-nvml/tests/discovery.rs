@@ -1,0 +1,404 @@
+//! `nvml-wrapper` pointed at the fake `libnvidia-ml.so.1` discovers the simulated GPUs (privileged: a
+//! FUSE mount). Skips with a printed reason without root or `/dev/fuse`; fails instead when
+//! `HAMI_REQUIRE_PRIVILEGED=1`.
+//!
+//! The NVML reader runs in a child process (this test binary re-run with `--exact nvml_probe`), because
+//! the fake library finds the node through `HAMI_FAKE_GPU_DIR` and the environment of a running test
+//! process must not be changed. The child prints what NVML reports, one fact per line; another child
+//! (`--exact nvml_tenant`) allocates device memory through the node's real RM ioctls and holds it; the
+//! parent compares what NVML reports with the node's ground truth.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use hami_fake_gpu::client::{AllocVia, RmClient};
+use hami_fake_gpu::model::MIB;
+use hami_fake_gpu::node::privileged_or_skip;
+use hami_fake_gpu::{DeviceModel, FakeNode};
+use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+
+/// Set in the child: the path of the fake `libnvidia-ml.so.1` to open.
+const PROBE_LIB_ENV: &str = "HAMI_FAKE_NVML_PROBE_LIB";
+/// Set in the events child: the path of the fake `libnvidia-ml.so.1` to open.
+const EVENTS_LIB_ENV: &str = "HAMI_FAKE_NVML_EVENTS_LIB";
+/// Set in the tenant child: the node directory to allocate on.
+const TENANT_DIR_ENV: &str = "HAMI_FAKE_NVML_TENANT_DIR";
+
+/// A directory holding the built fake library as `libnvidia-ml.so.1`, removed on drop.
+struct LibDir(PathBuf);
+
+impl Drop for LibDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl LibDir {
+    fn lib(&self) -> PathBuf {
+        self.0.join("libnvidia-ml.so.1")
+    }
+}
+
+fn lib_dir(tag: &str) -> LibDir {
+    // `cargo test` builds the cdylib into target/<profile>/deps (it is uplifted only by `cargo build`);
+    // this test binary lives in that deps directory too.
+    let exe = std::env::current_exe().expect("test binary path");
+    let deps = exe.parent().expect("deps dir");
+    let built = [
+        deps.join("libnvidia_ml.so"),
+        deps.parent().expect("target dir").join("libnvidia_ml.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("the fake libnvidia_ml.so was not built");
+    let dir = std::env::temp_dir().join(format!("hami-fake-nvml-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating the library dir");
+    let guard = LibDir(dir);
+    std::fs::copy(&built, guard.lib()).expect("copying libnvidia_ml.so");
+    guard
+}
+
+/// Runs [`nvml_probe`] in a child process and returns its `nvml …` lines.
+fn probe(lib: &Path, node_dir: Option<&Path>) -> Vec<String> {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "nvml_probe", "--nocapture", "--test-threads=1"])
+        .env(PROBE_LIB_ENV, lib)
+        .env_remove("HAMI_FAKE_GPU_DIR");
+    if let Some(d) = node_dir {
+        cmd.env("HAMI_FAKE_GPU_DIR", d);
+    }
+    let out = cmd.output().expect("running the NVML probe");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "probe failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("nvml "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The child half: opens the fake library with `nvml-wrapper` and prints what it reports. A no-op
+/// unless run by [`probe`].
+#[test]
+fn nvml_probe() {
+    let Some(lib) = std::env::var_os(PROBE_LIB_ENV) else {
+        return;
+    };
+    // The harness has printed `test nvml_probe ... ` without a newline.
+    println!();
+    let nvml = match Nvml::builder().lib_path(OsStr::new(&lib)).init() {
+        Ok(n) => n,
+        Err(NvmlError::DriverNotLoaded) => {
+            println!("nvml init driver-not-loaded");
+            return;
+        }
+        Err(e) => panic!("nvml init: {e:?}"),
+    };
+    println!("nvml init ok");
+    println!("nvml driver {}", nvml.sys_driver_version().unwrap());
+    println!("nvml cuda {}", nvml.sys_cuda_driver_version().unwrap());
+    let count = nvml.device_count().unwrap();
+    println!("nvml count {count}");
+    for i in 0..count {
+        let d = nvml.device_by_index(i).unwrap();
+        let uuid = d.uuid().unwrap();
+        let by_uuid = nvml.device_by_uuid(uuid.as_str()).unwrap();
+        let mem = d.memory_info().unwrap();
+        let pci = d.pci_info().unwrap();
+        let numa = match d.numa_node_id() {
+            Ok(n) => n.to_string(),
+            Err(NvmlError::NotSupported) => "not-supported".to_owned(),
+            Err(e) => panic!("numa: {e:?}"),
+        };
+        println!("nvml gpu {i} index {}", d.index().unwrap());
+        println!("nvml gpu {i} by-uuid-index {}", by_uuid.index().unwrap());
+        println!("nvml gpu {i} uuid {uuid}");
+        println!("nvml gpu {i} name {}", d.name().unwrap());
+        println!("nvml gpu {i} total {}", mem.total);
+        println!("nvml gpu {i} used {}", mem.used);
+        println!("nvml gpu {i} free {}", mem.free);
+        println!("nvml gpu {i} pci {}", pci.bus_id);
+        println!("nvml gpu {i} numa {numa}");
+        println!("nvml gpu {i} util {}", d.utilization_rates().unwrap().gpu);
+        for p in d.running_compute_processes().unwrap() {
+            let bytes = match p.used_gpu_memory {
+                UsedGpuMemory::Used(b) => b.to_string(),
+                UsedGpuMemory::Unavailable => "unavailable".to_owned(),
+            };
+            println!("nvml gpu {i} proc {} {bytes}", p.pid);
+        }
+    }
+    let missing = nvml.device_by_uuid("GPU-00000000-0000-0000-0000-000000000000");
+    println!(
+        "nvml unknown-uuid {}",
+        matches!(missing, Err(NvmlError::NotFound))
+    );
+    nvml.shutdown().unwrap();
+}
+
+/// The events half: registers every GPU for critical XIDs, says so, and prints the next two events
+/// (`nvml event <gpu> <xid>`) or `nvml event timeout`. A no-op unless run by the events test.
+#[test]
+fn nvml_events_probe() {
+    let Some(lib) = std::env::var_os(EVENTS_LIB_ENV) else {
+        return;
+    };
+    println!();
+    let nvml = Nvml::builder().lib_path(OsStr::new(&lib)).init().unwrap();
+    let mut set = nvml.create_event_set().unwrap();
+    for i in 0..nvml.device_count().unwrap() {
+        let d = nvml.device_by_index(i).unwrap();
+        let supported = d.supported_event_types().unwrap();
+        assert!(supported.contains(EventTypes::CRITICAL_XID_ERROR));
+        set = d.register_events(EventTypes::CRITICAL_XID_ERROR, set).unwrap();
+    }
+    println!("nvml events registered");
+    for _ in 0..2 {
+        match set.wait(10_000) {
+            Ok(ev) => {
+                assert!(ev.event_type.contains(EventTypes::CRITICAL_XID_ERROR));
+                let xid = match ev.event_data {
+                    Some(XidError::Value(v)) => v.to_string(),
+                    other => format!("{other:?}"),
+                };
+                println!("nvml event {} {xid}", ev.device.index().unwrap());
+            }
+            Err(NvmlError::Timeout) => println!("nvml event timeout"),
+            Err(e) => panic!("wait: {e:?}"),
+        }
+    }
+    // An empty set times out.
+    assert!(matches!(set.wait(20), Err(NvmlError::Timeout)));
+    set.release_events().unwrap();
+}
+
+/// The tenant half: allocates 1 MiB (NVOS21) and 2 MiB (legacy heap) on GPU 1 through the node's real
+/// RM ioctls, as the fake libcuda does, says so and holds them until stdin closes, then exits without
+/// freeing (the driver frees on close). A no-op unless run by [`Tenant::spawn`].
+#[test]
+fn nvml_tenant() {
+    let Some(dir) = std::env::var_os(TENANT_DIR_ENV) else {
+        return;
+    };
+    let rm = RmClient::open(Path::new(&dir)).unwrap();
+    let dev = rm.alloc_device(1).unwrap();
+    rm.alloc_vidmem(dev, MIB, AllocVia::Nvos21).unwrap();
+    rm.alloc_vidmem(dev, 2 * MIB, AllocVia::VidHeap).unwrap();
+    println!("\ntenant allocated");
+    let mut sink = String::new();
+    let _ = std::io::stdin().read_to_string(&mut sink);
+}
+
+/// A tenant process ([`nvml_tenant`]) holding device memory on the node.
+struct Tenant {
+    child: Child,
+    /// Kept open (and drained at the end) so the child's harness never writes into a closed pipe.
+    out: BufReader<ChildStdout>,
+}
+
+impl Tenant {
+    fn spawn(node_dir: &Path) -> Self {
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut child = Command::new(exe)
+            .args(["--exact", "nvml_tenant", "--nocapture", "--test-threads=1"])
+            .env(TENANT_DIR_ENV, node_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning the tenant");
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = out.read_line(&mut line).expect("reading the tenant's stdout");
+            assert!(n > 0, "the tenant exited before allocating");
+            if line.trim() == "tenant allocated" {
+                break;
+            }
+        }
+        Self { child, out }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes its stdin and waits for it to exit.
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let mut rest = String::new();
+        self.out
+            .read_to_string(&mut rest)
+            .expect("draining the tenant's stdout");
+        let status = self.child.wait().expect("waiting for the tenant");
+        assert!(status.success(), "tenant failed: {status}");
+    }
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key → value` for the probe's `gpu <i> <key> <value>` lines of GPU `i`.
+fn gpu_facts(lines: &[String], i: u32) -> BTreeMap<String, String> {
+    let prefix = format!("gpu {i} ");
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter(|l| !l.starts_with("proc "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The probe's `gpu <i> proc <pid> <bytes>` lines of GPU `i`.
+fn gpu_procs(lines: &[String], i: u32) -> BTreeMap<u32, u64> {
+    let prefix = format!("gpu {i} proc ");
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|l| {
+            let (pid, bytes) = l.split_once(' ').expect("pid and bytes");
+            (pid.parse().expect("pid"), bytes.parse().expect("bytes"))
+        })
+        .collect()
+}
+
+#[test]
+fn nvml_wrapper_discovers_the_simulated_gpus_and_their_processes() {
+    if !privileged_or_skip("nvml_wrapper_discovers_the_simulated_gpus_and_their_processes") {
+        return;
+    }
+    let model = DeviceModel::uniform(2, 1024);
+    let devices: Vec<_> = (0..2).map(|i| model.device(i).unwrap().clone()).collect();
+    let node = FakeNode::start_temp(model).unwrap();
+    let lib = lib_dir("discovery");
+
+    // Idle node: every GPU as the model describes it, nothing used, no processes.
+    let lines = probe(&lib.lib(), Some(node.dir()));
+    assert!(lines.contains(&"init ok".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"driver 595.45.04".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"cuda 12080".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"count 2".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"unknown-uuid true".to_owned()), "{lines:?}");
+    for d in &devices {
+        let f = gpu_facts(&lines, d.index);
+        assert_eq!(f["index"], d.index.to_string());
+        assert_eq!(f["by-uuid-index"], d.index.to_string());
+        assert_eq!(f["uuid"], d.uuid);
+        assert_eq!(f["name"], d.model);
+        assert_eq!(f["total"], (d.memory_mib * MIB).to_string());
+        assert_eq!(f["used"], "0");
+        assert_eq!(f["free"], (d.memory_mib * MIB).to_string());
+        assert_eq!(f["pci"], format!("00000000:{:02X}:00.0", 0x18 + 8 * d.index));
+        assert_eq!(
+            f["numa"], "not-supported",
+            "the ground truth carries no NUMA node yet"
+        );
+        assert_eq!(f["util"], "0");
+        assert!(gpu_procs(&lines, d.index).is_empty());
+    }
+
+    // A tenant process allocates 3 MiB on GPU 1 through the node's real RM ioctls (as libcuda does).
+    let tenant = Tenant::spawn(node.dir());
+    let pid = tenant.pid();
+    let truth = node.ground_truth();
+    assert_eq!(truth.bytes(pid, 1), 3 * MIB);
+
+    // Another process's NVML sees exactly the ground truth.
+    let lines = probe(&lib.lib(), Some(node.dir()));
+    for g in &truth.gpus {
+        let f = gpu_facts(&lines, g.index);
+        assert_eq!(f["used"], g.used_bytes.to_string(), "gpu {}", g.index);
+        assert_eq!(f["free"], (g.total_bytes - g.used_bytes).to_string());
+        assert_eq!(
+            gpu_procs(&lines, g.index),
+            truth.bytes_per_pid(g.index),
+            "gpu {}",
+            g.index
+        );
+    }
+    assert_eq!(gpu_procs(&lines, 1), BTreeMap::from([(pid, 3 * MIB)]));
+    assert!(gpu_procs(&lines, 0).is_empty());
+
+    // The tenant exits without freeing: the driver frees on close; NVML follows.
+    tenant.finish();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.ground_truth().gpus[1].used_bytes != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed client's memory was not freed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let lines = probe(&lib.lib(), Some(node.dir()));
+    assert_eq!(gpu_facts(&lines, 1)["used"], "0");
+    assert!(gpu_procs(&lines, 1).is_empty());
+}
+
+#[test]
+fn init_without_a_node_is_driver_not_loaded() {
+    // No FUSE needed: the library refuses to initialise without HAMI_FAKE_GPU_DIR.
+    let lib = lib_dir("no-node");
+    let lines = probe(&lib.lib(), None);
+    assert_eq!(lines, ["init driver-not-loaded"]);
+}
+
+#[test]
+fn nvml_events_report_injected_xids_and_a_lost_gpu() {
+    if !privileged_or_skip("nvml_events_report_injected_xids_and_a_lost_gpu") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(2, 1024)).unwrap();
+    // An XID from before registration is not delivered.
+    std::fs::write(node.dir().join("hami-control"), "xid 0 13\n").unwrap();
+    let lib = lib_dir("events");
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new(exe)
+        .args(["--exact", "nvml_events_probe", "--nocapture", "--test-threads=1"])
+        .env(EVENTS_LIB_ENV, lib.lib())
+        .env("HAMI_FAKE_GPU_DIR", node.dir())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning the events probe");
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the events probe exited early"
+        );
+        if line.trim() == "nvml events registered" {
+            break;
+        }
+    }
+    std::fs::write(node.dir().join("hami-control"), "xid 1 48\n").unwrap();
+    std::fs::write(node.dir().join("hami-control"), "lost 0\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "events probe failed:\n{rest}");
+    let mut events: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("nvml event "))
+        .collect();
+    events.sort_unstable();
+    assert_eq!(events, ["0 79", "1 48"], "{rest}");
+}
