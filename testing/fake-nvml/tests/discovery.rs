@@ -2,34 +2,23 @@
 //! FUSE mount). Skips with a printed reason without root or `/dev/fuse`; fails instead when
 //! `HAMI_REQUIRE_PRIVILEGED=1`.
 //!
-//! The NVML reader runs in a child process (this test binary re-run with `--exact nvml_probe`), because
-//! the fake library finds the node through `HAMI_FAKE_GPU_DIR` and the environment of a running test
-//! process must not be changed. The child prints what NVML reports, one fact per line; another child
-//! (`--exact nvml_tenant`) allocates device memory through the node's real RM ioctls and holds it; the
-//! parent compares what NVML reports with the node's ground truth.
+//! The NVML reader runs in a child process (`hami-nvml-probe probe`), because the fake library finds the
+//! node through `HAMI_FAKE_GPU_DIR` and the environment of a running test process must not be changed.
+//! The child prints what NVML reports, one fact per line; another child (`hami-nvml-probe tenant`)
+//! allocates device memory through the node's real RM ioctls and holds it; the parent compares what NVML
+//! reports with the node's ground truth.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
-use hami_fake_gpu::client::{AllocVia, RmClient};
 use hami_fake_gpu::model::MIB;
 use hami_fake_gpu::node::privileged_or_skip;
 use hami_fake_gpu::{DeviceModel, FakeNode};
-use nvml_wrapper::Nvml;
-use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enums::device::UsedGpuMemory;
-use nvml_wrapper::enums::event::XidError;
-use nvml_wrapper::error::NvmlError;
 
-/// Set in the child: the path of the fake `libnvidia-ml.so.1` to open.
-const PROBE_LIB_ENV: &str = "HAMI_FAKE_NVML_PROBE_LIB";
-/// Set in the events child: the path of the fake `libnvidia-ml.so.1` to open.
-const EVENTS_LIB_ENV: &str = "HAMI_FAKE_NVML_EVENTS_LIB";
-/// Set in the tenant child: the node directory to allocate on.
-const TENANT_DIR_ENV: &str = "HAMI_FAKE_NVML_TENANT_DIR";
+/// The child processes: `hami-nvml-probe probe|events|tenant` (this package's test-support binary).
+const HELPER: &str = env!("CARGO_BIN_EXE_hami-nvml-probe");
 
 /// A directory holding the built fake library as `libnvidia-ml.so.1`, removed on drop.
 struct LibDir(PathBuf);
@@ -65,13 +54,10 @@ fn lib_dir(tag: &str) -> LibDir {
     guard
 }
 
-/// Runs [`nvml_probe`] in a child process and returns its `nvml …` lines.
+/// Runs `hami-nvml-probe probe` in a child process and returns its `nvml …` lines.
 fn probe(lib: &Path, node_dir: Option<&Path>) -> Vec<String> {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", "nvml_probe", "--nocapture", "--test-threads=1"])
-        .env(PROBE_LIB_ENV, lib)
-        .env_remove("HAMI_FAKE_GPU_DIR");
+    let mut cmd = Command::new(HELPER);
+    cmd.arg("probe").arg(lib).env_remove("HAMI_FAKE_GPU_DIR");
     if let Some(d) = node_dir {
         cmd.env("HAMI_FAKE_GPU_DIR", d);
     }
@@ -89,119 +75,7 @@ fn probe(lib: &Path, node_dir: Option<&Path>) -> Vec<String> {
         .collect()
 }
 
-/// The child half: opens the fake library with `nvml-wrapper` and prints what it reports. A no-op
-/// unless run by [`probe`].
-#[test]
-fn nvml_probe() {
-    let Some(lib) = std::env::var_os(PROBE_LIB_ENV) else {
-        return;
-    };
-    // The harness has printed `test nvml_probe ... ` without a newline.
-    println!();
-    let nvml = match Nvml::builder().lib_path(OsStr::new(&lib)).init() {
-        Ok(n) => n,
-        Err(NvmlError::DriverNotLoaded) => {
-            println!("nvml init driver-not-loaded");
-            return;
-        }
-        Err(e) => panic!("nvml init: {e:?}"),
-    };
-    println!("nvml init ok");
-    println!("nvml driver {}", nvml.sys_driver_version().unwrap());
-    println!("nvml cuda {}", nvml.sys_cuda_driver_version().unwrap());
-    let count = nvml.device_count().unwrap();
-    println!("nvml count {count}");
-    for i in 0..count {
-        let d = nvml.device_by_index(i).unwrap();
-        let uuid = d.uuid().unwrap();
-        let by_uuid = nvml.device_by_uuid(uuid.as_str()).unwrap();
-        let mem = d.memory_info().unwrap();
-        let pci = d.pci_info().unwrap();
-        let numa = match d.numa_node_id() {
-            Ok(n) => n.to_string(),
-            Err(NvmlError::NotSupported) => "not-supported".to_owned(),
-            Err(e) => panic!("numa: {e:?}"),
-        };
-        println!("nvml gpu {i} index {}", d.index().unwrap());
-        println!("nvml gpu {i} by-uuid-index {}", by_uuid.index().unwrap());
-        println!("nvml gpu {i} uuid {uuid}");
-        println!("nvml gpu {i} name {}", d.name().unwrap());
-        println!("nvml gpu {i} total {}", mem.total);
-        println!("nvml gpu {i} used {}", mem.used);
-        println!("nvml gpu {i} free {}", mem.free);
-        println!("nvml gpu {i} pci {}", pci.bus_id);
-        println!("nvml gpu {i} numa {numa}");
-        println!("nvml gpu {i} util {}", d.utilization_rates().unwrap().gpu);
-        for p in d.running_compute_processes().unwrap() {
-            let bytes = match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => b.to_string(),
-                UsedGpuMemory::Unavailable => "unavailable".to_owned(),
-            };
-            println!("nvml gpu {i} proc {} {bytes}", p.pid);
-        }
-    }
-    let missing = nvml.device_by_uuid("GPU-00000000-0000-0000-0000-000000000000");
-    println!(
-        "nvml unknown-uuid {}",
-        matches!(missing, Err(NvmlError::NotFound))
-    );
-    nvml.shutdown().unwrap();
-}
-
-/// The events half: registers every GPU for critical XIDs, says so, and prints the next two events
-/// (`nvml event <gpu> <xid>`) or `nvml event timeout`. A no-op unless run by the events test.
-#[test]
-fn nvml_events_probe() {
-    let Some(lib) = std::env::var_os(EVENTS_LIB_ENV) else {
-        return;
-    };
-    println!();
-    let nvml = Nvml::builder().lib_path(OsStr::new(&lib)).init().unwrap();
-    let mut set = nvml.create_event_set().unwrap();
-    for i in 0..nvml.device_count().unwrap() {
-        let d = nvml.device_by_index(i).unwrap();
-        let supported = d.supported_event_types().unwrap();
-        assert!(supported.contains(EventTypes::CRITICAL_XID_ERROR));
-        set = d.register_events(EventTypes::CRITICAL_XID_ERROR, set).unwrap();
-    }
-    println!("nvml events registered");
-    for _ in 0..2 {
-        match set.wait(10_000) {
-            Ok(ev) => {
-                assert!(ev.event_type.contains(EventTypes::CRITICAL_XID_ERROR));
-                let xid = match ev.event_data {
-                    Some(XidError::Value(v)) => v.to_string(),
-                    other => format!("{other:?}"),
-                };
-                println!("nvml event {} {xid}", ev.device.index().unwrap());
-            }
-            Err(NvmlError::Timeout) => println!("nvml event timeout"),
-            Err(e) => panic!("wait: {e:?}"),
-        }
-    }
-    // An empty set times out.
-    assert!(matches!(set.wait(20), Err(NvmlError::Timeout)));
-    set.release_events().unwrap();
-}
-
-/// The tenant half: allocates 1 MiB (NVOS21) and 2 MiB (legacy heap) on GPU 1 through the node's real
-/// RM ioctls, as the fake libcuda does, says so and holds them until stdin closes, then exits without
-/// freeing (the driver frees on close). A no-op unless run by [`Tenant::spawn`].
-#[test]
-fn nvml_tenant() {
-    let Some(dir) = std::env::var_os(TENANT_DIR_ENV) else {
-        return;
-    };
-    let rm = RmClient::open(Path::new(&dir)).unwrap();
-    let dev = rm.alloc_device(1).unwrap();
-    rm.alloc_vidmem(dev, MIB, AllocVia::Nvos21).unwrap();
-    rm.alloc_vidmem(dev, 2 * MIB, AllocVia::VidHeap).unwrap();
-    println!("\ntenant allocated");
-    let mut sink = String::new();
-    let _ = std::io::stdin().read_to_string(&mut sink);
-}
-
-/// A tenant process ([`nvml_tenant`]) holding device memory on the node.
+/// A tenant process (`hami-nvml-probe tenant`) holding device memory on the node.
 struct Tenant {
     child: Child,
     /// Kept open (and drained at the end) so the child's harness never writes into a closed pipe.
@@ -210,10 +84,9 @@ struct Tenant {
 
 impl Tenant {
     fn spawn(node_dir: &Path) -> Self {
-        let exe = std::env::current_exe().expect("test binary path");
-        let mut child = Command::new(exe)
-            .args(["--exact", "nvml_tenant", "--nocapture", "--test-threads=1"])
-            .env(TENANT_DIR_ENV, node_dir)
+        let mut child = Command::new(HELPER)
+            .arg("tenant")
+            .arg(node_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -369,10 +242,9 @@ fn nvml_events_report_injected_xids_and_a_lost_gpu() {
     // An XID from before registration is not delivered.
     std::fs::write(node.dir().join("hami-control"), "xid 0 13\n").unwrap();
     let lib = lib_dir("events");
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(exe)
-        .args(["--exact", "nvml_events_probe", "--nocapture", "--test-threads=1"])
-        .env(EVENTS_LIB_ENV, lib.lib())
+    let mut child = Command::new(HELPER)
+        .arg("events")
+        .arg(lib.lib())
         .env("HAMI_FAKE_GPU_DIR", node.dir())
         .stdout(Stdio::piped())
         .spawn()
