@@ -596,9 +596,10 @@ mod tests {
     use super::*;
     use crate::cluster::Cluster;
 
-    fn node(name: &str) -> NodeState {
+    /// An idle node with two 16 GiB GPUs of `model`.
+    fn node(name: &str, model: &str) -> NodeState {
         let gpus = (0..2)
-            .map(|i| GpuDevice::new(format!("{name}-{i}"), i, "T4", 16_384))
+            .map(|i| GpuDevice::new(format!("{name}-{i}"), i, model, 16_384))
             .collect();
         NodeState::new(Arc::new(NodeInventory {
             name: name.into(),
@@ -606,6 +607,24 @@ mod tests {
             memory_mib: 1 << 18,
             gpus,
         }))
+    }
+
+    /// A node of `model` whose GPU 0 runs `pod` (a whole-GPU pod).
+    fn busy_node(name: &str, model: &str, pod: &PodRequest) -> NodeState {
+        let mut n = node(name, model);
+        let grant = DeviceGrant {
+            gpu: 0,
+            memory_mib: 16_384,
+            cores: 100,
+        };
+        n.commit(
+            pod,
+            &NodePlacement {
+                containers: vec![vec![grant]],
+            },
+        )
+        .unwrap();
+        n
     }
 
     fn whole_gpu_pod() -> PodRequest {
@@ -638,30 +657,7 @@ mod tests {
         let pack = FgdPolicy::consolidating(model);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         for (gpu_model, expect) in [("V100", 0), ("T4", 1)] {
-            let mk = |name: &str| {
-                let gpus = (0..2)
-                    .map(|i| GpuDevice::new(format!("{name}-{i}"), i, gpu_model, 16_384))
-                    .collect();
-                NodeState::new(Arc::new(NodeInventory {
-                    name: name.into(),
-                    cpu_milli: 64_000,
-                    memory_mib: 1 << 18,
-                    gpus,
-                }))
-            };
-            let mut busy = mk("b");
-            busy.commit(
-                &pod,
-                &NodePlacement {
-                    containers: vec![vec![DeviceGrant {
-                        gpu: 0,
-                        memory_mib: 16_384,
-                        cores: 100,
-                    }]],
-                },
-            )
-            .unwrap();
-            let cluster = Cluster::new(vec![mk("a"), busy]);
+            let cluster = Cluster::new(vec![node("a", gpu_model), busy_node("b", gpu_model, &pod)]);
             assert_eq!(
                 cluster.decide(&pack, &pod, &mut rng, None).unwrap().node,
                 expect,
@@ -675,19 +671,7 @@ mod tests {
     #[test]
     fn fgd_pack_breaks_fgd_ties_towards_nodes_in_use() {
         let pod = whole_gpu_pod();
-        let mut busy = node("b");
-        busy.commit(
-            &pod,
-            &NodePlacement {
-                containers: vec![vec![DeviceGrant {
-                    gpu: 0,
-                    memory_mib: 16_384,
-                    cores: 100,
-                }]],
-            },
-        )
-        .unwrap();
-        let cluster = Cluster::new(vec![node("a"), busy]);
+        let cluster = Cluster::new(vec![node("a", "T4"), busy_node("b", "T4", &pod)]);
         let model = Arc::new(WorkloadModel::from_pods([&pod], 1.0));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let fgd = FgdPolicy::new(Arc::clone(&model));

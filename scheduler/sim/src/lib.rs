@@ -18,7 +18,7 @@ use std::{
     },
 };
 
-use hami_policy::{ClusterNorm, NodeState, POLICY_NAMES, WorkloadModel, build_policy};
+use hami_policy::{ClusterNorm, POLICY_NAMES, WorkloadModel, build_policy};
 
 pub use crate::error::{Error, Result};
 use crate::{
@@ -144,18 +144,21 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
     let nodes = load_nodes(cfg.nodes.as_deref())?;
     let policies = expand_policies(&cfg.policies)?;
     let capacity = nodes.gpu_count() * 1000;
-    let states: Vec<NodeState> = nodes
-        .nodes
-        .iter()
-        .map(|n| NodeState::new(Arc::clone(n)))
-        .collect();
-    let norm = ClusterNorm::of(&states);
+    let norm = ClusterNorm::of(&nodes.idle_states());
     struct Job {
         trace: usize,
         policy: String,
-        seed: u64,
+        /// Index into `cfg.seeds` (and the trace's sequences).
+        seed: usize,
     }
-    let mut traces: Vec<(String, Vec<TracePod>, Arc<WorkloadModel>)> = Vec::new();
+    /// A trace's pods, workload model and one pod sequence per seed (shared by every policy).
+    struct Loaded {
+        name: String,
+        pods: Vec<TracePod>,
+        model: Arc<WorkloadModel>,
+        seqs: Vec<Vec<usize>>,
+    }
+    let mut traces: Vec<Loaded> = Vec::new();
     let mut jobs = Vec::new();
     let mut total = 0u64;
     for t in &cfg.traces {
@@ -164,18 +167,27 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
             pods.iter().map(|p| &p.request),
             PAPER_SHAPE_COVERAGE,
         ));
+        let seqs: Vec<Vec<usize>> = cfg
+            .seeds
+            .iter()
+            .map(|&seed| pod_sequence(&pods, capacity, cfg.inflation, seed))
+            .collect();
         for p in &policies {
-            build_policy(p, Arc::clone(&model), norm)?;
-            for &seed in &cfg.seeds {
-                total += pod_sequence(&pods, capacity, cfg.inflation, seed).len() as u64;
+            for (s, seq) in seqs.iter().enumerate() {
+                total += seq.len() as u64;
                 jobs.push(Job {
                     trace: traces.len(),
                     policy: p.clone(),
-                    seed,
+                    seed: s,
                 });
             }
         }
-        traces.push((t.clone(), pods, model));
+        traces.push(Loaded {
+            name: t.clone(),
+            pods,
+            model,
+            seqs,
+        });
     }
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
@@ -187,7 +199,13 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(k) else { break };
-                    let (name, pods, model) = &traces[job.trace];
+                    let Loaded {
+                        name,
+                        pods,
+                        model,
+                        seqs,
+                    } = &traces[job.trace];
+                    let seed = cfg.seeds[job.seed];
                     let policy = match build_policy(&job.policy, Arc::clone(model), norm) {
                         Ok(p) => p,
                         Err(e) => {
@@ -198,15 +216,14 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
                             break;
                         }
                     };
-                    let seq = pod_sequence(pods, capacity, cfg.inflation, job.seed);
                     let mut local = 0u64;
                     let curve = run(
                         &nodes,
                         pods,
-                        &seq,
+                        &seqs[job.seed],
                         policy.as_ref(),
                         model,
-                        job.seed.wrapping_add(0x5eed),
+                        seed.wrapping_add(0x5eed),
                         || {
                             local += 1;
                             if local.is_multiple_of(512) {
@@ -221,7 +238,7 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
                     let r = RunResult {
                         trace: name.clone(),
                         policy: job.policy.clone(),
-                        seed: job.seed,
+                        seed,
                         curve,
                     };
                     results

@@ -9,9 +9,7 @@
 //!    allocated %, and the cluster's fragmentation (FGD measure, % of capacity);
 //! 5. per integer arrived percent 0..=[`MAX_ARRIVED_PCT`], the mean over the pods that fall in it.
 
-use std::sync::Arc;
-
-use hami_policy::{Cluster, NodeState, Policy, ScoreCache, WorkloadModel, node_frag};
+use hami_policy::{Policy, ScoreCache, WorkloadModel, node_frag};
 use rand::{Rng, SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
 
@@ -79,10 +77,7 @@ pub fn run(
     mut on_pod: impl FnMut(),
 ) -> Curve {
     let mut rng = ChaCha8Rng::seed_from_u64(tie_seed);
-    // Node order is shuffled per seed: ties between equally scored nodes go to the first in this order.
-    let mut order: Vec<&Arc<hami_api::NodeInventory>> = nodes.nodes.iter().collect();
-    order.shuffle(&mut rng);
-    let mut cluster = Cluster::new(order.into_iter().map(|n| NodeState::new(Arc::clone(n))).collect());
+    let mut cluster = nodes.shuffled_cluster(&mut rng);
     let capacity = (nodes.gpu_count() * 1000) as f64;
     let mut cache = ScoreCache::new();
     let mut node_frags: Vec<f64> = cluster

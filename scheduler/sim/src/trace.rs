@@ -15,6 +15,8 @@ use hami_api::{
     ContainerKind, ContainerRequest, DeviceRequest, DeviceSelector, GpuDevice, MemoryRequest, NodeInventory,
     PodRequest,
 };
+use hami_policy::{Cluster, NodeState};
+use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -49,6 +51,20 @@ pub struct NodeList {
 }
 
 impl NodeList {
+    /// Every node idle, in file order.
+    #[must_use]
+    pub fn idle_states(&self) -> Vec<NodeState> {
+        self.nodes.iter().map(|n| NodeState::new(Arc::clone(n))).collect()
+    }
+
+    /// An idle cluster whose node order is shuffled with `rng`: ties between equally scored nodes go to
+    /// the first node in this order, so the order is part of a run's seed (as in the FGD artifact).
+    pub fn shuffled_cluster(&self, rng: &mut impl rand::Rng) -> Cluster {
+        let mut nodes = self.idle_states();
+        nodes.shuffle(rng);
+        Cluster::new(nodes)
+    }
+
     /// Total GPUs.
     #[must_use]
     pub fn gpu_count(&self) -> u64 {

@@ -30,15 +30,13 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use hami_api::{GpuDevice, NodeInventory};
-use hami_policy::{
-    Cluster, ClusterNorm, GpuOrder, NodeState, Policy, ScoreCache, WorkloadModel, build_policy, fit_pod,
-};
+use hami_policy::{ClusterNorm, GpuOrder, Policy, ScoreCache, WorkloadModel, build_policy, fit_pod};
 use hami_sim::{
     expand_policies, load_nodes, load_trace,
     replay::{PAPER_INFLATION, PAPER_SHAPE_COVERAGE, pod_sequence},
     trace::{GPU_MODELS, NodeList, SIM_SPLIT_COUNT, TracePod},
 };
-use rand::{SeedableRng, seq::SliceRandom};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// Which clusters to measure.
@@ -145,9 +143,7 @@ fn measure(nodes: &NodeList, pods: &[TracePod], seq: &[usize], policy: &dyn Poli
     let budget = (args.max_seconds > 0.0).then(|| Duration::from_secs_f64(args.max_seconds));
     let (limit, stride) = (args.pods, args.stride);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(0x5eed));
-    let mut order: Vec<&Arc<NodeInventory>> = nodes.nodes.iter().collect();
-    order.shuffle(&mut rng);
-    let mut cluster = Cluster::new(order.into_iter().map(|n| NodeState::new(Arc::clone(n))).collect());
+    let mut cluster = nodes.shuffled_cluster(&mut rng);
     let capacity = (nodes.gpu_count() * 1000) as f64;
     let mut cache = ScoreCache::new();
     let mut s = Samples::default();
@@ -249,12 +245,7 @@ fn bench_cluster(
     policies: &[String],
     args: &Args,
 ) -> Result<(String, Vec<Row>)> {
-    let states: Vec<NodeState> = nodes
-        .nodes
-        .iter()
-        .map(|n| NodeState::new(Arc::clone(n)))
-        .collect();
-    let norm = ClusterNorm::of(&states);
+    let norm = ClusterNorm::of(&nodes.idle_states());
     let model = Arc::new(WorkloadModel::from_pods(
         pods.iter().map(|p| &p.request),
         PAPER_SHAPE_COVERAGE,
