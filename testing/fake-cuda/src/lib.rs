@@ -26,8 +26,9 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hami_fake_gpu::Error as GpuError;
 use hami_fake_gpu::abi::status;
-use hami_fake_gpu::client::{AllocVia, RmClient, RmError};
+use hami_fake_gpu::client::{AllocVia, RmClient};
 use hami_fake_gpu::model::GpuTruth;
 
 /// `CUresult`.
@@ -100,7 +101,7 @@ fn with_driver(f: impl FnOnce(&mut Driver) -> CUresult) -> CUresult {
     .unwrap_or(CUDA_ERROR_UNKNOWN)
 }
 
-fn rm_to_cu(e: &RmError) -> CUresult {
+fn rm_to_cu(e: &GpuError) -> CUresult {
     match e.status() {
         Some(status::NV_ERR_NO_MEMORY) => CUDA_ERROR_OUT_OF_MEMORY,
         _ => CUDA_ERROR_UNKNOWN,

@@ -5,6 +5,8 @@
 //! Layouts are read and written field by field at fixed little-endian offsets (never by casting a
 //! `#[repr(C)]` struct), so a short buffer is an error, not undefined behaviour.
 
+use crate::Error;
+
 /// `NV_IOCTL_MAGIC` (`'F'`). The driver ignores the type byte; only `_IOC_NR` and `_IOC_SIZE` matter.
 pub const NV_IOCTL_MAGIC: u8 = b'F';
 /// `NV_ABSOLUTE_MAX_IOCTL_SIZE`: the largest argument the driver copies in.
@@ -186,24 +188,11 @@ pub fn put_u64(buf: &mut [u8], off: usize, v: u64) {
     }
 }
 
-/// Why a buffer could not be decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    /// The buffer is not the size the struct must have.
-    #[error("wrong size: {got} bytes, the struct has {want}")]
-    WrongSize {
-        /// Bytes given.
-        got: usize,
-        /// Bytes the struct has.
-        want: usize,
-    },
-}
-
-fn exact(buf: &[u8], want: usize) -> Result<(), DecodeError> {
+fn exact(buf: &[u8], want: usize) -> Result<(), Error> {
     if buf.len() == want {
         Ok(())
     } else {
-        Err(DecodeError::WrongSize { got: buf.len(), want })
+        Err(Error::WrongSize { got: buf.len(), want })
     }
 }
 
@@ -268,7 +257,7 @@ impl RmAllocVariant {
     ///
     /// # Errors
     /// The buffer is not exactly the struct's size.
-    pub fn decode(self, buf: &[u8]) -> Result<RmAlloc, DecodeError> {
+    pub fn decode(self, buf: &[u8]) -> Result<RmAlloc, Error> {
         exact(buf, self.size())?;
         let u = |o| get_u32(buf, o).unwrap_or(0);
         let (params_size, flags) = match self {
@@ -325,7 +314,7 @@ impl RmFree {
     ///
     /// # Errors
     /// The buffer is not 16 bytes.
-    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+    pub fn decode(buf: &[u8]) -> Result<Self, Error> {
         exact(buf, NVOS00_SIZE)?;
         Ok(Self {
             h_root: get_u32(buf, 0).unwrap_or(0),
@@ -411,7 +400,7 @@ impl Xfer {
     ///
     /// # Errors
     /// The buffer is not 16 bytes.
-    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+    pub fn decode(buf: &[u8]) -> Result<Self, Error> {
         exact(buf, XFER_SIZE)?;
         Ok(Self {
             cmd: get_u32(buf, 0).unwrap_or(0),
@@ -531,10 +520,10 @@ mod tests {
 
     #[test]
     fn truncated_structs_are_errors() {
-        assert_eq!(
+        assert!(matches!(
             RmAllocVariant::Nvos21.decode(&[0u8; 31]),
-            Err(DecodeError::WrongSize { got: 31, want: 32 })
-        );
+            Err(Error::WrongSize { got: 31, want: 32 })
+        ));
         assert!(RmFree::decode(&[0u8; 12]).is_err());
         assert!(Xfer::decode(&[0u8; 8]).is_err());
     }

@@ -1,34 +1,18 @@
 //! A raw RM client: opens the (fake) device files and issues the real `_IOWR('F', nr, struct)` ioctls,
-//! the way libcuda does at the kernel boundary. Used by the tests, the `hami-fake-node alloc` tenant and
-//! (later) the fake `libcuda.so.1`. It works the same against a real `/dev/nvidiactl` of driver 595.
+//! the way libcuda does at the kernel boundary. Used by the tests, the `hami-fake-node alloc` tenant, the
+//! fake `libcuda.so.1` and `hami-cuda-workload`. It works the same against a real `/dev/nvidiactl` of
+//! driver 595.
+//!
+//! With [`RmClient::set_xfer`] every RM call is wrapped in `NV_ESC_IOCTL_XFER_CMD` (`nv_ioctl_xfer_t
+//! {u32 cmd; u32 size; u64 ptr}`, 16 bytes, `kernel-open/common/inc/nv-ioctl.h`): the ioctl then carries
+//! only the wrapper, and the driver copies the real struct in from `ptr` and back out to it.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use crate::abi::{self, RmAlloc, RmAllocVariant, RmFree, class, status};
-
-/// Why an RM call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RmError {
-    /// The ioctl syscall itself failed.
-    #[error("ioctl failed: {0}")]
-    Os(#[from] std::io::Error),
-    /// The driver answered with a non-OK `NV_STATUS`.
-    #[error("RM status {0:#x}")]
-    Status(u32),
-}
-
-impl RmError {
-    /// The `NV_STATUS`, if the call reached RM.
-    #[must_use]
-    pub fn status(&self) -> Option<u32> {
-        match self {
-            Self::Status(s) => Some(*s),
-            Self::Os(_) => None,
-        }
-    }
-}
+use crate::Error;
+use crate::abi::{self, RmAlloc, RmAllocVariant, RmFree, Xfer, class, status};
 
 /// Issues `ioctl(fd, cmd, arg)`. `arg` must hold at least `_IOC_SIZE(cmd)` bytes.
 ///
@@ -66,15 +50,13 @@ pub enum AllocVia {
 }
 
 impl std::str::FromStr for AllocVia {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "nvos21" | "rm-alloc" => Ok(Self::Nvos21),
             "nvos64" => Ok(Self::Nvos64),
             "vid-heap" => Ok(Self::VidHeap),
-            _ => Err(format!(
-                "unknown allocation path `{s}` (nvos21, nvos64, vid-heap)"
-            )),
+            _ => Err(Error::UnknownAllocVia(s.to_owned())),
         }
     }
 }
@@ -85,6 +67,7 @@ pub struct RmClient {
     ctl: File,
     /// The client handle (`hRoot` of every call).
     pub client: u32,
+    xfer: bool,
 }
 
 impl RmClient {
@@ -92,14 +75,18 @@ impl RmClient {
     ///
     /// # Errors
     /// The file cannot be opened or the driver refuses.
-    pub fn open(dir: &Path) -> Result<Self, RmError> {
+    pub fn open(dir: &Path) -> Result<Self, Error> {
         let ctl = OpenOptions::new()
             .read(true)
             .write(true)
             .open(dir.join("nvidiactl"))?;
         let mut v = vec![0u8; abi::CHECK_VERSION_SIZE];
         ioctl(&ctl, abi::nv_iowr(abi::NV_ESC_CHECK_VERSION_STR, v.len()), &mut v)?;
-        let mut me = Self { ctl, client: 0 };
+        let mut me = Self {
+            ctl,
+            client: 0,
+            xfer: false,
+        };
         me.client = me.alloc(RmAllocVariant::Nvos21, 0, 0, class::NV01_ROOT_CLIENT, &mut [])?;
         Ok(me)
     }
@@ -108,6 +95,43 @@ impl RmClient {
     #[must_use]
     pub fn file(&self) -> &File {
         &self.ctl
+    }
+
+    /// Wraps every later RM call (`RM_ALLOC`, `RM_FREE`, `RM_VID_HEAP_CONTROL`) in
+    /// `NV_ESC_IOCTL_XFER_CMD` (`on`) or issues it directly (`!on`, the default).
+    pub fn set_xfer(&mut self, on: bool) {
+        self.xfer = on;
+    }
+
+    /// Whether RM calls are wrapped in `NV_ESC_IOCTL_XFER_CMD`.
+    #[must_use]
+    pub fn xfer(&self) -> bool {
+        self.xfer
+    }
+
+    /// Issues escape `nr` with the struct `arg` (its length is the struct size), directly or wrapped
+    /// in `NV_ESC_IOCTL_XFER_CMD`; the driver's answer is written back into `arg` either way.
+    ///
+    /// # Errors
+    /// The syscall's error.
+    pub fn call(&self, nr: u8, arg: &mut [u8]) -> Result<(), Error> {
+        let cmd = abi::nv_iowr(nr, arg.len());
+        if !self.xfer {
+            return Ok(ioctl(&self.ctl, cmd, arg)?);
+        }
+        let mut x = Xfer {
+            cmd,
+            size: u32::try_from(arg.len()).unwrap_or(u32::MAX),
+            ptr: arg.as_mut_ptr() as u64,
+        }
+        .encode();
+        // The driver reads and writes `arg` through `ptr` while this call runs; `arg` is exclusively
+        // borrowed for its duration.
+        Ok(ioctl(
+            &self.ctl,
+            abi::nv_iowr(abi::NV_ESC_IOCTL_XFER_CMD, x.len()),
+            &mut x,
+        )?)
     }
 
     /// `NV_ESC_RM_ALLOC` of `h_class` under `parent` with `params` (passed by pointer, as pAllocParms).
@@ -121,7 +145,7 @@ impl RmClient {
         parent: u32,
         h_class: u32,
         params: &mut [u8],
-    ) -> Result<u32, RmError> {
+    ) -> Result<u32, Error> {
         let a = RmAlloc {
             h_root,
             h_parent: parent,
@@ -136,10 +160,10 @@ impl RmClient {
             flags: 0,
         };
         let mut b = variant.encode(&a);
-        ioctl(&self.ctl, abi::nv_iowr(abi::NV_ESC_RM_ALLOC, b.len()), &mut b)?;
+        self.call(abi::NV_ESC_RM_ALLOC, &mut b)?;
         match abi::get_u32(&b, variant.status_offset()) {
             Some(status::NV_OK) => Ok(abi::get_u32(&b, 8).unwrap_or(0)),
-            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+            s => Err(Error::Status(s.unwrap_or(u32::MAX))),
         }
     }
 
@@ -147,7 +171,7 @@ impl RmClient {
     ///
     /// # Errors
     /// The syscall or RM status.
-    pub fn alloc_device(&self, device_id: u32) -> Result<u32, RmError> {
+    pub fn alloc_device(&self, device_id: u32) -> Result<u32, Error> {
         let mut p = vec![0u8; abi::NV0080_ALLOC_PARAMETERS_SIZE];
         abi::put_u32(&mut p, 0, device_id);
         self.alloc(
@@ -163,7 +187,7 @@ impl RmClient {
     ///
     /// # Errors
     /// The syscall or RM status (`NV_ERR_NO_MEMORY` when the GPU is full).
-    pub fn alloc_vidmem(&self, device: u32, bytes: u64, via: AllocVia) -> Result<u32, RmError> {
+    pub fn alloc_vidmem(&self, device: u32, bytes: u64, via: AllocVia) -> Result<u32, Error> {
         match via {
             AllocVia::Nvos21 | AllocVia::Nvos64 => {
                 let variant = if via == AllocVia::Nvos21 {
@@ -182,14 +206,10 @@ impl RmClient {
             }
             AllocVia::VidHeap => {
                 let mut b = abi::nvos32_alloc_size(self.client, device, 0, bytes);
-                ioctl(
-                    &self.ctl,
-                    abi::nv_iowr(abi::NV_ESC_RM_VID_HEAP_CONTROL, b.len()),
-                    &mut b,
-                )?;
+                self.call(abi::NV_ESC_RM_VID_HEAP_CONTROL, &mut b)?;
                 match abi::get_u32(&b, abi::nvos32::STATUS) {
                     Some(status::NV_OK) => Ok(abi::get_u32(&b, abi::nvos32::H_MEMORY).unwrap_or(0)),
-                    s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+                    s => Err(Error::Status(s.unwrap_or(u32::MAX))),
                 }
             }
         }
@@ -199,22 +219,18 @@ impl RmClient {
     ///
     /// # Errors
     /// The syscall or RM status.
-    pub fn mem_info(&self, device: u32) -> Result<(u64, u64), RmError> {
+    pub fn mem_info(&self, device: u32) -> Result<(u64, u64), Error> {
         let mut b = vec![0u8; abi::NVOS32_SIZE];
         abi::put_u32(&mut b, abi::nvos32::H_ROOT, self.client);
         abi::put_u32(&mut b, abi::nvos32::H_PARENT, device);
         abi::put_u32(&mut b, abi::nvos32::FUNCTION, abi::NVOS32_FUNCTION_INFO);
-        ioctl(
-            &self.ctl,
-            abi::nv_iowr(abi::NV_ESC_RM_VID_HEAP_CONTROL, b.len()),
-            &mut b,
-        )?;
+        self.call(abi::NV_ESC_RM_VID_HEAP_CONTROL, &mut b)?;
         match abi::get_u32(&b, abi::nvos32::STATUS) {
             Some(status::NV_OK) => Ok((
                 abi::get_u64(&b, abi::nvos32::TOTAL).unwrap_or(0),
                 abi::get_u64(&b, abi::nvos32::FREE).unwrap_or(0),
             )),
-            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+            s => Err(Error::Status(s.unwrap_or(u32::MAX))),
         }
     }
 
@@ -222,17 +238,17 @@ impl RmClient {
     ///
     /// # Errors
     /// The syscall or RM status.
-    pub fn free(&self, parent: u32, handle: u32) -> Result<(), RmError> {
+    pub fn free(&self, parent: u32, handle: u32) -> Result<(), Error> {
         let mut b = RmFree {
             h_root: self.client,
             h_parent: parent,
             h_old: handle,
         }
         .encode();
-        ioctl(&self.ctl, abi::nv_iowr(abi::NV_ESC_RM_FREE, b.len()), &mut b)?;
+        self.call(abi::NV_ESC_RM_FREE, &mut b)?;
         match abi::get_u32(&b, RmFree::STATUS_OFFSET) {
             Some(status::NV_OK) => Ok(()),
-            s => Err(RmError::Status(s.unwrap_or(u32::MAX))),
+            s => Err(Error::Status(s.unwrap_or(u32::MAX))),
         }
     }
 }

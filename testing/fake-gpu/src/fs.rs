@@ -7,7 +7,13 @@
 //! - `hami-ground-truth.json`: read-only; a JSON [`GroundTruth`] taken when the file is opened;
 //! - `hami-control`: write-only, one command per line: failure injection (`xid <gpu> <code>`,
 //!   `lost <gpu>`, `recover <gpu>`) and, from tenants, kernel launches for the utilisation model
-//!   (`launch <gpu> <sm_percent> <duration_us>`, attributed to the writing process).
+//!   (`launch <gpu> <sm_percent> <duration_us>`, attributed to the writing process) and managed memory
+//!   (`managed <gpu> <bytes> <address>` registers a managed range of the writing process,
+//!   `managed-free <address>` forgets it; numbers are decimal or `0x` hex). Managed memory travels
+//!   this way, by `write(2)`, because on the real driver it involves no RM ioctl at all (a UVM `mmap`,
+//!   `reference/nvidia-driver-abi.md` §7): an ioctl tracer must not see it. Closing the open
+//!   `hami-control` file it was written through forgets the ranges, as the real driver does when the
+//!   UVM fd goes at exit.
 //!
 //! The server process holds the one [`DeviceModel`], so every process that opens the files sees the
 //! same device: the mount is the state service. Pointers inside ioctl structs (`pAllocParms`, the XFER
@@ -30,6 +36,7 @@ use fuser::{
 use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
 use nix::unistd::Pid;
 
+use crate::Error;
 use crate::model::{DeviceModel, GroundTruth, Owner};
 use crate::rm::{self, Caller, FileKind, UserMemory};
 
@@ -206,36 +213,51 @@ impl FakeDeviceFs {
     }
 }
 
-/// Applies one command line written to `hami-control` by process `pid` to the model.
+/// Applies one command line written to `hami-control` through the open file of `owner` (the writing
+/// process and its file handle) to the model.
 ///
 /// # Errors
-/// A message when the line is not a known command or names an unknown GPU.
-pub fn apply_control(model: &mut DeviceModel, line: &str, pid: u32) -> Result<(), String> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let num = |i: usize| -> Result<u32, String> {
-        words
-            .get(i)
-            .ok_or_else(|| format!("`{line}`: missing argument"))?
-            .parse()
-            .map_err(|e| format!("`{line}`: {e}"))
+/// [`Error::Control`] when the line is not a known command, lacks or has malformed arguments, or the
+/// model refuses it (unknown GPU, unknown managed address, …).
+pub fn apply_control(model: &mut DeviceModel, line: &str, owner: Owner) -> Result<(), Error> {
+    let fail = |reason: String| Error::Control {
+        line: line.to_owned(),
+        reason,
     };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let arg = |i: usize| -> Result<u64, Error> {
+        let w = words.get(i).ok_or_else(|| fail("missing argument".to_owned()))?;
+        let parsed = match w.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => w.parse(),
+        };
+        parsed.map_err(|e| fail(format!("`{w}`: {e}")))
+    };
+    let num = |i: usize| -> Result<u32, Error> {
+        u32::try_from(arg(i)?).map_err(|e| fail(format!("argument {i}: {e}")))
+    };
+    let status = |r: Result<(), u32>| r.map_err(|s| fail(format!("NV_STATUS {s:#x}")));
     let ok = match words.first().copied() {
         None => return Ok(()),
         Some("xid") => model.inject_xid(num(1)?, num(2)?),
         Some("lost") => model.set_lost(num(1)?, true),
         Some("recover") => model.set_lost(num(1)?, false),
         Some("launch") => {
-            let duration_ns = u64::from(num(3)?).saturating_mul(1_000);
-            return model
-                .launch(pid, num(1)?, num(2)?, duration_ns)
-                .map_err(|s| format!("`{line}`: NV_STATUS {s:#x}"));
+            let duration_ns = arg(3)?.saturating_mul(1_000);
+            return status(model.launch(owner.tgid, num(1)?, num(2)?, duration_ns));
         }
-        Some(other) => return Err(format!("unknown command `{other}` (xid, lost, recover, launch)")),
+        Some("managed") => return status(model.alloc_managed(owner, num(1)?, arg(2)?, arg(3)?)),
+        Some("managed-free") => return status(model.free_managed(owner.tgid, arg(1)?)),
+        Some(other) => {
+            return Err(fail(format!(
+                "unknown command `{other}` (xid, lost, recover, launch, managed, managed-free)"
+            )));
+        }
     };
     if ok {
         Ok(())
     } else {
-        Err(format!("`{line}`: no such GPU"))
+        Err(fail("no such GPU".to_owned()))
     }
 }
 
@@ -352,10 +374,14 @@ impl Filesystem for FakeDeviceFs {
         let Ok(text) = std::str::from_utf8(data) else {
             return reply.error(Errno::EINVAL);
         };
+        let owner = Owner {
+            tgid: tgid_of(req.pid()),
+            fd: fh.0,
+        };
         let mut model = lock(&self.model);
         for line in text.lines() {
-            if let Err(e) = apply_control(&mut model, line, tgid_of(req.pid())) {
-                eprintln!("hami-fake-gpu: control: {e}");
+            if let Err(e) = apply_control(&mut model, line, owner) {
+                eprintln!("hami-fake-gpu: {e}");
                 return reply.error(Errno::EINVAL);
             }
         }
@@ -387,7 +413,8 @@ impl Filesystem for FakeDeviceFs {
         if gone.is_some() {
             self.open_count.fetch_sub(1, Ordering::SeqCst);
         }
-        if let Some(Open::Device(FileKind::Control)) = gone {
+        // The control device's clients, or the managed ranges registered through hami-control.
+        if let Some(Open::Device(FileKind::Control) | Open::Control) = gone {
             lock(&self.model).release_fd(fh.0);
         }
         reply.ok();
@@ -451,8 +478,8 @@ impl Filesystem for FakeDeviceFs {
 /// Reads and parses the ground-truth file of a mounted node (from any process).
 ///
 /// # Errors
-/// The file cannot be read or is not valid JSON.
-pub fn read_ground_truth(mount: &std::path::Path) -> std::io::Result<GroundTruth> {
+/// [`Error::Os`] when the file cannot be read, [`Error::GroundTruth`] when it is not valid JSON.
+pub fn read_ground_truth(mount: &std::path::Path) -> Result<GroundTruth, Error> {
     let bytes = std::fs::read(mount.join(GROUND_TRUTH_FILE))?;
-    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    Ok(serde_json::from_slice(&bytes)?)
 }

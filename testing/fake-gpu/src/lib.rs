@@ -8,13 +8,16 @@
 //!   `hami-control`; the mounting process is the state service every tenant process shares.
 //! - [`node`]: the RAII [`node::FakeNode`] that mounts and unmounts it, and the privileged-test gate.
 //! - [`client`]: a raw RM client issuing the real ioctls (tests, the `hami-fake-node alloc` tenant).
+//! - [`Error`]: the crate's one error type.
 
 pub mod abi;
 pub mod client;
+mod error;
 pub mod fs;
 pub mod model;
 pub mod node;
 pub mod rm;
 
+pub use error::Error;
 pub use model::{DeviceModel, GroundTruth};
 pub use node::FakeNode;

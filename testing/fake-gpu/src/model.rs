@@ -3,6 +3,14 @@
 //!
 //! Handles look like the real driver's: clients from `0xC1D00001` (`RS_CLIENT_HANDLE_BASE`), RM-chosen
 //! object handles from `0xCAF00000` (`RS_UNIQUE_HANDLE_BASE`). Errors are `NV_STATUS` codes.
+//!
+//! Managed (unified) memory is kept apart from the RM object tree: on the real driver
+//! `cuMemAllocManaged` creates a UVM range (`mmap` of `/dev/nvidia-uvm`) with no RM memory object and no
+//! RM ioctl, and NVML's per-process and used-memory figures do not include it
+//! (`reference/nvidia-driver-abi.md` §7). So a [`ManagedAllocation`] never counts in `used_bytes` or in
+//! [`GroundTruth::bytes`]; it is reported on its own ([`GroundTruth::managed`],
+//! [`GpuTruth::managed_bytes`]) and goes when the file it was registered through is closed (the UVM fd
+//! of the real driver).
 
 use std::collections::BTreeMap;
 
@@ -96,6 +104,15 @@ struct Client {
     objects: BTreeMap<u32, Object>,
 }
 
+/// A live managed range, with the open file it was registered through.
+#[derive(Debug, Clone)]
+struct Managed {
+    owner: Owner,
+    gpu: u32,
+    bytes: u64,
+    address: u64,
+}
+
 /// A kernel launch occupying a share of a GPU's SMs until `end_ns`.
 #[derive(Debug, Clone)]
 struct Launch {
@@ -125,6 +142,7 @@ impl Gpu {
 pub struct DeviceModel {
     gpus: Vec<Gpu>,
     clients: BTreeMap<u32, Client>,
+    managed: Vec<Managed>,
     next_client: u32,
     next_handle: u32,
     now_ns: u64,
@@ -141,8 +159,15 @@ pub struct GpuTruth {
     pub model: String,
     /// Physical memory, bytes.
     pub total_bytes: u64,
-    /// Device memory held by live vidmem objects, bytes.
+    /// Device memory held by live vidmem objects, bytes (what NVML reports as used; managed memory is
+    /// not in it).
     pub used_bytes: u64,
+    /// Managed (unified) memory registered for this GPU, bytes; not in `used_bytes`.
+    #[serde(default)]
+    pub managed_bytes: u64,
+    /// NUMA node of the GPU (`hami_api::GpuDevice::numa`), `None` when the platform reports none.
+    #[serde(default)]
+    pub numa: Option<u32>,
     /// Injected "fallen off the bus".
     pub lost: bool,
     /// Injected XID codes, oldest first.
@@ -172,6 +197,19 @@ pub struct Allocation {
     pub path: AllocPath,
 }
 
+/// One live managed (unified) memory range (`cuMemAllocManaged`): no RM object stands behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedAllocation {
+    /// Allocating process (tgid).
+    pub pid: u32,
+    /// GPU index of the allocating context.
+    pub gpu: u32,
+    /// Bytes.
+    pub bytes: u64,
+    /// The managed pointer (virtual address in the allocating process).
+    pub address: u64,
+}
+
 /// What the fake driver really holds at one moment: what tests compare attribution against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroundTruth {
@@ -181,6 +219,9 @@ pub struct GroundTruth {
     pub allocations: Vec<Allocation>,
     /// Live RM clients: handle → owning pid.
     pub clients: BTreeMap<u32, u32>,
+    /// Every live managed range, by (pid, address); none of it is in `allocations` or `used_bytes`.
+    #[serde(default)]
+    pub managed: Vec<ManagedAllocation>,
 }
 
 impl GroundTruth {
@@ -191,6 +232,16 @@ impl GroundTruth {
             .iter()
             .filter(|a| a.pid == pid && a.gpu == gpu)
             .map(|a| a.bytes)
+            .sum()
+    }
+
+    /// Managed memory registered by `pid` on `gpu`, bytes (not part of [`GroundTruth::bytes`]).
+    #[must_use]
+    pub fn managed_bytes(&self, pid: u32, gpu: u32) -> u64 {
+        self.managed
+            .iter()
+            .filter(|m| m.pid == pid && m.gpu == gpu)
+            .map(|m| m.bytes)
             .sum()
     }
 
@@ -222,6 +273,7 @@ impl DeviceModel {
                 })
                 .collect(),
             clients: BTreeMap::new(),
+            managed: Vec::new(),
             next_client: CLIENT_HANDLE_BASE,
             next_handle: UNIQUE_HANDLE_BASE,
             now_ns: 0,
@@ -504,10 +556,64 @@ impl DeviceModel {
         }
     }
 
-    /// Closing an open file of the control device frees every client allocated through it (what the
-    /// driver does on close or process exit, without any ioctl). A process left with no client also
-    /// stops occupying SMs (its contexts are gone). Returns how many clients went.
+    /// Registers a managed range of `bytes` at `address` for the process and open file of `owner`, on
+    /// `gpu`. Nothing is charged to the GPU (managed memory can oversubscribe it, and the real driver
+    /// backs it through UVM, not RM).
+    ///
+    /// # Errors
+    /// `NV_ERR_INVALID_ARGUMENT` for an unknown GPU, 0 bytes or an address the process already has
+    /// registered; `NV_ERR_GPU_IS_LOST` for a lost GPU.
+    pub fn alloc_managed(
+        &mut self,
+        owner: Owner,
+        gpu: u32,
+        bytes: u64,
+        address: u64,
+    ) -> Result<(), NvStatus> {
+        let g = self
+            .gpus
+            .get(gpu as usize)
+            .ok_or(status::NV_ERR_INVALID_ARGUMENT)?;
+        if g.lost {
+            return Err(status::NV_ERR_GPU_IS_LOST);
+        }
+        if bytes == 0
+            || self
+                .managed
+                .iter()
+                .any(|m| m.owner.tgid == owner.tgid && m.address == address)
+        {
+            return Err(status::NV_ERR_INVALID_ARGUMENT);
+        }
+        self.managed.push(Managed {
+            owner,
+            gpu,
+            bytes,
+            address,
+        });
+        Ok(())
+    }
+
+    /// Forgets the managed range of process `pid` at `address` (`cuMemFree` of a managed pointer).
+    ///
+    /// # Errors
+    /// `NV_ERR_OBJECT_NOT_FOUND` when the process has no managed range there.
+    pub fn free_managed(&mut self, pid: u32, address: u64) -> Result<(), NvStatus> {
+        let i = self
+            .managed
+            .iter()
+            .position(|m| m.owner.tgid == pid && m.address == address)
+            .ok_or(status::NV_ERR_OBJECT_NOT_FOUND)?;
+        self.managed.remove(i);
+        Ok(())
+    }
+
+    /// Closing an open file frees every RM client allocated through it (what the driver does on close
+    /// or process exit, without any ioctl) and every managed range registered through it. A process
+    /// left with no client also stops occupying SMs (its contexts are gone). Returns how many clients
+    /// went.
     pub fn release_fd(&mut self, fd: u64) -> usize {
+        self.managed.retain(|m| m.owner.fd != fd);
         let gone: Vec<(u32, u32)> = self
             .clients
             .iter()
@@ -572,6 +678,13 @@ impl DeviceModel {
                 model: g.device.model.clone(),
                 total_bytes: g.total_bytes(),
                 used_bytes: g.used_bytes,
+                managed_bytes: self
+                    .managed
+                    .iter()
+                    .filter(|m| m.gpu == g.device.index)
+                    .map(|m| m.bytes)
+                    .sum(),
+                numa: g.device.numa,
                 lost: g.lost,
                 xids: g.xids.clone(),
                 sm_util_percent: by_pid.values().sum::<u32>().min(100),
@@ -601,10 +714,21 @@ impl DeviceModel {
             }
         }
         let clients = self.clients.iter().map(|(h, c)| (*h, c.owner.tgid)).collect();
+        let managed = self
+            .managed
+            .iter()
+            .map(|m| ManagedAllocation {
+                pid: m.owner.tgid,
+                gpu: m.gpu,
+                bytes: m.bytes,
+                address: m.address,
+            })
+            .collect();
         GroundTruth {
             gpus,
             allocations,
             clients,
+            managed,
         }
     }
 }
@@ -770,6 +894,59 @@ mod tests {
         );
         let t = m.snapshot();
         assert_eq!(t.bytes_per_pid(0), BTreeMap::from([(200, 5 * MIB)]));
+    }
+
+    #[test]
+    fn managed_memory_is_reported_apart_and_goes_with_its_file() {
+        let mut m = DeviceModel::uniform(2, 100);
+        let (c, d) = setup(&mut m, 1);
+        m.alloc_object(c, d, 0, class::NV01_MEMORY_LOCAL_USER, vidmem(10 * MIB))
+            .unwrap();
+        // Oversubscription is fine: nothing is charged.
+        m.alloc_managed(OWNER, 1, 500 * MIB, 0x7000).unwrap();
+        m.alloc_managed(OWNER, 1, 2 * MIB, 0x9000).unwrap();
+        let other = Owner { tgid: 200, fd: 2 };
+        m.alloc_managed(other, 0, MIB, 0x7000).unwrap();
+        assert_eq!(
+            m.alloc_managed(OWNER, 1, MIB, 0x7000),
+            Err(status::NV_ERR_INVALID_ARGUMENT),
+            "the process already has a range there"
+        );
+        assert_eq!(
+            m.alloc_managed(OWNER, 5, MIB, 0x1),
+            Err(status::NV_ERR_INVALID_ARGUMENT)
+        );
+        assert_eq!(
+            m.alloc_managed(OWNER, 0, 0, 0x1),
+            Err(status::NV_ERR_INVALID_ARGUMENT)
+        );
+        let t = m.snapshot();
+        assert_eq!(t.bytes(100, 1), 10 * MIB, "managed is not RM memory");
+        assert_eq!(t.gpus[1].used_bytes, 10 * MIB);
+        assert_eq!(t.managed_bytes(100, 1), 502 * MIB);
+        assert_eq!(t.gpus[1].managed_bytes, 502 * MIB);
+        assert_eq!(t.gpus[0].managed_bytes, MIB);
+        assert_eq!(t.gpus[1].numa, Some(0));
+        assert_eq!(m.memory_info(1), Some((100 * MIB, 90 * MIB)));
+        m.free_managed(100, 0x9000).unwrap();
+        assert_eq!(m.free_managed(100, 0x9000), Err(status::NV_ERR_OBJECT_NOT_FOUND));
+        assert_eq!(m.snapshot().managed_bytes(100, 1), 500 * MIB);
+        m.release_fd(1);
+        let t = m.snapshot();
+        assert_eq!(
+            t.managed,
+            vec![ManagedAllocation {
+                pid: 200,
+                gpu: 0,
+                bytes: MIB,
+                address: 0x7000
+            }]
+        );
+        assert!(m.set_lost(0, true));
+        assert_eq!(
+            m.alloc_managed(other, 0, MIB, 0x1),
+            Err(status::NV_ERR_GPU_IS_LOST)
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 
+use hami_fake_gpu::Error;
 use hami_fake_gpu::abi::{self, RmAlloc, RmAllocVariant, RmFree, Xfer, class, status};
-use hami_fake_gpu::client::{AllocVia, RmClient, RmError, ioctl};
+use hami_fake_gpu::client::{AllocVia, RmClient, ioctl};
 use hami_fake_gpu::fs::{CONTROL_FILE, read_ground_truth};
 use hami_fake_gpu::model::{AllocPath, MIB};
 use hami_fake_gpu::node::{is_mounted, privileged_or_skip};
@@ -201,7 +202,7 @@ fn bad_input_gets_the_drivers_errors_and_the_device_survives() {
     assert_eq!(errno(ioctl(c.file(), 0xC010_46D3, &mut x)), Some(libc::EFAULT));
 
     // RM-level failures: syscall 0, status in the struct.
-    let st = |r: Result<u32, RmError>| r.unwrap_err().status();
+    let st = |r: Result<u32, Error>| r.unwrap_err().status();
     assert_eq!(
         st(c.alloc_vidmem(dev, 65 * MIB, AllocVia::Nvos21)),
         Some(status::NV_ERR_NO_MEMORY)
@@ -256,6 +257,85 @@ fn failure_injection_through_the_control_file() {
     assert_eq!(t.gpus[1].xids, vec![79]);
     ctl.write_all(b"recover 1\n").unwrap();
     c.alloc_vidmem(dev, MIB, AllocVia::Nvos64).unwrap();
+}
+
+#[test]
+fn managed_ranges_through_the_control_file_are_apart_from_rm_memory() {
+    if !privileged_or_skip("managed_ranges_through_the_control_file_are_apart_from_rm_memory") {
+        return;
+    }
+    let node = node(2, 64);
+    let c = RmClient::open(node.dir()).unwrap();
+    let dev = c.alloc_device(1).unwrap();
+    c.alloc_vidmem(dev, 8 * MIB, AllocVia::Nvos21).unwrap();
+    let mut ctl = OpenOptions::new()
+        .write(true)
+        .open(node.dir().join(CONTROL_FILE))
+        .unwrap();
+    // More than the GPU has: managed memory oversubscribes.
+    ctl.write_all(b"managed 1 134217728 0x7f0000200000\nmanaged 1 4096 4096\n")
+        .unwrap();
+    let t = read_ground_truth(node.dir()).unwrap();
+    assert_eq!(t.bytes(me(), 1), 8 * MIB, "managed is not in the RM bytes");
+    assert_eq!(t.gpus[1].used_bytes, 8 * MIB);
+    assert_eq!(t.managed_bytes(me(), 1), 128 * MIB + 4096);
+    assert_eq!(t.gpus[1].managed_bytes, 128 * MIB + 4096);
+    assert_eq!(t.gpus[0].managed_bytes, 0);
+    assert!(
+        t.managed
+            .iter()
+            .any(|m| m.address == 0x7f00_0020_0000 && m.bytes == 128 * MIB && m.gpu == 1 && m.pid == me())
+    );
+    // Bad lines are refused and change nothing.
+    for bad in [
+        "managed 7 4096 0x1\n",
+        "managed 1 0 0x1\n",
+        "managed 1 4096 4096\n",
+        "managed 1 4096\n",
+        "managed-free 0x1234\n",
+        "managed 1 x 0x1\n",
+    ] {
+        assert!(ctl.write_all(bad.as_bytes()).is_err(), "{bad}");
+    }
+    ctl.write_all(b"managed-free 4096\n").unwrap();
+    assert_eq!(node.ground_truth().managed_bytes(me(), 1), 128 * MIB);
+    // Closing the file forgets what was registered through it (the UVM fd going at exit).
+    drop(ctl);
+    eventually("closing hami-control forgets its managed ranges", || {
+        node.ground_truth().managed.is_empty()
+    });
+    assert_eq!(node.ground_truth().bytes(me(), 1), 8 * MIB);
+}
+
+#[test]
+fn xfer_wrapped_client_calls_are_counted_like_direct_ones() {
+    if !privileged_or_skip("xfer_wrapped_client_calls_are_counted_like_direct_ones") {
+        return;
+    }
+    let node = node(2, 64);
+    let mut c = RmClient::open(node.dir()).unwrap();
+    c.set_xfer(true);
+    assert!(c.xfer());
+    let dev = c.alloc_device(0).unwrap();
+    let h21 = c.alloc_vidmem(dev, 2 * MIB, AllocVia::Nvos21).unwrap();
+    let h64 = c.alloc_vidmem(dev, 3 * MIB, AllocVia::Nvos64).unwrap();
+    let hheap = c.alloc_vidmem(dev, 4 * MIB, AllocVia::VidHeap).unwrap();
+    assert_eq!(
+        c.alloc_vidmem(dev, 64 * MIB, AllocVia::Nvos64)
+            .unwrap_err()
+            .status(),
+        Some(status::NV_ERR_NO_MEMORY)
+    );
+    assert_eq!(c.mem_info(dev).unwrap(), (64 * MIB, 55 * MIB));
+    let t = node.ground_truth();
+    assert_eq!(t.bytes(me(), 0), 9 * MIB);
+    assert_eq!(t.allocations.len(), 3);
+    c.free(dev, h21).unwrap();
+    c.free(dev, hheap).unwrap();
+    assert_eq!(node.ground_truth().bytes(me(), 0), 3 * MIB);
+    c.set_xfer(false);
+    c.free(dev, h64).unwrap();
+    assert!(node.ground_truth().allocations.is_empty());
 }
 
 /// A tenant process (`hami-fake-node alloc`) holding its allocations until its stdin closes.

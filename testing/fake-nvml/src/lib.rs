@@ -557,8 +557,9 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
     with_gpu(device, |_, g| unsafe { put(pci, pci_info(g.index)) })
 }
 
-/// `nvmlDeviceGetNumaNodeId`: the ground truth does not carry NUMA placement yet, so
-/// `NVML_ERROR_NOT_SUPPORTED` (what the real library answers on a system without NUMA affinity).
+/// `nvmlDeviceGetNumaNodeId`: the GPU's NUMA node from the ground truth (`GpuTruth::numa`, which
+/// comes from `hami_api::GpuDevice::numa`); `NVML_ERROR_NOT_SUPPORTED` when the GPU has none (what the
+/// real library answers on a system without NUMA affinity).
 ///
 /// # Safety
 /// `node` is null or valid for a write.
@@ -567,7 +568,11 @@ pub unsafe extern "C" fn nvmlDeviceGetNumaNodeId(device: nvmlDevice_t, node: *mu
     if node.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
-    with_gpu(device, |_, _| NVML_ERROR_NOT_SUPPORTED)
+    with_gpu(device, |_, g| match g.numa {
+        // SAFETY: checked non-null above; the caller passes a valid unsigned int pointer.
+        Some(n) => unsafe { put(node, n) },
+        None => NVML_ERROR_NOT_SUPPORTED,
+    })
 }
 
 /// `nvmlDeviceGetComputeRunningProcesses_v3`: every process holding device memory on the GPU, with

@@ -158,9 +158,12 @@ fn nvml_wrapper_discovers_the_simulated_gpus_and_their_processes() {
     if !privileged_or_skip("nvml_wrapper_discovers_the_simulated_gpus_and_their_processes") {
         return;
     }
-    let model = DeviceModel::uniform(2, 1024);
-    let devices: Vec<_> = (0..2).map(|i| model.device(i).unwrap().clone()).collect();
-    let node = FakeNode::start_temp(model).unwrap();
+    let uniform = DeviceModel::uniform(2, 1024);
+    let mut devices: Vec<_> = (0..2).map(|i| uniform.device(i).unwrap().clone()).collect();
+    // GPU 0 reports no NUMA node, GPU 1 sits on node 1.
+    devices[0].numa = None;
+    devices[1].numa = Some(1);
+    let node = FakeNode::start_temp(DeviceModel::new(devices.clone())).unwrap();
     let lib = lib_dir("discovery");
 
     // Idle node: every GPU as the model describes it, nothing used, no processes.
@@ -180,10 +183,8 @@ fn nvml_wrapper_discovers_the_simulated_gpus_and_their_processes() {
         assert_eq!(f["used"], "0");
         assert_eq!(f["free"], (d.memory_mib * MIB).to_string());
         assert_eq!(f["pci"], format!("00000000:{:02X}:00.0", 0x18 + 8 * d.index));
-        assert_eq!(
-            f["numa"], "not-supported",
-            "the ground truth carries no NUMA node yet"
-        );
+        let numa = d.numa.map_or("not-supported".to_owned(), |n| n.to_string());
+        assert_eq!(f["numa"], numa, "gpu {}: nvmlDeviceGetNumaNodeId", d.index);
         assert_eq!(f["util"], "0");
         assert!(gpu_procs(&lines, d.index).is_empty());
     }
