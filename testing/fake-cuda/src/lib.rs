@@ -1,8 +1,25 @@
-//! A fake `libcuda.so.1` (skeleton): a subset of the CUDA driver API with the real signatures and
-//! `CUresult` codes, backed by the simulated GPU node. Device memory goes through the node's
-//! `nvidiactl` with the real RM ioctls (`NV_ESC_RM_ALLOC` class 0x40 by default, or the legacy
-//! `NV_ESC_RM_VID_HEAP_CONTROL` path with `HAMI_FAKE_CUDA_ALLOC=vid-heap`), so the kernel sees what it
-//! would see with the real driver.
+//! A fake `libcuda.so.1`: a subset of the CUDA driver API with the real signatures and `CUresult`
+//! codes, backed by the simulated GPU node. Device memory goes through the node's `nvidiactl` with the
+//! real RM ioctls (`NV_ESC_RM_ALLOC` class 0x40 by default, or the legacy `NV_ESC_RM_VID_HEAP_CONTROL`
+//! path with `HAMI_FAKE_CUDA_ALLOC=vid-heap`), so the kernel sees what it would see with the real driver.
+//!
+//! What each allocation API does at the ioctl level (`reference/nvidia-driver-abi.md` §7, §11.1):
+//! - `cuMemAlloc_v2`: one RM vidmem object of exactly the requested size (the real driver sub-allocates
+//!   from 2 MiB chunks; not modelled), freed by `cuMemFree_v2`;
+//! - `cuMemAllocPitch_v2`: rows padded to a pitch of the width rounded up to 512 bytes; one RM vidmem
+//!   object of `pitch × height` bytes;
+//! - `cuMemAllocManaged`: **no RM ioctl** (the real driver maps a UVM range, invisible to RM and to
+//!   NVML); the range is registered with the node by a `managed <gpu> <bytes> <address>` line on
+//!   `hami-control` (a `write(2)`, not an ioctl) so that the ground truth lists it, and `cuMemFree_v2`
+//!   writes `managed-free <address>`;
+//! - VMM: `cuMemCreate` is one RM vidmem object on `prop->location.id`; `cuMemRelease` frees it once
+//!   no mapping uses it any more (the driver's documented deferred release); `cuMemAddressReserve`,
+//!   `cuMemAddressFree`, `cuMemMap`, `cuMemUnmap` and `cuMemSetAccess` are bookkeeping only. Sizes must
+//!   be multiples of the 2 MiB granularity that `cuMemGetAllocationGranularity` reports;
+//! - `cuMemAllocAsync`: one RM vidmem object per call, freed at `cuMemFreeAsync`. Real stream-ordered
+//!   pools grow in chunks and give memory back only when trimmed (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`),
+//!   so a tracer sees pool growth, not individual async allocations; this model is the simplest
+//!   faithful one (every byte the application holds is an RM object while it holds it).
 //!
 //! Configuration (environment): `HAMI_FAKE_GPU_DIR`, the node's mount directory (required);
 //! `HAMI_FAKE_CUDA_ALLOC`: `nvos21` (default), `nvos64` or `vid-heap`.
@@ -18,7 +35,7 @@
 )]
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -39,6 +56,10 @@ pub type CUdevice = c_int;
 pub type CUdeviceptr = u64;
 /// `CUcontext` (opaque).
 pub type CUcontext = *mut c_void;
+/// `CUstream` (opaque; streams are not modelled, any value is accepted).
+pub type CUstream = *mut c_void;
+/// `CUmemGenericAllocationHandle` (an opaque 64-bit handle from `cuMemCreate`).
+pub type CUmemGenericAllocationHandle = u64;
 
 /// `CUDA_SUCCESS`.
 pub const CUDA_SUCCESS: CUresult = 0;
@@ -60,6 +81,32 @@ pub const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
 pub const CUDA_ERROR_LAUNCH_FAILED: CUresult = 719;
 /// `CUDA_ERROR_NOT_FOUND`.
 pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
+/// `CUDA_ERROR_NOT_SUPPORTED`.
+pub const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
+
+/// `CU_MEM_ATTACH_GLOBAL` (`cuMemAllocManaged` flag).
+pub const CU_MEM_ATTACH_GLOBAL: c_uint = 0x1;
+/// `CU_MEM_ATTACH_HOST` (`cuMemAllocManaged` flag).
+pub const CU_MEM_ATTACH_HOST: c_uint = 0x2;
+/// `CU_MEM_ALLOCATION_TYPE_PINNED` (`CUmemAllocationProp.type`).
+pub const CU_MEM_ALLOCATION_TYPE_PINNED: u32 = 1;
+/// `CU_MEM_LOCATION_TYPE_DEVICE` (`CUmemLocation.type`).
+pub const CU_MEM_LOCATION_TYPE_DEVICE: u32 = 1;
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE` (`CUmemAccessDesc.flags`; `PROT_NONE` is 0, `PROT_READ` 1).
+pub const CU_MEM_ACCESS_FLAGS_PROT_READWRITE: u32 = 3;
+/// `CU_MEM_ALLOC_GRANULARITY_RECOMMENDED` (`MINIMUM` is 0).
+pub const CU_MEM_ALLOC_GRANULARITY_RECOMMENDED: c_int = 1;
+/// `sizeof(CUmemAllocationProp)` on x86_64 (`cuda.h`: `type` u32 at 0, `requestedHandleTypes` u32 at 4,
+/// `location {type u32 at 8, id i32 at 12}`, `win32HandleMetaData` pointer at 16, `allocFlags` 8 bytes
+/// at 24).
+pub const CU_MEM_ALLOCATION_PROP_SIZE: usize = 32;
+/// `sizeof(CUmemAccessDesc)` (`cuda.h`: `location {type u32 at 0, id i32 at 4}`, `flags` u32 at 8).
+pub const CU_MEM_ACCESS_DESC_SIZE: usize = 12;
+/// The VMM allocation granularity reported and enforced, bytes (2 MiB, what current GPUs report for
+/// both `MINIMUM` and `RECOMMENDED`).
+pub const VMM_GRANULARITY: u64 = 2 << 20;
+/// Row pitch alignment of `cuMemAllocPitch_v2`, bytes.
+pub const PITCH_ALIGN: u64 = 512;
 /// `CUDA_ERROR_UNKNOWN`.
 pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 
@@ -67,6 +114,38 @@ pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 pub const DRIVER_VERSION: c_int = 12080;
 const VA_BASE: u64 = 0x7f00_0000_0000;
 const VA_ALIGN: u64 = 2 << 20;
+
+/// What a device pointer handed out by `cuMemAlloc*` stands for.
+#[derive(Debug, Clone, Copy)]
+enum Mem {
+    /// One RM vidmem object (`cuMemAlloc_v2`, `cuMemAllocPitch_v2`).
+    Rm { dev: u32, h: u32 },
+    /// One RM vidmem object from `cuMemAllocAsync`.
+    Async { dev: u32, h: u32 },
+    /// A managed range registered with the node (no RM object).
+    Managed,
+}
+
+/// A `cuMemCreate` allocation: one RM vidmem object.
+#[derive(Debug)]
+struct Phys {
+    dev: u32,
+    h: u32,
+    bytes: u64,
+    /// Live `cuMemMap`s of it.
+    maps: u32,
+    /// `cuMemRelease` was called; the RM object goes with the last unmap.
+    released: bool,
+}
+
+/// A `cuMemMap` of a whole physical allocation (offset 0) into a reserved range.
+#[derive(Debug)]
+struct Mapping {
+    bytes: u64,
+    handle: CUmemGenericAllocationHandle,
+    /// `cuMemSetAccess` bookkeeping: GPU index → `CUmemAccess_flags`.
+    access: BTreeMap<u32, u32>,
+}
 
 struct Driver {
     control: File,
@@ -78,8 +157,14 @@ struct Driver {
     devices: HashMap<u32, u32>,
     contexts: HashMap<usize, u32>,
     next_ctx: usize,
-    allocs: HashMap<u64, (u32, u32)>,
+    allocs: HashMap<u64, Mem>,
     next_va: u64,
+    /// `cuMemAddressReserve` ranges: base → bytes.
+    reservations: BTreeMap<u64, u64>,
+    phys: HashMap<CUmemGenericAllocationHandle, Phys>,
+    next_phys: CUmemGenericAllocationHandle,
+    /// `cuMemMap`s: base address → mapping.
+    mappings: BTreeMap<u64, Mapping>,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -129,6 +214,42 @@ fn current_gpu(d: &Driver) -> Result<u32, CUresult> {
         .ok_or(CUDA_ERROR_INVALID_CONTEXT)
 }
 
+/// Hands out `bytes` of fake virtual address space aligned to `align` (a power of two, at least 2 MiB).
+fn take_va(d: &mut Driver, bytes: u64, align: u64) -> Result<u64, CUresult> {
+    let align = align.max(VA_ALIGN);
+    let base = d
+        .next_va
+        .checked_next_multiple_of(align)
+        .ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
+    let len = bytes
+        .checked_next_multiple_of(VA_ALIGN)
+        .ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
+    d.next_va = base.checked_add(len).ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
+    Ok(base)
+}
+
+/// One RM vidmem object of `bytes` on the current context's GPU, at a fresh address. Returns
+/// `(address, device handle, memory handle)`.
+fn alloc_rm(d: &mut Driver, bytes: u64) -> Result<(u64, u32, u32), CUresult> {
+    let gpu = current_gpu(d)?;
+    let dev = device_handle(d, gpu)?;
+    let h = d.rm.alloc_vidmem(dev, bytes, d.via).map_err(|e| rm_to_cu(&e))?;
+    match take_va(d, bytes, VA_ALIGN) {
+        Ok(va) => Ok((va, dev, h)),
+        Err(e) => {
+            let _ = d.rm.free(dev, h);
+            Err(e)
+        }
+    }
+}
+
+/// Writes one line to the node's `hami-control`.
+fn control(d: &mut Driver, line: &str) -> Result<(), CUresult> {
+    d.control
+        .write_all(line.as_bytes())
+        .map_err(|_| CUDA_ERROR_UNKNOWN)
+}
+
 /// `cuInit`.
 ///
 /// # Safety
@@ -175,6 +296,10 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
             next_ctx: 0x1000,
             allocs: HashMap::new(),
             next_va: VA_BASE,
+            reservations: BTreeMap::new(),
+            phys: HashMap::new(),
+            next_phys: 1,
+            mappings: BTreeMap::new(),
         });
         CUDA_SUCCESS
     })
@@ -418,8 +543,245 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
     if dptr.is_null() || bytesize == 0 {
         return CUDA_ERROR_INVALID_VALUE;
     }
+    with_driver(|d| match alloc_rm(d, bytesize as u64) {
+        Ok((va, dev, h)) => {
+            d.allocs.insert(va, Mem::Rm { dev, h });
+            // SAFETY: checked non-null above.
+            unsafe { dptr.write(va) };
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
+/// `cuMemAllocPitch_v2`: rows of `width_in_bytes` padded to a pitch of the width rounded up to
+/// [`PITCH_ALIGN`] (512) bytes; one RM vidmem object of `pitch × height` bytes. `element_size_bytes`
+/// must be 4, 8 or 16 (CUDA driver API reference, `cuMemAllocPitch`).
+///
+/// # Safety
+/// `dptr` and `pitch` are null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width_in_bytes: usize,
+    height: usize,
+    element_size_bytes: c_uint,
+) -> CUresult {
+    if dptr.is_null() || pitch.is_null() || width_in_bytes == 0 || height == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if !matches!(element_size_bytes, 4 | 8 | 16) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Some(row) = (width_in_bytes as u64).checked_next_multiple_of(PITCH_ALIGN) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    let (Some(bytes), Ok(row_usize)) = (row.checked_mul(height as u64), usize::try_from(row)) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    with_driver(|d| match alloc_rm(d, bytes) {
+        Ok((va, dev, h)) => {
+            d.allocs.insert(va, Mem::Rm { dev, h });
+            // SAFETY: both checked non-null above.
+            unsafe {
+                dptr.write(va);
+                pitch.write(row_usize);
+            }
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
+/// `cuMemAllocManaged`: a managed range on the current context's GPU. Issues no RM ioctl (like the real
+/// driver, whose managed memory is a UVM range); registers the range with the node by writing
+/// `managed <gpu> <bytes> <address>` to `hami-control`. `flags` must be `CU_MEM_ATTACH_GLOBAL` or
+/// `CU_MEM_ATTACH_HOST`.
+///
+/// # Safety
+/// `dptr` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    flags: c_uint,
+) -> CUresult {
+    if dptr.is_null() || bytesize == 0 || !matches!(flags, CU_MEM_ATTACH_GLOBAL | CU_MEM_ATTACH_HOST) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     with_driver(|d| {
         let gpu = match current_gpu(d) {
+            Ok(g) => g,
+            Err(e) => return e,
+        };
+        let bytes = bytesize as u64;
+        let va = match take_va(d, bytes, VA_ALIGN) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        if let Err(e) = control(d, &format!("managed {gpu} {bytes} {va:#x}\n")) {
+            return e;
+        }
+        d.allocs.insert(va, Mem::Managed);
+        // SAFETY: checked non-null above.
+        unsafe { dptr.write(va) };
+        CUDA_SUCCESS
+    })
+}
+
+/// Frees what `cuMemAlloc*` handed out at `dptr`.
+fn free_mem(d: &mut Driver, dptr: CUdeviceptr, mem: Mem) -> CUresult {
+    let result = match mem {
+        Mem::Rm { dev, h } | Mem::Async { dev, h } => d.rm.free(dev, h).map_err(|e| rm_to_cu(&e)),
+        Mem::Managed => control(d, &format!("managed-free {dptr:#x}\n")),
+    };
+    result.err().unwrap_or(CUDA_SUCCESS)
+}
+
+/// `cuMemFree_v2`: frees a `cuMemAlloc_v2`, `cuMemAllocPitch_v2`, `cuMemAllocManaged` or
+/// `cuMemAllocAsync` pointer (the last synchronously).
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
+    with_driver(|d| match d.allocs.remove(&dptr) {
+        Some(mem) => free_mem(d, dptr, mem),
+        None => CUDA_ERROR_INVALID_VALUE,
+    })
+}
+
+/// `cuMemAllocAsync`: one RM vidmem object on the current context's GPU per call (streams are not
+/// modelled: the allocation happens at once). Real pools grow and trim in chunks; see the crate docs.
+///
+/// # Safety
+/// `dptr` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    _stream: CUstream,
+) -> CUresult {
+    if dptr.is_null() || bytesize == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| match alloc_rm(d, bytesize as u64) {
+        Ok((va, dev, h)) => {
+            d.allocs.insert(va, Mem::Async { dev, h });
+            // SAFETY: checked non-null above.
+            unsafe { dptr.write(va) };
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
+/// `cuMemFreeAsync`: frees a `cuMemAllocAsync` pointer at once (its RM object goes); any other pointer
+/// is `CUDA_ERROR_INVALID_VALUE`.
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, _stream: CUstream) -> CUresult {
+    with_driver(|d| match d.allocs.get(&dptr).copied() {
+        Some(mem @ Mem::Async { .. }) => {
+            d.allocs.remove(&dptr);
+            free_mem(d, dptr, mem)
+        }
+        _ => CUDA_ERROR_INVALID_VALUE,
+    })
+}
+
+/// Reads a `u32` at byte `off` of a caller's struct.
+///
+/// # Safety
+/// `p` points to at least `off + 4` readable bytes.
+unsafe fn read_u32(p: *const u8, off: usize) -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: per the contract.
+    unsafe { std::ptr::copy_nonoverlapping(p.add(off), b.as_mut_ptr(), 4) };
+    u32::from_ne_bytes(b)
+}
+
+/// Checks a `CUmemLocation` (`type` u32, `id` i32) names a simulated GPU; returns its index.
+fn device_location(d: &Driver, kind: u32, id: u32) -> Result<u32, CUresult> {
+    match kind {
+        CU_MEM_LOCATION_TYPE_DEVICE => {
+            let id = c_int::from_ne_bytes(id.to_ne_bytes());
+            gpu(d, id).map(|g| g.index).ok_or(CUDA_ERROR_INVALID_DEVICE)
+        }
+        // HOST, HOST_NUMA, HOST_NUMA_CURRENT: host memory through VMM is not modelled.
+        2..=4 => Err(CUDA_ERROR_NOT_SUPPORTED),
+        _ => Err(CUDA_ERROR_INVALID_VALUE),
+    }
+}
+
+/// Validates a `CUmemAllocationProp` for device memory; returns the GPU index.
+///
+/// # Safety
+/// `prop` is non-null and points to a `CUmemAllocationProp`.
+unsafe fn prop_gpu(d: &Driver, prop: *const u8) -> Result<u32, CUresult> {
+    // SAFETY: the struct is CU_MEM_ALLOCATION_PROP_SIZE bytes; we read its first 16.
+    let (kind, loc_type, loc_id) = unsafe { (read_u32(prop, 0), read_u32(prop, 8), read_u32(prop, 12)) };
+    if kind != CU_MEM_ALLOCATION_TYPE_PINNED {
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    device_location(d, loc_type, loc_id)
+}
+
+/// `cuMemGetAllocationGranularity`: [`VMM_GRANULARITY`] (2 MiB) for both options.
+///
+/// # Safety
+/// `granularity` is null or valid for a write; `prop` is null or points to a `CUmemAllocationProp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    prop: *const c_void,
+    option: c_int,
+) -> CUresult {
+    if granularity.is_null()
+        || prop.is_null()
+        || !(0..=CU_MEM_ALLOC_GRANULARITY_RECOMMENDED).contains(&option)
+    {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        // SAFETY: non-null, a CUmemAllocationProp per the contract.
+        if let Err(e) = unsafe { prop_gpu(d, prop.cast()) } {
+            return e;
+        }
+        // SAFETY: checked non-null above.
+        unsafe { granularity.write(VMM_GRANULARITY as usize) };
+        CUDA_SUCCESS
+    })
+}
+
+/// `cuMemCreate`: one RM vidmem object of `size` bytes on the GPU `prop->location.id`. `size` must be a
+/// multiple of [`VMM_GRANULARITY`], `prop->type` `CU_MEM_ALLOCATION_TYPE_PINNED`, `prop->location.type`
+/// `CU_MEM_LOCATION_TYPE_DEVICE` (host locations: `CUDA_ERROR_NOT_SUPPORTED`), `flags` 0.
+///
+/// # Safety
+/// `handle` is null or valid for a write; `prop` is null or points to a `CUmemAllocationProp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const c_void,
+    flags: u64,
+) -> CUresult {
+    let bytes = size as u64;
+    if handle.is_null()
+        || prop.is_null()
+        || flags != 0
+        || bytes == 0
+        || !bytes.is_multiple_of(VMM_GRANULARITY)
+    {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        // SAFETY: non-null, a CUmemAllocationProp per the contract.
+        let gpu = match unsafe { prop_gpu(d, prop.cast()) } {
             Ok(g) => g,
             Err(e) => return e,
         };
@@ -427,35 +789,257 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
             Ok(h) => h,
             Err(e) => return e,
         };
-        let bytes = bytesize as u64;
-        match d.rm.alloc_vidmem(dev, bytes, d.via) {
-            Ok(h) => {
-                let va = d.next_va;
-                d.next_va += bytes.div_ceil(VA_ALIGN) * VA_ALIGN;
-                d.allocs.insert(va, (dev, h));
-                // SAFETY: checked non-null above.
-                unsafe { dptr.write(va) };
-                CUDA_SUCCESS
-            }
-            Err(e) => rm_to_cu(&e),
-        }
+        let h = match d.rm.alloc_vidmem(dev, bytes, d.via) {
+            Ok(h) => h,
+            Err(e) => return rm_to_cu(&e),
+        };
+        let id = d.next_phys;
+        d.next_phys += 1;
+        d.phys.insert(
+            id,
+            Phys {
+                dev,
+                h,
+                bytes,
+                maps: 0,
+                released: false,
+            },
+        );
+        // SAFETY: checked non-null above.
+        unsafe { handle.write(id) };
+        CUDA_SUCCESS
     })
 }
 
-/// `cuMemFree_v2`.
+/// Frees the RM object of a physical allocation once it is released and unmapped.
+fn reap(d: &mut Driver, id: CUmemGenericAllocationHandle) -> CUresult {
+    match d.phys.get(&id) {
+        Some(p) if p.released && p.maps == 0 => {}
+        _ => return CUDA_SUCCESS,
+    }
+    match d.phys.remove(&id) {
+        Some(p) => match d.rm.free(p.dev, p.h) {
+            Ok(()) => CUDA_SUCCESS,
+            Err(e) => rm_to_cu(&e),
+        },
+        None => CUDA_SUCCESS,
+    }
+}
+
+/// `cuMemRelease`: releases a `cuMemCreate` handle. Its RM object is freed now, or with the last
+/// `cuMemUnmap` when it is still mapped (as the driver API documents).
 ///
 /// # Safety
 /// None beyond the C API's.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
+pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult {
+    with_driver(|d| match d.phys.get_mut(&handle) {
+        Some(p) if !p.released => {
+            p.released = true;
+            reap(d, handle)
+        }
+        _ => CUDA_ERROR_INVALID_VALUE,
+    })
+}
+
+/// `cuMemAddressReserve`: reserves `size` bytes of virtual address space (a multiple of
+/// [`VMM_GRANULARITY`]) aligned to `alignment` (0: the granularity; else a power of two). The `addr`
+/// hint is ignored, as the driver may; `flags` must be 0. No memory, no RM ioctl.
+///
+/// # Safety
+/// `ptr` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    _addr: CUdeviceptr,
+    flags: u64,
+) -> CUresult {
+    let (bytes, align) = (size as u64, alignment as u64);
+    if ptr.is_null()
+        || flags != 0
+        || bytes == 0
+        || !bytes.is_multiple_of(VMM_GRANULARITY)
+        || (align != 0 && !align.is_power_of_two())
+    {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| match take_va(d, bytes, align.max(VMM_GRANULARITY)) {
+        Ok(va) => {
+            d.reservations.insert(va, bytes);
+            // SAFETY: checked non-null above.
+            unsafe { ptr.write(va) };
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
+/// `cuMemAddressFree`: frees a whole reservation (`ptr` and `size` as reserved). A reservation with
+/// live mappings is refused with `CUDA_ERROR_INVALID_VALUE` (unmap first).
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUresult {
     with_driver(|d| {
-        let Some((dev, h)) = d.allocs.remove(&dptr) else {
+        if d.reservations.get(&ptr) != Some(&(size as u64)) {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        let end = ptr.saturating_add(size as u64);
+        if d.mappings.range(ptr..end).next().is_some() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        d.reservations.remove(&ptr);
+        CUDA_SUCCESS
+    })
+}
+
+/// Whether `[ptr, ptr + bytes)` lies inside one reservation.
+fn reserved(d: &Driver, ptr: u64, bytes: u64) -> bool {
+    let Some(end) = ptr.checked_add(bytes) else {
+        return false;
+    };
+    d.reservations
+        .range(..=ptr)
+        .next_back()
+        .is_some_and(|(base, len)| end <= base.saturating_add(*len))
+}
+
+/// `cuMemMap`: maps `size` bytes of physical allocation `handle` (from `offset` 0, which the driver
+/// API requires) at `ptr` inside a reservation. Bookkeeping only: no RM ioctl (the real driver maps
+/// through UVM external ranges).
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemMap(
+    ptr: CUdeviceptr,
+    size: usize,
+    offset: usize,
+    handle: CUmemGenericAllocationHandle,
+    flags: u64,
+) -> CUresult {
+    let bytes = size as u64;
+    if flags != 0 || offset != 0 || bytes == 0 || !bytes.is_multiple_of(VMM_GRANULARITY) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        let Some(p) = d.phys.get(&handle).filter(|p| !p.released) else {
+            return CUDA_ERROR_INVALID_HANDLE;
+        };
+        if bytes > p.bytes || !reserved(d, ptr, bytes) {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        let end = ptr.saturating_add(bytes);
+        let overlaps_before = d
+            .mappings
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(b, m)| b.saturating_add(m.bytes) > ptr);
+        if overlaps_before || d.mappings.range(ptr..end).next().is_some() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        if let Some(p) = d.phys.get_mut(&handle) {
+            p.maps += 1;
+        }
+        d.mappings.insert(
+            ptr,
+            Mapping {
+                bytes,
+                handle,
+                access: BTreeMap::new(),
+            },
+        );
+        CUDA_SUCCESS
+    })
+}
+
+/// The mappings that exactly tile `[ptr, ptr + bytes)`, or `None`.
+fn tiling(d: &Driver, ptr: u64, bytes: u64) -> Option<Vec<u64>> {
+    let end = ptr.checked_add(bytes)?;
+    let mut cursor = ptr;
+    let mut bases = Vec::new();
+    for (b, m) in d.mappings.range(ptr..end) {
+        if *b != cursor {
+            return None;
+        }
+        cursor = b.saturating_add(m.bytes);
+        bases.push(*b);
+    }
+    (cursor == end && !bases.is_empty()).then_some(bases)
+}
+
+/// `cuMemUnmap`: unmaps the whole mappings that make up `[ptr, ptr + size)`; a released physical
+/// allocation whose last mapping goes is freed (its RM object).
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
+    with_driver(|d| {
+        let Some(bases) = tiling(d, ptr, size as u64) else {
             return CUDA_ERROR_INVALID_VALUE;
         };
-        match d.rm.free(dev, h) {
-            Ok(()) => CUDA_SUCCESS,
-            Err(e) => rm_to_cu(&e),
+        let mut rc = CUDA_SUCCESS;
+        for b in bases {
+            let Some(m) = d.mappings.remove(&b) else {
+                continue;
+            };
+            if let Some(p) = d.phys.get_mut(&m.handle) {
+                p.maps = p.maps.saturating_sub(1);
+            }
+            let r = reap(d, m.handle);
+            if rc == CUDA_SUCCESS {
+                rc = r;
+            }
         }
+        rc
+    })
+}
+
+/// `cuMemSetAccess`: records the access flags of `count` `CUmemAccessDesc`s for the mappings that make
+/// up `[ptr, ptr + size)`. Bookkeeping only.
+///
+/// # Safety
+/// `desc` is null or points to `count` `CUmemAccessDesc`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: CUdeviceptr,
+    size: usize,
+    desc: *const c_void,
+    count: usize,
+) -> CUresult {
+    if desc.is_null() || count == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        let Some(bases) = tiling(d, ptr, size as u64) else {
+            return CUDA_ERROR_INVALID_VALUE;
+        };
+        let mut grants = Vec::with_capacity(count);
+        for i in 0..count {
+            // SAFETY: `desc` holds `count` descriptors of CU_MEM_ACCESS_DESC_SIZE bytes each.
+            let (kind, id, flags) = unsafe {
+                let p = desc.cast::<u8>().add(i * CU_MEM_ACCESS_DESC_SIZE);
+                (read_u32(p, 0), read_u32(p, 4), read_u32(p, 8))
+            };
+            let gpu = match device_location(d, kind, id) {
+                Ok(g) => g,
+                Err(e) => return e,
+            };
+            if !matches!(flags, 0 | 1 | CU_MEM_ACCESS_FLAGS_PROT_READWRITE) {
+                return CUDA_ERROR_INVALID_VALUE;
+            }
+            grants.push((gpu, flags));
+        }
+        for b in bases {
+            if let Some(m) = d.mappings.get_mut(&b) {
+                m.access.extend(grants.iter().copied());
+            }
+        }
+        CUDA_SUCCESS
     })
 }
 
@@ -634,6 +1218,18 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuCtxSetCurrent" => cuCtxSetCurrent as *mut c_void,
         "cuMemAlloc" | "cuMemAlloc_v2" => cuMemAlloc_v2 as *mut c_void,
         "cuMemFree" | "cuMemFree_v2" => cuMemFree_v2 as *mut c_void,
+        "cuMemAllocPitch" | "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *mut c_void,
+        "cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
+        "cuMemAllocAsync" | "cuMemAllocAsync_ptsz" => cuMemAllocAsync as *mut c_void,
+        "cuMemFreeAsync" | "cuMemFreeAsync_ptsz" => cuMemFreeAsync as *mut c_void,
+        "cuMemGetAllocationGranularity" => cuMemGetAllocationGranularity as *mut c_void,
+        "cuMemCreate" => cuMemCreate as *mut c_void,
+        "cuMemRelease" => cuMemRelease as *mut c_void,
+        "cuMemAddressReserve" => cuMemAddressReserve as *mut c_void,
+        "cuMemAddressFree" => cuMemAddressFree as *mut c_void,
+        "cuMemMap" => cuMemMap as *mut c_void,
+        "cuMemUnmap" => cuMemUnmap as *mut c_void,
+        "cuMemSetAccess" => cuMemSetAccess as *mut c_void,
         "cuMemGetInfo" | "cuMemGetInfo_v2" => cuMemGetInfo_v2 as *mut c_void,
         "cuLaunchKernel" => cuLaunchKernel as *mut c_void,
         "cuLaunchCooperativeKernel" => cuLaunchCooperativeKernel as *mut c_void,
