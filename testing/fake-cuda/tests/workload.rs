@@ -2,100 +2,15 @@
 //! mount). Skips with a printed reason without root or `/dev/fuse`; fails instead when
 //! `HAMI_REQUIRE_PRIVILEGED=1`.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{Workload, eventually, lib_dir};
 use hami_fake_gpu::fs::read_ground_truth;
 use hami_fake_gpu::model::{AllocPath, MIB};
 use hami_fake_gpu::node::privileged_or_skip;
 use hami_fake_gpu::{DeviceModel, FakeNode};
-
-const WORKLOAD: &str = env!("CARGO_BIN_EXE_hami-cuda-workload");
-
-/// A directory holding the built fake driver as `libcuda.so.1`, removed on drop.
-struct LibDir(PathBuf);
-
-impl Drop for LibDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn lib_dir(tag: &str) -> LibDir {
-    // `cargo test` builds the cdylib into target/<profile>/deps (it is uplifted only by `cargo build`).
-    let target = Path::new(WORKLOAD).parent().expect("target dir");
-    let built = [target.join("deps/libcuda.so"), target.join("libcuda.so")]
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("the fake libcuda.so was not built");
-    let dir = std::env::temp_dir().join(format!("hami-fake-cuda-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("creating the library dir");
-    let guard = LibDir(dir);
-    std::fs::copy(&built, guard.0.join("libcuda.so.1")).expect("copying libcuda.so");
-    guard
-}
-
-struct Workload {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Workload {
-    fn spawn(node: &FakeNode, lib: &Path, alloc_path: &str, args: &[&str]) -> Self {
-        Self::spawn_env(node, lib, alloc_path, args, &[])
-    }
-
-    fn spawn_env(node: &FakeNode, lib: &Path, alloc_path: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(WORKLOAD)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("HAMI_FAKE_GPU_DIR", node.dir())
-            .env("HAMI_FAKE_CUDA_ALLOC", alloc_path)
-            .env("LD_LIBRARY_PATH", lib)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the workload");
-        let out = BufReader::new(child.stdout.take().expect("piped stdout"));
-        Self { child, out }
-    }
-
-    /// Reads stdout up to the line starting with `prefix`.
-    fn line(&mut self, prefix: &str) -> Option<String> {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self
-                .out
-                .read_line(&mut line)
-                .expect("reading the workload's stdout")
-                == 0
-            {
-                return None;
-            }
-            if line.starts_with(prefix) {
-                return Some(line);
-            }
-        }
-    }
-
-    fn finish(mut self) -> std::process::Output {
-        drop(self.child.stdin.take());
-        self.child.wait_with_output().expect("waiting for the workload")
-    }
-}
-
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn ground_truth_matches_what_the_workload_did_and_exit_frees_it() {

@@ -1,17 +1,44 @@
 //! `hami-cuda-workload`: a tiny CUDA driver API tenant. It loads `libcuda.so.1` at run time with
-//! `dlopen` (as real applications and runtimes do), creates a context, allocates device memory, prints
-//! what it did, optionally waits for a line on stdin, and exits (freeing first only with `--free`).
+//! `dlopen` (as real applications and runtimes do), creates a context, allocates device memory through
+//! the driver API's allocation families (and, optionally, with raw RM ioctls that bypass libcuda),
+//! prints what it did, optionally waits for a line on stdin, and exits (freeing first only with
+//! `--free` / `--raw-free`).
 //!
-//! Output lines: `device <index> total <bytes>`, `allocated <ptr> …`, `raw-allocated <handle> …` (with
-//! `--raw-alloc`), `meminfo free <b> total <b>`.
+//! Order of work: `cuMemAlloc_v2` (`--alloc`), `cuMemAllocPitch_v2` (`--pitch`), `cuMemAllocManaged`
+//! (`--managed`), VMM (`--vmm`), `cuMemAllocAsync` (`--async`), raw RM allocations (`--raw-alloc`,
+//! `--raw-fail`), the forked child (`--fork-alloc`), `cuMemGetInfo_v2`, launches, `--hold`, frees.
+//!
+//! Output lines, in this order (sizes in bytes, pointers and handles in `0x` hex, one line per item
+//! unless stated):
+//! - `pid <pid>`: always the first line;
+//! - `device <index> total <bytes>`;
+//! - `allocated <ptr> …`: the `--alloc` pointers (the line is printed even with none);
+//! - `pitch <ptr> pitch <pitch> bytes <pitch × height>` (`--pitch`);
+//! - `managed <ptr> …` (`--managed`);
+//! - `vmm <ptr> handle <handle> bytes <bytes>`: one per `--vmm`; `bytes` is the request rounded up to
+//!   the granularity from `cuMemGetAllocationGranularity`;
+//! - `async <ptr> …` (`--async`);
+//! - `raw-allocated <handle> …` (`--raw-alloc`);
+//! - `raw-failed <status>`: the `NV_STATUS` (`0x` hex) of the `--raw-fail` allocation;
+//! - `child <pid> allocated <bytes>`: printed by the forked child (`--fork-alloc`);
+//! - `child <pid> exited <code>`: printed by the parent once `waitpid` returned;
+//! - `meminfo free <bytes> total <bytes>`;
+//! - `launched <n>` (`--launch`), `synchronized` (`--sync`);
+//! - `freed`: after the frees of `--free` / `--raw-free` (then, with `--hold`, it waits for a second
+//!   line on stdin before exiting, so that a test can look at the node between the frees and the exit).
+//!
+//! `--fork-alloc BYTES`: after the parent's own allocations the (single-threaded) process forks; the
+//! child opens its own RM client on `$HAMI_FAKE_GPU_DIR/nvidiactl` (as a freshly started process would),
+//! allocates BYTES of vidmem on `--device` through `--raw-via` (XFER-wrapped with `--xfer`), prints its
+//! line, waits for a line on stdin with `--hold`, frees with `--free`, and `_exit`s (its open
+//! `nvidiactl` closes, which frees whatever it still holds). The parent waits for it before going on.
 #![allow(
     unsafe_code,
-    reason = "dlopen/dlsym and calls through C function pointers of the CUDA driver API"
+    reason = "dlopen/dlsym, calls through C function pointers of the CUDA driver API, fork/waitpid"
 )]
 
 use std::ffi::{CString, c_char, c_int, c_uint, c_void};
-use std::io::BufRead;
-
+use std::io::{BufRead, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -30,10 +57,41 @@ struct Args {
     /// Allocate this many bytes with cuMemAlloc_v2 (repeatable).
     #[arg(long)]
     alloc: Vec<usize>,
+    /// cuMemAllocPitch_v2 of WIDTHxHEIGHT (row width in bytes × rows, element size 4).
+    #[arg(long, value_parser = parse_pitch)]
+    pitch: Option<(usize, usize)>,
+    /// cuMemAllocManaged (CU_MEM_ATTACH_GLOBAL) of this many bytes (repeatable).
+    #[arg(long)]
+    managed: Vec<usize>,
+    /// VMM: cuMemCreate of this many bytes (rounded up to the granularity) on the device, then
+    /// cuMemAddressReserve, cuMemMap, cuMemRelease and cuMemSetAccess (repeatable).
+    #[arg(long)]
+    vmm: Vec<usize>,
+    /// cuMemAllocAsync of this many bytes on the default stream (repeatable).
+    #[arg(long = "async")]
+    async_alloc: Vec<usize>,
     /// Also allocate this many bytes with raw RM ioctls on `$HAMI_FAKE_GPU_DIR/nvidiactl`, bypassing
     /// libcuda (what an interceptor cannot see; repeatable).
     #[arg(long)]
     raw_alloc: Vec<u64>,
+    /// RM path of the raw allocations: nvos21, nvos64 or vid-heap.
+    #[arg(long, default_value = "nvos21")]
+    raw_via: AllocVia,
+    /// GPU index of the raw allocations (default: the `--device` ordinal).
+    #[arg(long)]
+    raw_device: Option<u32>,
+    /// Wrap the raw RM calls in NV_ESC_IOCTL_XFER_CMD.
+    #[arg(long)]
+    xfer: bool,
+    /// Free the raw allocations with RM_FREE before exiting.
+    #[arg(long)]
+    raw_free: bool,
+    /// Attempt a raw allocation of this many bytes that is expected to fail; print its NV_STATUS.
+    #[arg(long)]
+    raw_fail: Option<u64>,
+    /// Fork a child that allocates this many bytes of vidmem with its own RM client.
+    #[arg(long)]
+    fork_alloc: Option<u64>,
     /// Resolve cuMemAlloc through cuGetProcAddress_v2 instead of dlsym.
     #[arg(long)]
     proc_address: bool,
@@ -46,12 +104,20 @@ struct Args {
     /// cuStreamSynchronize after launching.
     #[arg(long)]
     sync: bool,
-    /// Wait for a line on stdin before exiting.
+    /// Wait for a line on stdin before freeing/exiting (and again after freeing, if anything was freed).
     #[arg(long)]
     hold: bool,
-    /// Free everything before exiting (default: exit without freeing).
+    /// Free every driver API allocation before exiting (default: exit without freeing).
     #[arg(long)]
     free: bool,
+}
+
+fn parse_pitch(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}`: expected WIDTHxHEIGHT"))?;
+    let num = |v: &str| v.parse::<usize>().map_err(|e| format!("`{s}`: {e}"));
+    Ok((num(w)?, num(h)?))
 }
 
 type FnInit = unsafe extern "C" fn(c_uint) -> c_int;
@@ -59,6 +125,18 @@ type FnDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
 type FnTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> c_int;
 type FnCtxCreate = unsafe extern "C" fn(*mut *mut c_void, c_uint, c_int) -> c_int;
 type FnMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
+type FnMemAllocPitch = unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> c_int;
+type FnMemAllocManaged = unsafe extern "C" fn(*mut u64, usize, c_uint) -> c_int;
+type FnMemAllocAsync = unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> c_int;
+type FnMemFreeAsync = unsafe extern "C" fn(u64, *mut c_void) -> c_int;
+type FnMemGetAllocationGranularity = unsafe extern "C" fn(*mut usize, *const AllocationProp, c_int) -> c_int;
+type FnMemCreate = unsafe extern "C" fn(*mut u64, usize, *const AllocationProp, u64) -> c_int;
+type FnMemRelease = unsafe extern "C" fn(u64) -> c_int;
+type FnMemAddressReserve = unsafe extern "C" fn(*mut u64, usize, usize, u64, u64) -> c_int;
+type FnMemAddressFree = unsafe extern "C" fn(u64, usize) -> c_int;
+type FnMemMap = unsafe extern "C" fn(u64, usize, usize, u64, u64) -> c_int;
+type FnMemUnmap = unsafe extern "C" fn(u64, usize) -> c_int;
+type FnMemSetAccess = unsafe extern "C" fn(u64, usize, *const AccessDesc, usize) -> c_int;
 type FnMemFree = unsafe extern "C" fn(u64) -> c_int;
 type FnMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
 type FnLaunchKernel = unsafe extern "C" fn(
@@ -77,6 +155,36 @@ type FnLaunchKernel = unsafe extern "C" fn(
 type FnStreamSynchronize = unsafe extern "C" fn(*mut c_void) -> c_int;
 type FnGetProcAddress2 =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> c_int;
+
+/// `CUmemAllocationProp` (`cuda.h`, 32 bytes on x86_64).
+#[repr(C)]
+struct AllocationProp {
+    kind: u32,
+    requested_handle_types: u32,
+    location_type: u32,
+    location_id: c_int,
+    win32_handle_meta_data: *mut c_void,
+    alloc_flags: [u8; 8],
+}
+
+/// `CUmemAccessDesc` (`cuda.h`, 12 bytes).
+#[repr(C)]
+struct AccessDesc {
+    location_type: u32,
+    location_id: c_int,
+    flags: u32,
+}
+
+/// `CU_MEM_ALLOCATION_TYPE_PINNED`.
+const PINNED: u32 = 1;
+/// `CU_MEM_LOCATION_TYPE_DEVICE`.
+const LOCATION_DEVICE: u32 = 1;
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
+const PROT_READWRITE: u32 = 3;
+/// `CU_MEM_ALLOC_GRANULARITY_RECOMMENDED`.
+const GRANULARITY_RECOMMENDED: c_int = 1;
+/// `CU_MEM_ATTACH_GLOBAL`.
+const ATTACH_GLOBAL: c_uint = 1;
 
 struct Lib(*mut c_void);
 
@@ -100,6 +208,19 @@ impl Lib {
         }
         Ok(p)
     }
+
+    /// The symbol `name` as a function pointer of type `F`.
+    ///
+    /// # Safety
+    /// `F` must be the `unsafe extern "C" fn` type of the CUDA driver API function `name`.
+    unsafe fn func<F: Copy>(&self, name: &str) -> Result<F> {
+        let p = self.sym(name)?;
+        if size_of::<F>() != size_of::<*mut c_void>() {
+            bail!("{name}: not a function pointer type");
+        }
+        // SAFETY: same size (checked), and `F` is the symbol's function type per the contract.
+        Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+    }
 }
 
 fn check(what: &str, rc: c_int) -> Result<()> {
@@ -110,41 +231,207 @@ fn check(what: &str, rc: c_int) -> Result<()> {
     }
 }
 
-/// Raw RM allocations through the node's control file (not through libcuda).
-fn raw_alloc(sizes: &[u64], gpu: u32) -> Result<Option<RmClient>> {
-    if sizes.is_empty() {
-        return Ok(None);
-    }
-    let dir = std::env::var_os("HAMI_FAKE_GPU_DIR").context("--raw-alloc needs HAMI_FAKE_GPU_DIR")?;
-    let c = RmClient::open(Path::new(&dir)).context("opening nvidiactl")?;
-    let dev = c.alloc_device(gpu).context("allocating NV01_DEVICE_0")?;
-    let mut handles = Vec::new();
-    for &bytes in sizes {
-        handles.push(format!(
-            "{:#x}",
-            c.alloc_vidmem(dev, bytes, AllocVia::Nvos21)
-                .context("raw RM_ALLOC")?
-        ));
-    }
-    println!("raw-allocated {}", handles.join(" "));
-    Ok(Some(c))
+fn hex_list(v: &[u64]) -> String {
+    v.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>().join(" ")
 }
 
+fn node_dir() -> Result<std::ffi::OsString> {
+    std::env::var_os("HAMI_FAKE_GPU_DIR").context("raw RM calls need HAMI_FAKE_GPU_DIR")
+}
+
+/// An RM client of this process on the node's control device.
+fn rm_client(xfer: bool) -> Result<RmClient> {
+    let mut c = RmClient::open(Path::new(&node_dir()?)).context("opening nvidiactl")?;
+    c.set_xfer(xfer);
+    Ok(c)
+}
+
+/// Raw RM allocations through the node's control file (not through libcuda).
+struct Raw {
+    client: RmClient,
+    dev: u32,
+    handles: Vec<u32>,
+}
+
+fn raw(args: &Args, gpu: u32) -> Result<Option<Raw>> {
+    if args.raw_alloc.is_empty() && args.raw_fail.is_none() {
+        return Ok(None);
+    }
+    let client = rm_client(args.xfer)?;
+    let dev = client.alloc_device(gpu).context("allocating NV01_DEVICE_0")?;
+    let mut handles = Vec::new();
+    for &bytes in &args.raw_alloc {
+        handles.push(
+            client
+                .alloc_vidmem(dev, bytes, args.raw_via)
+                .context("raw allocation")?,
+        );
+    }
+    if !handles.is_empty() {
+        let list: Vec<String> = handles.iter().map(|h| format!("{h:#x}")).collect();
+        println!("raw-allocated {}", list.join(" "));
+    }
+    if let Some(bytes) = args.raw_fail {
+        match client.alloc_vidmem(dev, bytes, args.raw_via) {
+            Ok(h) => bail!("raw allocation of {bytes} bytes was expected to fail but got handle {h:#x}"),
+            Err(e) => match e.status() {
+                Some(s) => println!("raw-failed {s:#x}"),
+                None => return Err(e).context("raw allocation expected to fail"),
+            },
+        }
+    }
+    Ok(Some(Raw { client, dev, handles }))
+}
+
+fn threads() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn read_line() -> Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading stdin")?;
+    Ok(())
+}
+
+/// The forked child's work: a fresh RM client, one allocation, then exit (freeing first with `--free`).
+fn child(args: &Args, gpu: u32, bytes: u64) -> Result<()> {
+    let c = rm_client(args.xfer)?;
+    let dev = c.alloc_device(gpu).context("child: allocating NV01_DEVICE_0")?;
+    let h = c
+        .alloc_vidmem(dev, bytes, args.raw_via)
+        .context("child: allocating")?;
+    println!("child {} allocated {bytes}", std::process::id());
+    std::io::stdout().flush()?;
+    if args.hold {
+        read_line()?;
+    }
+    if args.free {
+        c.free(dev, h).context("child: freeing")?;
+    }
+    Ok(())
+}
+
+/// Forks; the child runs [`child`] and `_exit`s; the parent waits for it and reports its exit code.
+fn fork_alloc(args: &Args, gpu: u32, bytes: u64) -> Result<()> {
+    // fork() in a multithreaded process would leave the child with locks held by threads that do not
+    // exist there; this program never starts a thread, so check that it is really alone.
+    match threads() {
+        Some(1) => {}
+        n => bail!("--fork-alloc needs a single-threaded process, found {n:?} threads"),
+    }
+    std::io::stdout().flush()?;
+    // SAFETY: the process is single-threaded (checked above), so the child may go on using std.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    if pid == 0 {
+        let code = match child(args, gpu, bytes) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("hami-cuda-workload child: {e:#}");
+                1
+            }
+        };
+        let _ = std::io::stdout().flush();
+        // SAFETY: ends the child at once, without running the parent's exit handlers or destructors
+        // twice; the kernel closes its files.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status: c_int = 0;
+    // SAFETY: waits for our own child; `status` is a valid out-pointer.
+    if unsafe { libc::waitpid(pid, &raw mut status, 0) } != pid {
+        return Err(std::io::Error::last_os_error()).context("waitpid");
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    println!("child {pid} exited {code}");
+    if code != 0 {
+        bail!("the forked child failed with {code}");
+    }
+    Ok(())
+}
+
+/// One VMM allocation, mapped: (address, handle, bytes).
+fn vmm(lib: &Lib, dev: c_int, request: usize) -> Result<(u64, u64, usize)> {
+    // SAFETY (transmutes): each type is the C signature of the named CUDA driver API function.
+    let (granularity, create, reserve, map, release, set_access) = unsafe {
+        (
+            lib.func::<FnMemGetAllocationGranularity>("cuMemGetAllocationGranularity")?,
+            lib.func::<FnMemCreate>("cuMemCreate")?,
+            lib.func::<FnMemAddressReserve>("cuMemAddressReserve")?,
+            lib.func::<FnMemMap>("cuMemMap")?,
+            lib.func::<FnMemRelease>("cuMemRelease")?,
+            lib.func::<FnMemSetAccess>("cuMemSetAccess")?,
+        )
+    };
+    let prop = AllocationProp {
+        kind: PINNED,
+        requested_handle_types: 0,
+        location_type: LOCATION_DEVICE,
+        location_id: dev,
+        win32_handle_meta_data: std::ptr::null_mut(),
+        alloc_flags: [0; 8],
+    };
+    let mut g = 0usize;
+    // SAFETY (all calls): valid pointers to locals, per the CUDA driver API.
+    check("cuMemGetAllocationGranularity", unsafe {
+        granularity(&raw mut g, &raw const prop, GRANULARITY_RECOMMENDED)
+    })?;
+    let bytes = request
+        .max(1)
+        .checked_next_multiple_of(g.max(1))
+        .context("--vmm too large")?;
+    let mut handle = 0u64;
+    check("cuMemCreate", unsafe {
+        create(&raw mut handle, bytes, &raw const prop, 0)
+    })?;
+    let mut ptr = 0u64;
+    check("cuMemAddressReserve", unsafe {
+        reserve(&raw mut ptr, bytes, 0, 0, 0)
+    })?;
+    check("cuMemMap", unsafe { map(ptr, bytes, 0, handle, 0) })?;
+    // As the CUDA samples do: the handle can go at once; the memory lives until it is unmapped.
+    check("cuMemRelease", unsafe { release(handle) })?;
+    let desc = AccessDesc {
+        location_type: LOCATION_DEVICE,
+        location_id: dev,
+        flags: PROT_READWRITE,
+    };
+    check("cuMemSetAccess", unsafe {
+        set_access(ptr, bytes, &raw const desc, 1)
+    })?;
+    Ok((ptr, handle, bytes))
+}
+
+#[allow(
+    clippy::too_many_lines,
+    reason = "one straight-line script of driver API calls, in the documented output order"
+)]
 fn main() -> Result<()> {
     let args = Args::parse();
+    println!("pid {}", std::process::id());
     let lib = Lib::open(&args.lib)?;
-    // SAFETY (all transmutes): each symbol is the CUDA driver API function of that name, whose C
-    // signature the function-pointer type spells out.
-    let init = unsafe { std::mem::transmute::<*mut c_void, FnInit>(lib.sym("cuInit")?) };
-    let device_get = unsafe { std::mem::transmute::<*mut c_void, FnDeviceGet>(lib.sym("cuDeviceGet")?) };
-    let total_mem =
-        unsafe { std::mem::transmute::<*mut c_void, FnTotalMem>(lib.sym("cuDeviceTotalMem_v2")?) };
-    let ctx_create = unsafe { std::mem::transmute::<*mut c_void, FnCtxCreate>(lib.sym("cuCtxCreate_v2")?) };
-    let mem_free = unsafe { std::mem::transmute::<*mut c_void, FnMemFree>(lib.sym("cuMemFree_v2")?) };
-    let get_info = unsafe { std::mem::transmute::<*mut c_void, FnMemGetInfo>(lib.sym("cuMemGetInfo_v2")?) };
+    // SAFETY (all `func`s and transmutes): each symbol is the CUDA driver API function of that name,
+    // whose C signature the function-pointer type spells out.
+    let init = unsafe { lib.func::<FnInit>("cuInit")? };
+    let device_get = unsafe { lib.func::<FnDeviceGet>("cuDeviceGet")? };
+    let total_mem = unsafe { lib.func::<FnTotalMem>("cuDeviceTotalMem_v2")? };
+    let ctx_create = unsafe { lib.func::<FnCtxCreate>("cuCtxCreate_v2")? };
+    let mem_free = unsafe { lib.func::<FnMemFree>("cuMemFree_v2")? };
+    let get_info = unsafe { lib.func::<FnMemGetInfo>("cuMemGetInfo_v2")? };
     let mem_alloc = if args.proc_address {
-        let gpa =
-            unsafe { std::mem::transmute::<*mut c_void, FnGetProcAddress2>(lib.sym("cuGetProcAddress_v2")?) };
+        let gpa = unsafe { lib.func::<FnGetProcAddress2>("cuGetProcAddress_v2")? };
         let name = CString::new("cuMemAlloc")?;
         let mut p: *mut c_void = std::ptr::null_mut();
         let mut st: c_int = -1;
@@ -152,38 +439,88 @@ fn main() -> Result<()> {
         check("cuGetProcAddress_v2", unsafe {
             gpa(name.as_ptr(), &raw mut p, 12080, 0, &raw mut st)
         })?;
+        if p.is_null() {
+            bail!("cuGetProcAddress_v2 returned no cuMemAlloc");
+        }
         unsafe { std::mem::transmute::<*mut c_void, FnMemAlloc>(p) }
     } else {
-        unsafe { std::mem::transmute::<*mut c_void, FnMemAlloc>(lib.sym("cuMemAlloc_v2")?) }
+        unsafe { lib.func::<FnMemAlloc>("cuMemAlloc_v2")? }
     };
 
     // SAFETY (all calls): valid out-pointers to locals, per the CUDA driver API.
     check("cuInit", unsafe { init(0) })?;
     let mut dev: c_int = 0;
     check("cuDeviceGet", unsafe { device_get(&raw mut dev, args.device) })?;
+    let gpu = u32::try_from(dev).context("negative device ordinal")?;
     let mut total = 0usize;
     check("cuDeviceTotalMem_v2", unsafe { total_mem(&raw mut total, dev) })?;
     println!("device {dev} total {total}");
     let mut ctx: *mut c_void = std::ptr::null_mut();
     check("cuCtxCreate_v2", unsafe { ctx_create(&raw mut ctx, 0, dev) })?;
+
+    // Everything freed with cuMemFree_v2 at the end (plain, pitched and managed pointers).
     let mut ptrs = Vec::new();
     for &bytes in &args.alloc {
         let mut p = 0u64;
         check("cuMemAlloc_v2", unsafe { mem_alloc(&raw mut p, bytes) })?;
         ptrs.push(p);
     }
-    let list: Vec<String> = ptrs.iter().map(|p| format!("{p:#x}")).collect();
-    println!("allocated {}", list.join(" "));
-    // Kept alive until exit: closing its nvidiactl frees its memory.
-    let _raw = raw_alloc(&args.raw_alloc, u32::try_from(dev).unwrap_or(0))?;
+    println!("allocated {}", hex_list(&ptrs));
+    if let Some((width, height)) = args.pitch {
+        let f = unsafe { lib.func::<FnMemAllocPitch>("cuMemAllocPitch_v2")? };
+        let (mut p, mut pitch) = (0u64, 0usize);
+        check("cuMemAllocPitch_v2", unsafe {
+            f(&raw mut p, &raw mut pitch, width, height, 4)
+        })?;
+        println!(
+            "pitch {p:#x} pitch {pitch} bytes {}",
+            pitch.saturating_mul(height)
+        );
+        ptrs.push(p);
+    }
+    if !args.managed.is_empty() {
+        let f = unsafe { lib.func::<FnMemAllocManaged>("cuMemAllocManaged")? };
+        let mut managed = Vec::new();
+        for &bytes in &args.managed {
+            let mut p = 0u64;
+            check("cuMemAllocManaged", unsafe {
+                f(&raw mut p, bytes, ATTACH_GLOBAL)
+            })?;
+            managed.push(p);
+        }
+        println!("managed {}", hex_list(&managed));
+        ptrs.extend(managed);
+    }
+    let mut vmms = Vec::new();
+    for &bytes in &args.vmm {
+        let (ptr, handle, size) = vmm(&lib, dev, bytes)?;
+        println!("vmm {ptr:#x} handle {handle:#x} bytes {size}");
+        vmms.push((ptr, size));
+    }
+    let mut asyncs = Vec::new();
+    if !args.async_alloc.is_empty() {
+        let f = unsafe { lib.func::<FnMemAllocAsync>("cuMemAllocAsync")? };
+        for &bytes in &args.async_alloc {
+            let mut p = 0u64;
+            check("cuMemAllocAsync", unsafe {
+                f(&raw mut p, bytes, std::ptr::null_mut())
+            })?;
+            asyncs.push(p);
+        }
+        println!("async {}", hex_list(&asyncs));
+    }
+    // Kept alive until exit: closing its nvidiactl frees what it still holds.
+    let raw = raw(&args, args.raw_device.unwrap_or(gpu))?;
+    if let Some(bytes) = args.fork_alloc {
+        fork_alloc(&args, gpu, bytes)?;
+    }
     let (mut free, mut total) = (0usize, 0usize);
     check("cuMemGetInfo_v2", unsafe {
         get_info(&raw mut free, &raw mut total)
     })?;
     println!("meminfo free {free} total {total}");
     if args.launch > 0 {
-        let launch =
-            unsafe { std::mem::transmute::<*mut c_void, FnLaunchKernel>(lib.sym("cuLaunchKernel")?) };
+        let launch = unsafe { lib.func::<FnLaunchKernel>("cuLaunchKernel")? };
         // No modules are loaded by this workload; the fake driver accepts any non-null function handle.
         let f = std::ptr::NonNull::<c_void>::dangling().as_ptr();
         let null = std::ptr::null_mut();
@@ -196,23 +533,49 @@ fn main() -> Result<()> {
         println!("launched {}", args.launch);
     }
     if args.sync {
-        let sync = unsafe {
-            std::mem::transmute::<*mut c_void, FnStreamSynchronize>(lib.sym("cuStreamSynchronize")?)
-        };
+        let sync = unsafe { lib.func::<FnStreamSynchronize>("cuStreamSynchronize")? };
         check("cuStreamSynchronize", unsafe { sync(std::ptr::null_mut()) })?;
         println!("synchronized");
     }
     if args.hold {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading stdin")?;
+        read_line()?;
     }
+    let mut freed = false;
     if args.free {
         for p in ptrs {
             check("cuMemFree_v2", unsafe { mem_free(p) })?;
         }
+        if !asyncs.is_empty() {
+            let f = unsafe { lib.func::<FnMemFreeAsync>("cuMemFreeAsync")? };
+            for p in asyncs {
+                check("cuMemFreeAsync", unsafe { f(p, std::ptr::null_mut()) })?;
+            }
+        }
+        if !vmms.is_empty() {
+            let unmap = unsafe { lib.func::<FnMemUnmap>("cuMemUnmap")? };
+            let address_free = unsafe { lib.func::<FnMemAddressFree>("cuMemAddressFree")? };
+            for (p, size) in vmms {
+                // The handle was released after mapping: unmapping frees the memory.
+                check("cuMemUnmap", unsafe { unmap(p, size) })?;
+                check("cuMemAddressFree", unsafe { address_free(p, size) })?;
+            }
+        }
+        freed = true;
     }
+    if args.raw_free
+        && let Some(r) = &raw
+    {
+        for &h in &r.handles {
+            r.client.free(r.dev, h).context("raw RM_FREE")?;
+        }
+        freed = true;
+    }
+    if freed {
+        println!("freed");
+        if args.hold {
+            read_line()?;
+        }
+    }
+    drop(raw);
     Ok(())
 }
