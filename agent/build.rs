@@ -1,0 +1,34 @@
+//! Builds the eBPF object (`hami-ebpf`, for `bpfel-unknown-none`) with aya-build and leaves it in
+//! `OUT_DIR/hami-ebpf`, where `src/loader.rs` embeds it.
+//!
+//! Needs the nightly toolchain with `rust-src` and `bpf-linker` 0.10.4 on PATH
+//! (`reference/ebpf-toolchain.md`; `cargo xtask ci` installs both). With `HAMI_EBPF_STUB=1` an empty
+//! stub is written instead, so `cargo check` works without the eBPF toolchain; an agent built that way
+//! refuses to load (it says why).
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=HAMI_EBPF_STUB");
+    let out_dir = std::env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?;
+    if std::env::var_os("HAMI_EBPF_STUB").is_some_and(|v| v == "1") {
+        std::fs::write(std::path::Path::new(&out_dir).join("hami-ebpf"), [])
+            .context("writing the eBPF stub")?;
+        return Ok(());
+    }
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    let root = std::path::Path::new(&manifest).join("../ebpf/programs");
+    let root = root
+        .canonicalize()
+        .with_context(|| format!("{} (the hami-ebpf package)", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "hami-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+}

@@ -1,0 +1,186 @@
+//! The agent's one configuration structure (JSON file, every field optional with the default shown).
+//!
+//! ```json
+//! {
+//!   "node_name": "",                      // default: $NODE_NAME, else the host name
+//!   "listen": "0.0.0.0:9394",            // HTTP: /metrics (Prometheus text), /snapshot (JSON), /healthz
+//!   "interval_ms": 1000,                 // how often the cgroup index is refreshed and state saved
+//!   "retain_terminated_secs": 300,       // chargeback counters of finished containers stay this long
+//!   "driver_version": null,              // e.g. "595.45.04"; default: read paths.driver_version_file
+//!   "libcuda": ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"],  // uprobe targets (missing files skipped)
+//!   "nvml_lib": null,                    // NVML for discovery; default libnvidia-ml.so.1
+//!   "paths": {
+//!     "dev_dir": "/dev",                 // nvidiactl, nvidia<N>, nvidia-uvm are looked up here
+//!     "mounts": "/proc/self/mounts",     // to find the cgroup2 mount
+//!     "cgroup_root": null,               // cgroup2 mount; default: from `mounts`
+//!     "bpffs": "/sys/fs/bpf/hami",       // pinned maps and links; programs stay attached across agent
+//!                                        // restarts (`hami-agent detach` removes them); bpffs is mounted
+//!                                        // at /sys/fs/bpf when missing
+//!     "btf": "/sys/kernel/btf/vmlinux",
+//!     "driver_version_file": "/sys/module/nvidia/version",
+//!     "state_dir": "/var/lib/hami/agent" // attribution state saved across restarts
+//!   }
+//! }
+//! ```
+//!
+//! Privileges (the minimum, all on the host): `CAP_BPF` and `CAP_PERFMON` (load programs, attach
+//! raw tracepoints and uprobes, read kernel memory from them), `CAP_SYS_RESOURCE` only on kernels older
+//! than 5.11 (memlock accounting), read access to `/sys/kernel/btf/vmlinux` and the cgroup2 mount,
+//! write access to the bpffs directory and `state_dir`, and the host PID namespace (`hostPID: true`) so
+//! that pids and cgroup ids are the host's. No tracefs is needed: the programs use raw tracepoints.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// Host paths, all overridable so tests point them at fixtures and a simulated node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostPaths {
+    /// Directory holding the NVIDIA device files.
+    pub dev_dir: PathBuf,
+    /// A `/proc/self/mounts`-format file.
+    pub mounts: PathBuf,
+    /// The cgroup2 mount (default: found in `mounts`).
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links.
+    pub bpffs: PathBuf,
+    /// Kernel BTF.
+    pub btf: PathBuf,
+    /// File holding the NVIDIA driver version.
+    pub driver_version_file: PathBuf,
+    /// Directory for the saved attribution state.
+    pub state_dir: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            dev_dir: "/dev".into(),
+            mounts: "/proc/self/mounts".into(),
+            cgroup_root: None,
+            bpffs: "/sys/fs/bpf/hami".into(),
+            btf: "/sys/kernel/btf/vmlinux".into(),
+            driver_version_file: "/sys/module/nvidia/version".into(),
+            state_dir: "/var/lib/hami/agent".into(),
+        }
+    }
+}
+
+/// Agent configuration (see the module documentation for the file format and defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Node name used in metric labels (default: `$NODE_NAME`, else the host name).
+    pub node_name: String,
+    /// HTTP listen address.
+    pub listen: String,
+    /// Housekeeping interval, milliseconds.
+    pub interval_ms: u64,
+    /// How long a finished container's counters are still exported, seconds.
+    pub retain_terminated_secs: u64,
+    /// Driver version override.
+    pub driver_version: Option<String>,
+    /// libcuda files to attach the uprobes to.
+    pub libcuda: Vec<PathBuf>,
+    /// NVML library for discovery (default: `libnvidia-ml.so.1` from the loader path).
+    pub nvml_lib: Option<PathBuf>,
+    /// Host paths.
+    pub paths: HostPaths,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            listen: "0.0.0.0:9394".into(),
+            interval_ms: 1000,
+            retain_terminated_secs: 300,
+            driver_version: None,
+            libcuda: vec!["/usr/lib/x86_64-linux-gnu/libcuda.so.1".into()],
+            nvml_lib: None,
+            paths: HostPaths::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Parses a JSON configuration.
+    ///
+    /// # Errors
+    /// Invalid JSON, unknown fields, or values out of range (zero interval).
+    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
+        let c: Self = serde_json::from_str(text).map_err(|e| AgentError::Config {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        if c.interval_ms == 0 {
+            return Err(AgentError::Config {
+                path: path.into(),
+                message: "interval_ms must be at least 1".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    /// Reads and parses a JSON configuration file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or see [`AgentConfig::from_json`].
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| AgentError::io(path, e))?;
+        Self::from_json(path, &text)
+    }
+
+    /// The node name: the configured one, else `$NODE_NAME`, else the host name.
+    #[must_use]
+    pub fn effective_node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        if let Ok(n) = std::env::var("NODE_NAME")
+            && !n.is_empty()
+        {
+            return n;
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let p = Path::new("agent.json");
+        assert_eq!(AgentConfig::from_json(p, "{}").unwrap(), AgentConfig::default());
+        let c = AgentConfig::from_json(
+            p,
+            r#"{"listen":"127.0.0.1:1","paths":{"dev_dir":"/tmp/x"},"driver_version":"530.41.03"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1");
+        assert_eq!(c.paths.dev_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.paths.btf, PathBuf::from("/sys/kernel/btf/vmlinux"));
+        assert_eq!(c.driver_version.as_deref(), Some("530.41.03"));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let p = Path::new("agent.json");
+        let e = AgentConfig::from_json(p, r#"{"listn":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.json") && e.contains("listn"), "{e}");
+        let e = AgentConfig::from_json(p, r#"{"interval_ms":0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interval_ms"), "{e}");
+        assert!(AgentConfig::from_json(p, "{").is_err());
+    }
+}

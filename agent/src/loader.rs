@@ -1,0 +1,412 @@
+//! The I/O edge to the kernel: loads the eBPF object (embedded at build time), fills its
+//! configuration, attaches the programs, pins maps and links in bpffs so a restarted agent continues
+//! where the previous one stopped, and reads the maps and the ring buffer.
+//!
+//! bpffs layout under `paths.bpffs`: `maps/HAMI_*` (the maps, shared by every agent version) and
+//! `links-<object hash>/<n>-<program>` (the attachments of one build of the programs). A restarted
+//! agent whose object hash matches the pinned links adopts them (nothing is detached, so no event is
+//! missed while it was down: they wait in the pinned ring buffer); a different build replaces them
+//! (old links unpinned first, so there is a gap of a few milliseconds during an upgrade, never double
+//! counting).
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{RawTracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
+use aya::{Ebpf, EbpfLoader};
+use hami_ebpf_common::{
+    AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, counter, file_kind, names,
+};
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::kernel;
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hami-ebpf"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Raw tracepoints: (program, tracepoint).
+const RAW_TRACEPOINTS: [(&str, &str); 4] = [
+    ("hami_sys_enter", "sys_enter"),
+    ("hami_sys_exit", "sys_exit"),
+    ("hami_process_exit", "sched_process_exit"),
+    ("hami_process_fork", "sched_process_fork"),
+];
+
+/// libcuda uprobes: (program, symbol, return probe).
+const UPROBES: [(&str, &str, bool); 12] = [
+    ("hami_cu_mem_alloc", "cuMemAlloc_v2", false),
+    ("hami_cu_mem_alloc_pitch", "cuMemAllocPitch_v2", false),
+    ("hami_cu_mem_create", "cuMemCreate", false),
+    ("hami_cu_mem_alloc_async", "cuMemAllocAsync", false),
+    ("hami_cu_mem_alloc_managed", "cuMemAllocManaged", false),
+    ("hami_cu_mem_free", "cuMemFree_v2", false),
+    ("hami_cu_ret", "cuMemAllocManaged", true),
+    ("hami_cu_ret", "cuMemFree_v2", true),
+    ("hami_cu_launch_kernel", "cuLaunchKernel", false),
+    ("hami_cu_launch_kernel_ex", "cuLaunchKernelEx", false),
+    ("hami_cu_launch_cooperative", "cuLaunchCooperativeKernel", false),
+    ("hami_cu_graph_launch", "cuGraphLaunch", false),
+];
+
+/// Call names of [`hami_ebpf_common::call`] ids, as exported in metric labels.
+pub const CALL_NAMES: [(u32, &str); 10] = [
+    (hami_ebpf_common::call::MEM_ALLOC, "cuMemAlloc_v2"),
+    (hami_ebpf_common::call::MEM_ALLOC_MANAGED, "cuMemAllocManaged"),
+    (hami_ebpf_common::call::MEM_FREE, "cuMemFree_v2"),
+    (hami_ebpf_common::call::LAUNCH_KERNEL, "cuLaunchKernel"),
+    (hami_ebpf_common::call::LAUNCH_KERNEL_EX, "cuLaunchKernelEx"),
+    (
+        hami_ebpf_common::call::LAUNCH_COOPERATIVE,
+        "cuLaunchCooperativeKernel",
+    ),
+    (hami_ebpf_common::call::GRAPH_LAUNCH, "cuGraphLaunch"),
+    (hami_ebpf_common::call::MEM_CREATE, "cuMemCreate"),
+    (hami_ebpf_common::call::MEM_ALLOC_ASYNC, "cuMemAllocAsync"),
+    (hami_ebpf_common::call::MEM_ALLOC_PITCH, "cuMemAllocPitch_v2"),
+];
+
+fn object_hash() -> String {
+    // FNV-1a, 64 bit: a stable name for this build of the programs.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// NVIDIA device files in `dev_dir`: `nvidiactl`, `nvidia<N>`, `nvidia-uvm`.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn device_files(dev_dir: &Path) -> Result<Vec<(PathBuf, u32)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dev_dir).map_err(|e| AgentError::io(dev_dir, e))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let kind = match name.as_str() {
+            "nvidiactl" => file_kind::CTL,
+            "nvidia-uvm" => file_kind::UVM,
+            n if n
+                .strip_prefix("nvidia")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                file_kind::GPU
+            }
+            _ => continue,
+        };
+        out.push((e.path(), kind));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` exists on a bpf filesystem, mounting one at `/sys/fs/bpf` when that is where
+/// `dir` lives and nothing is mounted there yet.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if !is_bpffs(&probe) {
+        let default = Path::new("/sys/fs/bpf");
+        if dir.starts_with(default) && default.exists() {
+            nix::mount::mount(
+                Some("bpf"),
+                default,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| AgentError::ebpf("mounting bpffs at /sys/fs/bpf", e))?;
+        } else {
+            return Err(AgentError::ebpf(
+                "bpffs",
+                format!(
+                    "{} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+                    probe.display()
+                ),
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))
+}
+
+/// Removes every pin under `bpffs` (links and maps): the programs detach and the maps are freed once
+/// no process holds them. Used by `hami-agent detach` and by tests.
+///
+/// # Errors
+/// A pin cannot be removed.
+pub fn detach(bpffs: &Path) -> Result<()> {
+    if !bpffs.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(bpffs).map_err(|e| AgentError::io(bpffs, e))
+}
+
+/// The loaded (or adopted) programs and the agent's handles on their maps.
+pub struct Probes {
+    /// Keeps programs and unpinned links alive.
+    _ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    allocs: HashMap<MapData, ObjectKey, AllocValue>,
+    objects: HashMap<MapData, ObjectKey, u32>,
+    calls: PerCpuHashMap<MapData, CallKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Whether pinned links of this build were adopted instead of attaching anew.
+    pub adopted: bool,
+    /// Uprobe attachments made (0 when adopted).
+    pub uprobes_attached: usize,
+}
+
+fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T::Error: std::fmt::Display,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| AgentError::ebpf("map", format!("{name} missing from the object")))?;
+    T::try_from(map).map_err(|e| AgentError::ebpf(format!("map {name}"), e))
+}
+
+impl Probes {
+    /// Loads, configures and attaches (or adopts) the programs for `cfg`.
+    ///
+    /// # Errors
+    /// A stub object (built with `HAMI_EBPF_STUB=1`), unreadable BTF, unknown driver version,
+    /// missing device files, or any loader failure.
+    pub fn open(cfg: &AgentConfig) -> Result<Self> {
+        if OBJECT.is_empty() {
+            return Err(AgentError::ebpf(
+                "object",
+                "this agent was built with HAMI_EBPF_STUB=1 and has no eBPF programs",
+            ));
+        }
+        let offsets = kernel::kernel_offsets(&cfg.paths.btf)?;
+        let version = match &cfg.driver_version {
+            Some(v) => v.clone(),
+            None => std::fs::read_to_string(&cfg.paths.driver_version_file)
+                .map_err(|e| AgentError::io(&cfg.paths.driver_version_file, e))?,
+        };
+        let abi = kernel::abi_for_driver(&version)?;
+        let files = device_files(&cfg.paths.dev_dir)?;
+        if !files.iter().any(|(_, k)| *k == file_kind::CTL) {
+            return Err(AgentError::ebpf(
+                "device files",
+                format!("no nvidiactl in {}", cfg.paths.dev_dir.display()),
+            ));
+        }
+
+        let bpffs = &cfg.paths.bpffs;
+        let maps_dir = bpffs.join("maps");
+        let links_dir = bpffs.join(format!("links-{}", object_hash()));
+        ensure_bpffs(&maps_dir)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        let mut ebpf = loader.load(OBJECT).map_err(|e| AgentError::ebpf("load", e))?;
+
+        // Configuration and device files (rewritten on every start: devices may have changed).
+        let mut config: Array<MapData, KernelConfig> = take(&mut ebpf, names::CONFIG)?;
+        let mut dev_map: HashMap<MapData, FileKey, u32> = take(&mut ebpf, names::DEVICE_FILES)?;
+        let stale: Vec<FileKey> = dev_map.keys().filter_map(std::result::Result::ok).collect();
+        for k in stale {
+            let _ = dev_map.remove(&k);
+        }
+        for (path, kind) in &files {
+            let key = kernel::file_key(path)?;
+            dev_map
+                .insert(key, *kind, 0)
+                .map_err(|e| AgentError::ebpf("device-file map", e))?;
+        }
+        config
+            .set(
+                0,
+                KernelConfig {
+                    kernel: offsets,
+                    abi,
+                    ready: 1,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(|e| AgentError::ebpf("config map", e))?;
+
+        let libs: Vec<&PathBuf> = cfg.libcuda.iter().filter(|p| p.exists()).collect();
+        let expected_links = RAW_TRACEPOINTS.len() + UPROBES.len() * libs.len();
+        let pinned_links = std::fs::read_dir(&links_dir).map(|d| d.count()).unwrap_or(0);
+        let adopted = pinned_links == expected_links;
+        let mut uprobes_attached = 0;
+        if !adopted {
+            // Unpin attachments of other builds (or an incomplete set of this one).
+            if let Ok(rd) = std::fs::read_dir(bpffs) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("links-") {
+                        std::fs::remove_dir_all(e.path()).map_err(|err| AgentError::io(e.path(), err))?;
+                    }
+                }
+            }
+            std::fs::create_dir_all(&links_dir).map_err(|e| AgentError::io(&links_dir, e))?;
+            let mut n = 0usize;
+            for (prog, tp) in RAW_TRACEPOINTS {
+                let p: &mut RawTracePoint = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
+                    .try_into()
+                    .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
+                p.load()
+                    .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
+                let id = p
+                    .attach(tp)
+                    .map_err(|e| AgentError::ebpf(format!("attach {prog} to {tp}"), e))?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+                let fd: FdLink = link.into();
+                fd.pin(links_dir.join(format!("{n}-{prog}")))
+                    .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
+                n += 1;
+            }
+            for lib in &libs {
+                for (prog, symbol, _ret) in UPROBES {
+                    let p: &mut UProbe = ebpf
+                        .program_mut(prog)
+                        .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
+                        .try_into()
+                        .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
+                    if p.fd().is_err() {
+                        p.load()
+                            .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
+                    }
+                    let id = p
+                        .attach(symbol, lib.as_path(), UProbeScope::AllProcesses)
+                        .map_err(|e| {
+                            AgentError::ebpf(format!("attach {prog} to {symbol} in {}", lib.display()), e)
+                        })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+                    fd.pin(links_dir.join(format!("{n}-{prog}")))
+                        .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
+                    n += 1;
+                    uprobes_attached += 1;
+                }
+            }
+        }
+        Ok(Self {
+            events: take(&mut ebpf, names::EVENTS)?,
+            allocs: take(&mut ebpf, names::ALLOCS)?,
+            objects: take(&mut ebpf, names::OBJECTS)?,
+            calls: take(&mut ebpf, names::CALLS)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            _ebpf: ebpf,
+            adopted,
+            uprobes_attached,
+        })
+    }
+
+    /// The raw fd of the event ring buffer (readable when events are queued).
+    #[must_use]
+    pub fn event_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
+    }
+
+    /// Waits up to `timeout_ms` for events, then hands every queued event to `f` in ring order.
+    /// Returns how many were read.
+    pub fn drain(&mut self, timeout_ms: i32, mut f: impl FnMut(&Event)) -> usize {
+        let mut pfd = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        #[allow(unsafe_code, reason = "poll(2) on the ring buffer's fd")]
+        // SAFETY: one valid pollfd, count 1.
+        let _ = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+        let mut n = 0;
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                #[allow(unsafe_code, reason = "reading a #[repr(C)] POD record from ring memory")]
+                // SAFETY: the record holds at least size_of::<Event>() bytes written by the program
+                // as an Event; read_unaligned copes with any alignment.
+                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+                f(&ev);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The kernel's table of live device-memory objects.
+    #[must_use]
+    pub fn live_objects(&self) -> Vec<(ObjectKey, AllocValue)> {
+        self.allocs.iter().filter_map(std::result::Result::ok).collect()
+    }
+
+    /// Deletes entries of the live-object map and, for an exited process, its object-map entries.
+    pub fn cleanup(&mut self, allocs: &[ObjectKey], exited_tgid: Option<u32>) {
+        for k in allocs {
+            let _ = self.allocs.remove(k);
+        }
+        if let Some(tgid) = exited_tgid {
+            let doomed: Vec<ObjectKey> = self
+                .objects
+                .keys()
+                .filter_map(std::result::Result::ok)
+                .filter(|k| k.tgid == tgid)
+                .collect();
+            for k in doomed {
+                let _ = self.objects.remove(&k);
+            }
+        }
+    }
+
+    /// Per-cgroup libcuda call counts (summed over CPUs): cgroup → call id → count.
+    #[must_use]
+    pub fn calls(&self) -> BTreeMap<u64, BTreeMap<u32, u64>> {
+        let mut out: BTreeMap<u64, BTreeMap<u32, u64>> = BTreeMap::new();
+        for (k, v) in self.calls.iter().filter_map(std::result::Result::ok) {
+            let total: u64 = v.iter().sum();
+            *out.entry(k.cgroup_id).or_default().entry(k.call).or_default() += total;
+        }
+        out
+    }
+
+    /// Deletes the call counters of a cgroup (after its final values were exported).
+    pub fn forget_calls(&mut self, cgroup_id: u64) {
+        let doomed: Vec<CallKey> = self
+            .calls
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| k.cgroup_id == cgroup_id)
+            .collect();
+        for k in doomed {
+            let _ = self.calls.remove(&k);
+        }
+    }
+
+    /// Program-level counters ([`counter`] slots, summed over CPUs).
+    #[must_use]
+    pub fn counters(&self) -> [u64; counter::COUNT as usize] {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let idx = u32::try_from(i).unwrap_or(u32::MAX);
+            if let Ok(v) = self.counters.get(&idx, 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,182 @@
+//! `hami-agent`: the node agent.
+//!
+//! * `hami-agent run [--config FILE] [--listen ADDR]`: load/adopt the eBPF programs, attribute, serve
+//!   `/metrics`, `/snapshot` and `/healthz`. SIGTERM/SIGINT save the state and exit; the programs stay
+//!   attached (pinned) so the next agent misses nothing.
+//! * `hami-agent detach [--config FILE]`: remove the pinned programs and maps (uninstall).
+//! * `hami-agent metrics-doc`: print the metrics reference (Markdown).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use hami_agent::config::AgentConfig;
+use hami_agent::service::Agent;
+use hami_agent::{loader, metrics};
+
+#[derive(Parser)]
+#[command(about = "hami node agent: eBPF attribution of GPU memory and compute per container")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        /// JSON configuration file (defaults apply to absent fields).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the HTTP listen address.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Remove the pinned programs, links and maps.
+    Detach {
+        /// JSON configuration file (for `paths.bpffs`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the metrics reference.
+    MetricsDoc,
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<AgentConfig> {
+    Ok(match path {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    })
+}
+
+type Shared = Arc<Mutex<Agent>>;
+
+fn lock(a: &Shared) -> MutexGuard<'_, Agent> {
+    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn metrics_handler(axum::extract::State(a): axum::extract::State<Shared>) -> impl IntoResponse {
+    let snap = lock(&a).snapshot(true);
+    match metrics::render(&snap) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn snapshot_handler(axum::extract::State(a): axum::extract::State<Shared>) -> impl IntoResponse {
+    axum::Json(lock(&a).snapshot(false))
+}
+
+fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
+    let mut cfg = load_config(config)?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let interval = Duration::from_millis(cfg.interval_ms);
+    let addr = cfg.listen.clone();
+    let agent: Shared = Arc::new(Mutex::new(Agent::start(cfg)?));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let pump = {
+        let agent = agent.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("hami-events".into())
+            .spawn(move || -> Result<()> {
+                let fd = lock(&agent).event_fd();
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    #[allow(unsafe_code, reason = "poll(2) on the ring buffer's fd")]
+                    // SAFETY: one valid pollfd, count 1.
+                    let _ = unsafe { libc::poll(&raw mut pfd, 1, 100) };
+                    let mut a = lock(&agent);
+                    a.pump(0);
+                    if last.elapsed() >= interval {
+                        last = Instant::now();
+                        a.housekeeping()?;
+                    }
+                }
+                Ok(())
+            })?
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let served = rt.block_on(async {
+        let app = axum::Router::new()
+            .route("/metrics", get(metrics_handler))
+            .route("/snapshot", get(snapshot_handler))
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(agent.clone());
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(%addr, "serving /metrics, /snapshot, /healthz");
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
+            }
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("HTTP server")
+    });
+    stop.store(true, Ordering::Relaxed);
+    let pumped = pump
+        .join()
+        .map_err(|_| anyhow::anyhow!("event thread panicked"))?;
+    let mut a = lock(&agent);
+    a.pump(0);
+    a.save_state()?;
+    tracing::info!("state saved; programs stay attached");
+    served?;
+    pumped
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HAMI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config, listen } => run(config.as_ref(), listen),
+        Cmd::Detach { config } => {
+            load_config(config.as_ref()).and_then(|c| loader::detach(&c.paths.bpffs).map_err(Into::into))
+        }
+        Cmd::MetricsDoc => {
+            print!("{}", metrics::reference_markdown());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hami-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

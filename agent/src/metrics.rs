@@ -1,0 +1,335 @@
+//! Prometheus exposition of a [`Snapshot`] (`prometheus` crate, text format 0.0.4).
+//!
+//! Names follow `hami_<level>_<what>_<unit>`. Container series carry `node`, `pod_uid`,
+//! `container_id` and `cgroup` (the cgroup path; the only identity of a process outside Kubernetes);
+//! per-GPU series add `gpu` (index) and `uuid`. A terminated container keeps only its cumulative
+//! counters (`*_total`) until its retention ends; its gauges disappear at once, so a finished pod
+//! never shows stale memory (peer case C15).
+
+use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::error::{AgentError, Result};
+use crate::snapshot::Snapshot;
+
+/// Every metric the agent exports: (name, type, help). The metrics reference is generated from it.
+pub const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "hami_container_device_memory_bytes",
+        "gauge",
+        "Device memory held by the container on the GPU now, bytes (RM objects seen by the ioctl programs).",
+    ),
+    (
+        "hami_container_device_memory_peak_bytes",
+        "gauge",
+        "Highest device memory the container held on the GPU, bytes.",
+    ),
+    (
+        "hami_container_device_memory_byte_seconds_total",
+        "counter",
+        "Chargeback: integral of the container's device memory on the GPU over time, byte-seconds.",
+    ),
+    (
+        "hami_container_device_memory_allocations_total",
+        "counter",
+        "Device-memory objects the container created on the GPU.",
+    ),
+    (
+        "hami_container_device_memory_frees_total",
+        "counter",
+        "Device-memory objects the container freed explicitly.",
+    ),
+    (
+        "hami_container_device_memory_released_total",
+        "counter",
+        "Device-memory objects released because their process exited or their parent object was freed.",
+    ),
+    (
+        "hami_container_device_memory_failed_allocations_total",
+        "counter",
+        "Device-memory allocations the driver refused (non-zero RM status).",
+    ),
+    (
+        "hami_container_managed_memory_bytes",
+        "gauge",
+        "Managed (cuMemAllocManaged) memory reserved by the container now, bytes (seen by the libcuda uprobes).",
+    ),
+    (
+        "hami_container_managed_memory_byte_seconds_total",
+        "counter",
+        "Chargeback: integral of the container's managed memory over time, byte-seconds.",
+    ),
+    (
+        "hami_container_cuda_calls_total",
+        "counter",
+        "Calls of hooked libcuda entry points by the container (label `call`: cuLaunchKernel, cuGraphLaunch, cuMemAlloc_v2, ...).",
+    ),
+    (
+        "hami_gpu_memory_total_bytes",
+        "gauge",
+        "Total device memory of the GPU, bytes (discovery).",
+    ),
+    (
+        "hami_gpu_device_memory_used_bytes",
+        "gauge",
+        "Device memory attributed to containers on the GPU now, bytes (sum over containers).",
+    ),
+    (
+        "hami_agent_events_total",
+        "counter",
+        "Kernel events the agent applied.",
+    ),
+    (
+        "hami_agent_live_objects",
+        "gauge",
+        "Device-memory objects the agent tracks.",
+    ),
+    (
+        "hami_agent_ioctls_total",
+        "counter",
+        "Ioctls on NVIDIA device files seen by the programs.",
+    ),
+    (
+        "hami_agent_malformed_ioctls_total",
+        "counter",
+        "Ioctl payloads that could not be decoded and were ignored (wrong size, unreadable memory).",
+    ),
+    (
+        "hami_agent_ringbuf_dropped_total",
+        "counter",
+        "Events lost because the ring buffer was full (reconciliation repairs live memory).",
+    ),
+    (
+        "hami_agent_alloc_map_full_total",
+        "counter",
+        "Objects not recorded because the kernel's object map was full.",
+    ),
+    (
+        "hami_agent_unmatched_frees_total",
+        "counter",
+        "Frees of objects that were not tracked (allocated before tracing began).",
+    ),
+];
+
+fn help(name: &str) -> &'static str {
+    METRICS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or("", |(_, _, h)| h)
+}
+
+fn err(e: prometheus::Error) -> AgentError {
+    AgentError::Metrics(e.to_string())
+}
+
+/// Renders the snapshot in the Prometheus text format.
+///
+/// # Errors
+/// A metric cannot be registered or encoded (a programming error, reported rather than panicking).
+pub fn render(s: &Snapshot) -> Result<String> {
+    let reg = Registry::new();
+    let ctr = ["node", "pod_uid", "container_id", "cgroup"];
+    let gpu_labels = ["node", "pod_uid", "container_id", "cgroup", "gpu", "uuid"];
+    let gauge = |name: &str, labels: &[&str]| -> Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(Opts::new(name, help(name)), labels).map_err(err)?;
+        reg.register(Box::new(g.clone())).map_err(err)?;
+        Ok(g)
+    };
+    let counter = |name: &str, labels: &[&str]| -> Result<IntCounterVec> {
+        let c = IntCounterVec::new(Opts::new(name, help(name)), labels).map_err(err)?;
+        reg.register(Box::new(c.clone())).map_err(err)?;
+        Ok(c)
+    };
+    let fcounter = |name: &str, labels: &[&str]| -> Result<GaugeVec> {
+        // A float counter: GaugeVec carries the value; the TYPE line is fixed below.
+        let c = GaugeVec::new(Opts::new(name, help(name)), labels).map_err(err)?;
+        reg.register(Box::new(c.clone())).map_err(err)?;
+        Ok(c)
+    };
+    let mem = gauge("hami_container_device_memory_bytes", &gpu_labels)?;
+    let peak = gauge("hami_container_device_memory_peak_bytes", &gpu_labels)?;
+    let bsec = fcounter("hami_container_device_memory_byte_seconds_total", &gpu_labels)?;
+    let allocs = counter("hami_container_device_memory_allocations_total", &gpu_labels)?;
+    let frees = counter("hami_container_device_memory_frees_total", &gpu_labels)?;
+    let released = counter("hami_container_device_memory_released_total", &gpu_labels)?;
+    let failed = counter(
+        "hami_container_device_memory_failed_allocations_total",
+        &gpu_labels,
+    )?;
+    let managed = gauge("hami_container_managed_memory_bytes", &ctr)?;
+    let managed_bsec = fcounter("hami_container_managed_memory_byte_seconds_total", &ctr)?;
+    let mut call_labels = ctr.to_vec();
+    call_labels.push("call");
+    let calls = counter("hami_container_cuda_calls_total", &call_labels)?;
+    let gpu_total = gauge("hami_gpu_memory_total_bytes", &["node", "gpu", "uuid", "model"])?;
+    let gpu_used = gauge("hami_gpu_device_memory_used_bytes", &["node", "gpu", "uuid"])?;
+
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut used_per_gpu: std::collections::BTreeMap<u32, u64> = Default::default();
+    for c in &s.containers {
+        let pod = c.identity.pod_uid.as_deref().unwrap_or("");
+        let cid = c.identity.container_id.as_deref().unwrap_or("");
+        let cg = c
+            .cgroup_path
+            .clone()
+            .unwrap_or_else(|| format!("id:{}", c.cgroup_id));
+        let base = [s.node.as_str(), pod, cid, cg.as_str()];
+        for g in &c.gpus {
+            let gpu = g.gpu.map(|i| i.to_string()).unwrap_or_default();
+            let uuid = g.uuid.clone().unwrap_or_default();
+            let l = [base[0], base[1], base[2], base[3], gpu.as_str(), uuid.as_str()];
+            if !c.terminated {
+                mem.with_label_values(&l).set(to_i64(g.memory_bytes));
+                peak.with_label_values(&l).set(to_i64(g.memory_peak_bytes));
+                if let Some(i) = g.gpu {
+                    *used_per_gpu.entry(i).or_default() += g.memory_bytes;
+                }
+            }
+            bsec.with_label_values(&l).set(g.memory_byte_seconds);
+            allocs.with_label_values(&l).inc_by(g.allocations);
+            frees.with_label_values(&l).inc_by(g.frees);
+            released.with_label_values(&l).inc_by(g.released);
+            failed.with_label_values(&l).inc_by(g.failed_allocations);
+        }
+        if let Some(m) = &c.managed {
+            if !c.terminated {
+                managed.with_label_values(&base).set(to_i64(m.bytes));
+            }
+            managed_bsec.with_label_values(&base).set(m.byte_seconds);
+        }
+        for (call, n) in &c.cuda_calls {
+            let l = [base[0], base[1], base[2], base[3], call.as_str()];
+            calls.with_label_values(&l).inc_by(*n);
+        }
+    }
+    for g in &s.gpus {
+        let idx = g.index.to_string();
+        gpu_total
+            .with_label_values(&[s.node.as_str(), idx.as_str(), g.uuid.as_str(), g.name.as_str()])
+            .set(to_i64(g.memory_total_bytes));
+        gpu_used
+            .with_label_values(&[s.node.as_str(), idx.as_str(), g.uuid.as_str()])
+            .set(to_i64(used_per_gpu.get(&g.index).copied().unwrap_or(0)));
+    }
+    let a = &s.agent;
+    let plain = |name: &str, v: u64| -> Result<()> {
+        let c = IntCounterVec::new(Opts::new(name, help(name)), &["node"]).map_err(err)?;
+        reg.register(Box::new(c.clone())).map_err(err)?;
+        c.with_label_values(&[s.node.as_str()]).inc_by(v);
+        Ok(())
+    };
+    plain("hami_agent_events_total", a.events)?;
+    plain("hami_agent_ioctls_total", a.ioctls)?;
+    plain("hami_agent_malformed_ioctls_total", a.malformed_ioctls)?;
+    plain("hami_agent_ringbuf_dropped_total", a.ringbuf_full)?;
+    plain("hami_agent_alloc_map_full_total", a.alloc_map_full)?;
+    plain("hami_agent_unmatched_frees_total", a.unmatched_frees)?;
+    gauge("hami_agent_live_objects", &["node"])?
+        .with_label_values(&[s.node.as_str()])
+        .set(to_i64(a.live_objects));
+
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(&reg.gather(), &mut buf).map_err(err)?;
+    let text = String::from_utf8(buf).map_err(|e| AgentError::Metrics(e.to_string()))?;
+    // Float counters were registered as gauges (the crate has no settable float counter).
+    Ok(text
+        .replace(
+            "# TYPE hami_container_device_memory_byte_seconds_total gauge",
+            "# TYPE hami_container_device_memory_byte_seconds_total counter",
+        )
+        .replace(
+            "# TYPE hami_container_managed_memory_byte_seconds_total gauge",
+            "# TYPE hami_container_managed_memory_byte_seconds_total counter",
+        ))
+}
+
+/// The metrics reference (Markdown), generated from [`METRICS`].
+#[must_use]
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# Agent metrics\n\nGenerated from `hami_agent::metrics::METRICS` by `cargo xtask metrics-doc`; CI checks it is current.\n\n| metric | type | meaning |\n|---|---|---|\n",
+    );
+    for (n, t, h) in METRICS {
+        out.push_str(&format!("| `{n}` | {t} | {h} |\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::cgroup::Identity;
+    use crate::snapshot::{AgentStats, Container, GpuInfo, GpuMemory};
+
+    fn snap(terminated: bool) -> Snapshot {
+        Snapshot {
+            node: "n1".into(),
+            taken_at_ns: 1,
+            gpus: vec![GpuInfo {
+                index: 0,
+                uuid: "GPU-0".into(),
+                name: "H200".into(),
+                memory_total_bytes: 1 << 30,
+            }],
+            containers: vec![Container {
+                cgroup_id: 5,
+                cgroup_path: Some("/kubepods/pod1/c1".into()),
+                identity: Identity {
+                    pod_uid: Some("u1".into()),
+                    container_id: Some("c1".into()),
+                    ..Identity::default()
+                },
+                terminated,
+                gpus: vec![GpuMemory {
+                    gpu: Some(0),
+                    uuid: Some("GPU-0".into()),
+                    memory_bytes: 4096,
+                    memory_peak_bytes: 8192,
+                    memory_byte_seconds: 12.5,
+                    allocations: 3,
+                    frees: 1,
+                    released: 0,
+                    failed_allocations: 1,
+                }],
+                managed: None,
+                cuda_calls: BTreeMap::from([("cuLaunchKernel".to_owned(), 7)]),
+            }],
+            agent: AgentStats::default(),
+        }
+    }
+
+    #[test]
+    fn live_container_series() {
+        let t = render(&snap(false)).unwrap();
+        assert!(t.contains(r#"hami_container_device_memory_bytes{cgroup="/kubepods/pod1/c1",container_id="c1",gpu="0",node="n1",pod_uid="u1",uuid="GPU-0"} 4096"#), "{t}");
+        assert!(t.contains("# TYPE hami_container_device_memory_byte_seconds_total counter"));
+        assert!(t.contains(r#"call="cuLaunchKernel""#));
+        assert!(
+            t.contains(r#"hami_gpu_device_memory_used_bytes{gpu="0",node="n1",uuid="GPU-0"} 4096"#),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn terminated_container_keeps_only_counters() {
+        let t = render(&snap(true)).unwrap();
+        assert!(!t.contains("hami_container_device_memory_bytes{"), "{t}");
+        assert!(!t.contains("hami_container_device_memory_peak_bytes{"));
+        assert!(t.contains("hami_container_device_memory_byte_seconds_total{"));
+        assert!(
+            t.contains(r#"hami_gpu_device_memory_used_bytes{gpu="0",node="n1",uuid="GPU-0"} 0"#),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn every_metric_is_documented_and_named_by_convention() {
+        for (n, t, h) in METRICS {
+            assert!(n.starts_with("hami_") && !h.is_empty(), "{n}");
+            assert!(*t == "gauge" || *t == "counter");
+            assert_eq!(n.ends_with("_total"), *t == "counter", "{n}");
+        }
+        assert!(reference_markdown().contains("hami_agent_live_objects"));
+    }
+}

@@ -1,0 +1,259 @@
+//! The running agent: the kernel probes, the attribution state, cgroup resolution, retention of
+//! finished containers, and the state file that carries counters across restarts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hami_ebpf_common::counter;
+
+use crate::attribution::Attribution;
+use crate::cgroup::{self, CgroupIndex};
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::loader::{CALL_NAMES, Probes};
+use crate::snapshot::{self, AgentStats, CgroupFacts, GpuInfo, Snapshot};
+
+const STATE_FILE: &str = "attribution.json";
+
+/// CLOCK_MONOTONIC now, nanoseconds (the clock of `bpf_ktime_get_ns`).
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Terminated {
+    since: Instant,
+    exported: bool,
+}
+
+/// The agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    node: String,
+    probes: Probes,
+    state: Attribution,
+    index: CgroupIndex,
+    terminated: HashMap<u64, Terminated>,
+    gpus: Vec<GpuInfo>,
+    state_file: PathBuf,
+}
+
+/// Discovers the GPUs through NVML (`nvml_lib` overrides the library path).
+///
+/// # Errors
+/// NVML cannot be loaded or answers with an error.
+pub fn discover_gpus(nvml_lib: Option<&std::path::Path>) -> Result<Vec<GpuInfo>> {
+    let fail = |e: nvml_wrapper::error::NvmlError| AgentError::ebpf("NVML discovery", e);
+    let mut b = nvml_wrapper::Nvml::builder();
+    if let Some(p) = nvml_lib {
+        b.lib_path(p.as_os_str());
+    }
+    let nvml = b.init().map_err(fail)?;
+    let n = nvml.device_count().map_err(fail)?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let d = nvml.device_by_index(i).map_err(fail)?;
+        out.push(GpuInfo {
+            index: d.index().map_err(fail)?,
+            uuid: d.uuid().map_err(fail)?,
+            name: d.name().map_err(fail)?,
+            memory_total_bytes: d.memory_info().map_err(fail)?.total,
+        });
+    }
+    Ok(out)
+}
+
+impl Agent {
+    /// Opens the probes, restores the saved state, applies the events queued while no agent ran, and
+    /// reconciles with the kernel's live-object table.
+    ///
+    /// # Errors
+    /// See [`Probes::open`]; an unreadable or corrupt state file is an error too (it is never
+    /// silently dropped: move it away to start from the kernel table alone).
+    pub fn start(cfg: AgentConfig) -> Result<Self> {
+        let cgroup_root = match &cfg.paths.cgroup_root {
+            Some(r) => r.clone(),
+            None => cgroup::cgroup2_mount(&cfg.paths.mounts)
+                .map_err(|e| AgentError::io(&cfg.paths.mounts, e))?
+                .ok_or_else(|| AgentError::Config {
+                    path: cfg.paths.mounts.clone(),
+                    message: "no cgroup2 mount listed; set paths.cgroup_root".into(),
+                })?,
+        };
+        let probes = Probes::open(&cfg)?;
+        let gpus = match discover_gpus(cfg.nvml_lib.as_deref()) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "GPU discovery failed; series carry GPU indexes only");
+                Vec::new()
+            }
+        };
+        std::fs::create_dir_all(&cfg.paths.state_dir).map_err(|e| AgentError::io(&cfg.paths.state_dir, e))?;
+        let state_file = cfg.paths.state_dir.join(STATE_FILE);
+        let state = match std::fs::read(&state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::Config {
+                path: state_file.clone(),
+                message: format!("corrupt attribution state: {e}"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Attribution::new(),
+            Err(e) => return Err(AgentError::io(&state_file, e)),
+        };
+        let mut agent = Self {
+            node: cfg.effective_node_name(),
+            index: CgroupIndex::new(cgroup_root),
+            cfg,
+            probes,
+            state,
+            terminated: HashMap::new(),
+            gpus,
+            state_file,
+        };
+        agent.pump(0);
+        let kernel = agent.probes.live_objects();
+        let fixed = agent.state.reconcile(&kernel, monotonic_ns());
+        tracing::info!(
+            adopted = agent.probes.adopted,
+            uprobes = agent.probes.uprobes_attached,
+            live_objects = kernel.len(),
+            reconciled = fixed,
+            "agent started"
+        );
+        Ok(agent)
+    }
+
+    /// The raw fd of the event ring buffer, to wait on without holding the agent.
+    #[must_use]
+    pub fn event_fd(&self) -> std::os::fd::RawFd {
+        self.probes.event_fd()
+    }
+
+    /// Applies every queued event (waiting up to `timeout_ms` for the first). Returns the count.
+    pub fn pump(&mut self, timeout_ms: i32) -> usize {
+        let mut cleanups = Vec::new();
+        let state = &mut self.state;
+        let n = self.probes.drain(timeout_ms, |ev| {
+            let c = state.apply(ev);
+            if !c.allocs.is_empty() || c.exited_tgid.is_some() {
+                cleanups.push(c);
+            }
+        });
+        for c in cleanups {
+            self.probes.cleanup(&c.allocs, c.exited_tgid);
+        }
+        n
+    }
+
+    /// Periodic work: refreshes cgroup paths, marks finished containers, forgets those whose
+    /// retention ended after they were exported, saves the state.
+    ///
+    /// # Errors
+    /// The state file cannot be written.
+    pub fn housekeeping(&mut self) -> Result<()> {
+        self.index.refresh();
+        let retain = Duration::from_secs(self.cfg.retain_terminated_secs);
+        let mut cgroups = self.state.cgroups();
+        cgroups.extend(self.probes.calls().into_keys());
+        cgroups.sort_unstable();
+        cgroups.dedup();
+        for cg in cgroups {
+            let gone = !self.index.exists(cg) && !self.state.holds_memory(cg);
+            if gone {
+                self.terminated.entry(cg).or_insert(Terminated {
+                    since: Instant::now(),
+                    exported: false,
+                });
+            } else {
+                self.terminated.remove(&cg);
+            }
+        }
+        let expired: Vec<u64> = self
+            .terminated
+            .iter()
+            .filter(|(_, t)| t.exported && t.since.elapsed() >= retain)
+            .map(|(cg, _)| *cg)
+            .collect();
+        for cg in expired {
+            self.state.forget_cgroup(cg);
+            self.probes.forget_calls(cg);
+            self.terminated.remove(&cg);
+        }
+        self.save_state()
+    }
+
+    /// Writes the attribution state (atomically: temp file + rename).
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save_state(&self) -> Result<()> {
+        let tmp = self.state_file.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(&self.state).map_err(|e| AgentError::Config {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&tmp, bytes).map_err(|e| AgentError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &self.state_file).map_err(|e| AgentError::io(&self.state_file, e))
+    }
+
+    /// The snapshot now. `for_export` marks finished containers as exported (their counters are then
+    /// dropped once retention ends).
+    pub fn snapshot(&mut self, for_export: bool) -> Snapshot {
+        let now = monotonic_ns();
+        let rows = self.state.rows(now);
+        let names: BTreeMap<u32, &str> = CALL_NAMES.iter().copied().collect();
+        let calls: BTreeMap<u64, BTreeMap<String, u64>> = self
+            .probes
+            .calls()
+            .into_iter()
+            .map(|(cg, per)| {
+                let named = per
+                    .into_iter()
+                    .map(|(id, n)| (names.get(&id).copied().unwrap_or("unknown").to_owned(), n))
+                    .collect();
+                (cg, named)
+            })
+            .collect();
+        let mut facts = BTreeMap::new();
+        for cg in rows.iter().map(|r| r.key.cgroup_id).chain(calls.keys().copied()) {
+            if facts.contains_key(&cg) {
+                continue;
+            }
+            let path = self.index.path_of(cg);
+            let identity = path.as_deref().map(cgroup::identify).unwrap_or_default();
+            facts.insert(
+                cg,
+                CgroupFacts {
+                    path,
+                    identity,
+                    terminated: self.terminated.contains_key(&cg),
+                },
+            );
+        }
+        if for_export {
+            for t in self.terminated.values_mut() {
+                t.exported = true;
+            }
+        }
+        let k = self.probes.counters();
+        let stats = AgentStats {
+            events: self.state.events,
+            live_objects: u64::try_from(self.state.live_objects()).unwrap_or(u64::MAX),
+            malformed_ioctls: k[counter::MALFORMED as usize],
+            ringbuf_full: k[counter::RINGBUF_FULL as usize],
+            alloc_map_full: k[counter::ALLOC_MAP_FULL as usize],
+            ioctls: k[counter::IOCTLS as usize],
+            unmatched_frees: self.state.anomalies.unmatched_frees,
+            reconciled: self.state.anomalies.reconciled,
+        };
+        snapshot::build(&self.node, now, &self.gpus, &rows, &calls, &facts, stats)
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+}

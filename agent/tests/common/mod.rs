@@ -1,0 +1,302 @@
+//! Harness for the agent's kernel tests: a simulated GPU node (FUSE control device, fake libcuda),
+//! a private bpffs, cgroups laid out like the kubelet's, tenant processes placed in them, and
+//! cleanup that leaves no mount, cgroup or BPF program behind.
+
+#![allow(dead_code, reason = "each test file uses a different part")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hami_agent::config::{AgentConfig, HostPaths};
+use hami_agent::service::Agent;
+use hami_agent::snapshot::{Container, Snapshot};
+use hami_fake_gpu::FakeNode;
+use hami_fake_gpu::model::DeviceModel;
+use hami_fake_gpu::node::privileged_or_skip;
+
+/// `target/<profile>` of this test binary.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The tenant program and the fake libcuda, building them if this test ran alone (`cargo test -p
+/// hami-agent` builds only this package's targets).
+fn artifacts() -> (PathBuf, PathBuf) {
+    let t = target_dir();
+    let find = |t: &Path| {
+        let w = t.join("hami-cuda-workload");
+        let lib = [t.join("deps/libcuda.so"), t.join("libcuda.so")]
+            .into_iter()
+            .find(|p| p.exists());
+        (w.exists()).then_some(()).and(lib).map(|l| (w, l))
+    };
+    if let Some(found) = find(&t) {
+        return found;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile_release = t.ends_with("release");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "hami-fake-cuda"]);
+    if profile_release {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("running cargo build -p hami-fake-cuda");
+    assert!(st.success(), "cargo build -p hami-fake-cuda failed");
+    find(&t).expect("hami-cuda-workload and libcuda.so after building hami-fake-cuda")
+}
+
+/// The cgroup2 mount of this machine.
+fn cgroup2_root() -> PathBuf {
+    hami_agent::cgroup::cgroup2_mount(Path::new("/proc/self/mounts"))
+        .expect("reading /proc/self/mounts")
+        .expect("a cgroup2 mount (the agent attributes by cgroup v2 id)")
+}
+
+/// One test's simulated node and agent environment.
+pub(crate) struct Env {
+    /// The node (device files under `node.dir()`).
+    pub(crate) node: FakeNode,
+    /// Scratch directory (lib copy, state, bpffs mount point).
+    pub(crate) dir: PathBuf,
+    /// The agent configuration for this environment.
+    pub(crate) cfg: AgentConfig,
+    workload: PathBuf,
+    lib_dir: PathBuf,
+    cg_root: PathBuf,
+    bpffs_mount: PathBuf,
+}
+
+/// Container identities used in tests: (pod UID, container ID).
+pub(crate) fn ids(n: u8) -> (String, String) {
+    (
+        format!("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1{n:02x}"),
+        format!("{:064x}", 0xc0de_0000_u64 + u64::from(n)),
+    )
+}
+
+impl Env {
+    /// A node of `gpus` GPUs of `memory_mib` each; `None` (test skipped) without privileges.
+    pub(crate) fn new(test: &str, gpus: u32, memory_mib: u64) -> Option<Self> {
+        if !privileged_or_skip(test) {
+            return None;
+        }
+        let (workload, lib) = artifacts();
+        let dir = std::env::temp_dir().join(format!("hami-agent-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let lib_dir = dir.join("lib");
+        std::fs::create_dir_all(&lib_dir).expect("lib dir");
+        std::fs::copy(&lib, lib_dir.join("libcuda.so.1")).expect("copying the fake libcuda");
+        let bpffs_mount = dir.join("bpf");
+        std::fs::create_dir_all(&bpffs_mount).expect("bpffs mount point");
+        let st = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs_mount)
+            .status()
+            .expect("mount -t bpf");
+        assert!(st.success(), "mounting a bpffs at {}", bpffs_mount.display());
+        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(gpus, memory_mib))
+            .expect("starting the simulated node");
+        let cg_root = cgroup2_root().join(format!("hami-test-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&cg_root).expect("test cgroup");
+        let cfg = AgentConfig {
+            node_name: "test-node".into(),
+            listen: "127.0.0.1:0".into(),
+            interval_ms: 100,
+            retain_terminated_secs: 0,
+            driver_version: Some("595.45.04".into()),
+            libcuda: vec![lib_dir.join("libcuda.so.1")],
+            nvml_lib: None,
+            paths: HostPaths {
+                dev_dir: node.dir().to_path_buf(),
+                bpffs: bpffs_mount.join("hami"),
+                state_dir: dir.join("state"),
+                ..HostPaths::default()
+            },
+        };
+        Some(Self {
+            node,
+            dir,
+            cfg,
+            workload,
+            lib_dir,
+            cg_root,
+            bpffs_mount,
+        })
+    }
+
+    /// A container cgroup `n` laid out as the kubelet's cgroupfs driver does
+    /// (`kubepods/burstable/pod<uid>/<container id>`). Returns its path.
+    pub(crate) fn container(&self, n: u8) -> PathBuf {
+        let (uid, cid) = ids(n);
+        let p = self
+            .cg_root
+            .join("kubepods/burstable")
+            .join(format!("pod{uid}"))
+            .join(cid);
+        std::fs::create_dir_all(&p).expect("container cgroup");
+        p
+    }
+
+    /// Starts the tenant program inside cgroup `cg` with `args` (and extra `env`).
+    pub(crate) fn spawn(&self, cg: &Path, args: &[&str], env: &[(&str, &str)]) -> Tenant {
+        let script = format!(
+            "echo $$ > '{}/cgroup.procs' && exec '{}' \"$@\"",
+            cg.display(),
+            self.workload.display()
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("hami-cuda-workload")
+            .args(args)
+            .envs(env.iter().copied())
+            .env("HAMI_FAKE_GPU_DIR", self.node.dir())
+            .env("LD_LIBRARY_PATH", &self.lib_dir)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the tenant");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut t = Tenant { child, out, pid: 0 };
+        t.pid = t.words("pid ")[0].parse().expect("pid line");
+        t
+    }
+
+    /// Starts an agent on this environment (library API, no HTTP).
+    pub(crate) fn agent(&self) -> Agent {
+        Agent::start(self.cfg.clone()).expect("starting the agent")
+    }
+
+    /// Writes the configuration as a JSON file and returns its path.
+    pub(crate) fn config_file(&self, listen: &str) -> PathBuf {
+        let mut cfg = self.cfg.clone();
+        cfg.listen = listen.into();
+        let p = self.dir.join("agent.json");
+        std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("config JSON")).expect("writing config");
+        p
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = hami_agent::loader::detach(&self.cfg.paths.bpffs);
+        let _ = Command::new("umount").arg(&self.bpffs_mount).status();
+        // Remove the cgroup tree bottom-up (tenants have exited by now).
+        let mut dirs = Vec::new();
+        let mut stack = vec![self.cg_root.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running tenant program.
+pub(crate) struct Tenant {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    /// Its pid.
+    pub(crate) pid: u32,
+}
+
+impl Tenant {
+    /// The words after `prefix` on the next line starting with it.
+    pub(crate) fn words(&mut self, prefix: &str) -> Vec<String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.out.read_line(&mut line).expect("tenant stdout");
+            if n == 0 {
+                let _ = self.child.wait();
+                let mut e = String::new();
+                if let Some(mut s) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut s, &mut e);
+                }
+                panic!("tenant exited before a `{prefix}` line; stderr: {e}");
+            }
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.split_whitespace().map(str::to_owned).collect();
+            }
+        }
+    }
+
+    /// Ends a `--hold` wait.
+    pub(crate) fn send(&mut self) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"\n").expect("tenant stdin");
+        stdin.flush().expect("tenant stdin");
+    }
+
+    /// Closes stdin and waits for the exit.
+    pub(crate) fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Pumps the agent until no event arrived for 200 ms, then returns its snapshot.
+pub(crate) fn settle(agent: &mut Agent) -> Snapshot {
+    let mut quiet = Instant::now();
+    let start = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(200) && start.elapsed() < Duration::from_secs(10) {
+        if agent.pump(50) > 0 {
+            quiet = Instant::now();
+        }
+    }
+    agent.snapshot(false)
+}
+
+/// Polls until `cond` holds (10 s at most; FUSE releases arrive asynchronously after an exit).
+pub(crate) fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cgroup v2 id (directory inode) of `cg`.
+pub(crate) fn cgroup_id(cg: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(cg).expect("cgroup dir").ino()
+}
+
+/// The snapshot's container for cgroup `cg`.
+pub(crate) fn container<'a>(s: &'a Snapshot, cg: &Path) -> &'a Container {
+    let id = cgroup_id(cg);
+    s.containers
+        .iter()
+        .find(|c| c.cgroup_id == id)
+        .unwrap_or_else(|| panic!("no container for {} in {s:#?}", cg.display()))
+}
+
+/// Attributed device bytes of container `cg` on `gpu` (0 when absent).
+pub(crate) fn attributed(s: &Snapshot, cg: &Path, gpu: u32) -> u64 {
+    let id = cgroup_id(cg);
+    s.containers
+        .iter()
+        .filter(|c| c.cgroup_id == id)
+        .flat_map(|c| c.gpus.iter())
+        .filter(|g| g.gpu == Some(gpu))
+        .map(|g| g.memory_bytes)
+        .sum()
+}

@@ -1,0 +1,286 @@
+//! The real eBPF programs in the real kernel, attributing device memory of real processes in their own
+//! cgroups on the simulated GPU node; every number is compared with the node's ground truth (what the
+//! fake driver really allocated, per process). Run as root (`HAMI_REQUIRE_PRIVILEGED=1` in CI).
+
+mod common;
+
+use std::path::Path;
+
+use common::{Env, attributed, container, eventually, settle};
+use hami_fake_gpu::GroundTruth;
+
+/// Device bytes the ground truth holds for the processes `pids` on `gpu`.
+fn truth(t: &GroundTruth, pids: &[u32], gpu: u32) -> u64 {
+    pids.iter().map(|p| t.bytes(*p, gpu)).sum()
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn several_processes_and_containers_on_two_gpus_match_ground_truth() {
+    let Some(env) = Env::new("two-gpus", 2, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let a = env.container(1);
+    let b = env.container(2);
+    // Container A: a cuMemAlloc tenant on GPU 0 (RM_ALLOC/NVOS21) and a raw tenant on GPU 1 through
+    // the legacy heap path wrapped in XFER.
+    let mut a1 = env.spawn(&a, &["--alloc", "1048576", "--alloc", "3145728", "--hold"], &[]);
+    let mut a2 = env.spawn(
+        &a,
+        &[
+            "--raw-alloc",
+            "2097152",
+            "--raw-device",
+            "1",
+            "--raw-via",
+            "vid-heap",
+            "--xfer",
+            "--hold",
+        ],
+        &[],
+    );
+    // Container B: NVOS64 on GPU 1, plus an allocation the driver refuses.
+    let mut b1 = env.spawn(
+        &b,
+        &[
+            "--device",
+            "1",
+            "--alloc",
+            "5242880",
+            "--raw-fail",
+            "1099511627776",
+            "--raw-device",
+            "1",
+            "--hold",
+        ],
+        &[("HAMI_FAKE_CUDA_ALLOC", "nvos64")],
+    );
+    a1.words("meminfo");
+    a2.words("raw-allocated");
+    b1.words("raw-failed");
+    let t = env.node.ground_truth();
+    let s = settle(&mut agent);
+    for (cg, pids) in [(&a, vec![a1.pid, a2.pid]), (&b, vec![b1.pid])] {
+        for gpu in 0..2 {
+            assert_eq!(
+                attributed(&s, cg, gpu),
+                truth(&t, &pids, gpu),
+                "{} gpu {gpu}",
+                cg.display()
+            );
+        }
+    }
+    assert_eq!(attributed(&s, &a, 0), 4 * MIB);
+    assert_eq!(attributed(&s, &a, 1), 2 * MIB);
+    assert_eq!(attributed(&s, &b, 1), 5 * MIB);
+    let cb = container(&s, &b);
+    let failed: u64 = cb.gpus.iter().map(|g| g.failed_allocations).sum();
+    assert_eq!(failed, 1, "the refused allocation is counted, not charged");
+    // Identity from the kubelet-style path.
+    let (uid, cid) = common::ids(1);
+    let ca = container(&s, &a);
+    assert_eq!(ca.identity.pod_uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(ca.identity.container_id.as_deref(), Some(cid.as_str()));
+    assert_eq!(
+        ca.gpus.iter().find(|g| g.gpu == Some(0)).map(|g| g.allocations),
+        Some(2)
+    );
+
+    // A1 exits without freeing: the driver frees at close, the agent releases at exit.
+    let a1_pid = a1.pid;
+    a1.finish();
+    eventually("the node freed a1's memory", || {
+        env.node.ground_truth().bytes(a1_pid, 0) == 0
+    });
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &a, 0), 0);
+    assert_eq!(attributed(&s, &a, 1), 2 * MIB, "a2 is untouched");
+    let g0 = container(&s, &a)
+        .gpus
+        .iter()
+        .find(|g| g.gpu == Some(0))
+        .cloned()
+        .unwrap();
+    assert_eq!((g0.released, g0.frees, g0.memory_peak_bytes), (2, 0, 4 * MIB));
+    assert!(g0.memory_byte_seconds > 0.0);
+    a2.finish();
+    b1.finish();
+    let s = settle(&mut agent);
+    for gpu in 0..2 {
+        assert_eq!(attributed(&s, &a, gpu) + attributed(&s, &b, gpu), 0);
+    }
+    assert_eq!(s.agent.live_objects, 0);
+    assert_eq!(s.agent.malformed_ioctls, 0);
+}
+
+#[test]
+fn explicit_frees_fork_and_exit_without_free() {
+    let Some(env) = Env::new("fork", 1, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(3);
+    // The parent allocates 1 MiB (kept) and 2 MiB (freed at the end); the forked child allocates
+    // 4 MiB with its own RM client and exits without freeing.
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--alloc",
+            "1048576",
+            "--raw-alloc",
+            "2097152",
+            "--raw-free",
+            "--fork-alloc",
+            "4194304",
+            "--hold",
+        ],
+        &[],
+    );
+    let child: u32 = w.words("child ")[0].parse().unwrap();
+    // The child holds too (it shares stdin); one line lets it exit, then the parent goes on.
+    w.send();
+    w.words("meminfo");
+    eventually("the child's memory is freed by its exit", || {
+        env.node.ground_truth().bytes(child, 0) == 0
+    });
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), env.node.ground_truth().bytes(w.pid, 0));
+    assert_eq!(attributed(&s, &c, 0), 3 * MIB);
+    let g = container(&s, &c).gpus[0].clone();
+    assert_eq!((g.allocations, g.released), (3, 1), "{g:?}");
+    assert_eq!(g.memory_peak_bytes, 7 * MIB);
+    // Release the hold: the raw 2 MiB is freed with RM_FREE.
+    w.send();
+    w.words("freed");
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), env.node.ground_truth().bytes(w.pid, 0));
+    assert_eq!(attributed(&s, &c, 0), MIB);
+    assert_eq!(container(&s, &c).gpus[0].frees, 1);
+    w.finish();
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 0);
+}
+
+#[test]
+fn managed_memory_and_launches_through_the_uprobes() {
+    let Some(env) = Env::new("managed", 1, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(4);
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--managed",
+            "65536",
+            "--managed",
+            "131072",
+            "--alloc",
+            "1048576",
+            "--launch",
+            "5",
+            "--free",
+            "--hold",
+        ],
+        &[],
+    );
+    w.words("launched");
+    let t = env.node.ground_truth();
+    let truth_managed: u64 = t.managed.iter().filter(|m| m.pid == w.pid).map(|m| m.bytes).sum();
+    assert_eq!(truth_managed, 196_608);
+    let s = settle(&mut agent);
+    let k = container(&s, &c);
+    assert_eq!(k.managed.as_ref().map(|m| m.bytes), Some(truth_managed));
+    assert_eq!(
+        attributed(&s, &c, 0),
+        t.bytes(w.pid, 0),
+        "managed memory is not device memory"
+    );
+    assert_eq!(attributed(&s, &c, 0), MIB);
+    assert_eq!(k.cuda_calls.get("cuLaunchKernel"), Some(&5));
+    assert_eq!(k.cuda_calls.get("cuMemAllocManaged"), Some(&2));
+    assert_eq!(k.cuda_calls.get("cuMemAlloc_v2"), Some(&1));
+    w.send();
+    w.words("freed");
+    let s = settle(&mut agent);
+    let k = container(&s, &c);
+    assert_eq!(k.managed.as_ref().map(|m| m.bytes), Some(0));
+    assert_eq!(attributed(&s, &c, 0), 0);
+    w.finish();
+}
+
+#[test]
+fn agent_restart_continues_counters_without_loss_or_double_counting() {
+    let Some(env) = Env::new("restart", 1, 256) else {
+        return;
+    };
+    let c = env.container(5);
+    let mut agent = env.agent();
+    let mut w1 = env.spawn(&c, &["--alloc", "1048576", "--alloc", "2097152", "--hold"], &[]);
+    w1.words("meminfo");
+    let before = settle(&mut agent);
+    assert_eq!(attributed(&before, &c, 0), 3 * MIB);
+    // Graceful stop (what SIGTERM does): drain, save, drop. The programs stay attached.
+    agent.pump(0);
+    agent.save_state().unwrap();
+    drop(agent);
+    // While no agent runs: w1 exits without freeing, w2 allocates and keeps 4 MiB.
+    let w1_pid = w1.pid;
+    w1.finish();
+    eventually("w1's memory is freed", || {
+        env.node.ground_truth().bytes(w1_pid, 0) == 0
+    });
+    let mut w2 = env.spawn(&c, &["--alloc", "4194304", "--hold"], &[]);
+    w2.words("meminfo");
+    // A new agent adopts the pinned programs and reads the events queued meanwhile.
+    let mut agent = env.agent();
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), env.node.ground_truth().bytes(w2.pid, 0));
+    assert_eq!(attributed(&s, &c, 0), 4 * MIB);
+    let g = container(&s, &c).gpus[0].clone();
+    assert_eq!(g.allocations, 3, "two before the restart, one during; none twice");
+    assert_eq!(g.released, 2);
+    assert_eq!(g.memory_peak_bytes, 4 * MIB);
+    assert!(g.memory_byte_seconds >= before.containers[0].gpus[0].memory_byte_seconds);
+    assert_eq!(
+        s.agent.reconciled, 0,
+        "nothing was lost, so nothing needed repair"
+    );
+    w2.finish();
+}
+
+#[test]
+fn finished_containers_lose_gauges_then_counters_after_export() {
+    let Some(env) = Env::new("retention", 1, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(6);
+    let id = common::cgroup_id(&c);
+    let mut w = env.spawn(&c, &["--alloc", "1048576", "--hold"], &[]);
+    w.words("meminfo");
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), MIB);
+    w.finish();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    std::fs::remove_dir(&c).expect("removing the finished container's cgroup");
+    settle(&mut agent);
+    agent.housekeeping().unwrap();
+    let s = agent.snapshot(true);
+    let k = s
+        .containers
+        .iter()
+        .find(|k| k.cgroup_id == id)
+        .expect("still exported once");
+    assert!(k.terminated);
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(!text.contains(&format!("hami_container_device_memory_bytes{{cgroup=\"id:{id}\"")));
+    assert!(text.contains("hami_container_device_memory_byte_seconds_total{"));
+    // Exported once and retention (0 s here) over: gone at the next housekeeping.
+    agent.housekeeping().unwrap();
+    let s = agent.snapshot(true);
+    assert!(s.containers.iter().all(|k| k.cgroup_id != id), "{s:#?}");
+    let _ = Path::new("/");
+}

@@ -1,0 +1,585 @@
+//! Types shared by the hami eBPF programs and the node agent.
+//!
+//! Every type is `#[repr(C)]`, has no padding holes the kernel could leave uninitialised, and has its
+//! size asserted at compile time, because the kernel side writes them into maps and the ring buffer and
+//! the agent reads them back byte for byte. Sizes and offsets of the NVIDIA structures decoded by the
+//! programs come from `nvos.h` of NVIDIA/open-gpu-kernel-modules (530.41.03 and 595.45.04; see
+//! `reference/nvidia-driver-abi.md` §4); the agent selects a generation at load time ([`AbiConfig`]).
+#![no_std]
+
+/// Name of every map and program, shared so the agent opens exactly what the object defines.
+pub mod names {
+    /// `HashMap<FileKey, u32>`: NVIDIA device files (value: [`super::file_kind`]).
+    pub const DEVICE_FILES: &str = "HAMI_DEVICE_FILES";
+    /// `Array<KernelConfig>` with one entry.
+    pub const CONFIG: &str = "HAMI_CONFIG";
+    /// `HashMap<u64 pid_tgid, Pending>`: an ioctl between syscall entry and exit.
+    pub const PENDING: &str = "HAMI_PENDING";
+    /// `HashMap<ObjectKey, u32 gpu>`: RM device/subdevice objects and the GPU they stand for.
+    pub const OBJECTS: &str = "HAMI_OBJECTS";
+    /// `HashMap<ObjectKey, AllocValue>`: live device-memory objects (pinned; authoritative).
+    pub const ALLOCS: &str = "HAMI_ALLOCS";
+    /// `RingBuf` of [`super::Event`] (pinned).
+    pub const EVENTS: &str = "HAMI_EVENTS";
+    /// `PerCpuHashMap<CallKey, u64>`: calls of hooked libcuda functions per cgroup.
+    pub const CALLS: &str = "HAMI_CALLS";
+    /// `HashMap<u64 pid_tgid, UprobePending>`: libcuda call between entry and return.
+    pub const UPROBE_PENDING: &str = "HAMI_UPROBE_PENDING";
+    /// `PerCpuArray<u64>` of [`super::counter`] slots: program-level counters (errors, drops).
+    pub const COUNTERS: &str = "HAMI_COUNTERS";
+}
+
+/// Kind of an NVIDIA device file, the value of the device-file map.
+pub mod file_kind {
+    /// `/dev/nvidiactl` (RM object management).
+    pub const CTL: u32 = 1;
+    /// `/dev/nvidia<N>` (per GPU).
+    pub const GPU: u32 = 2;
+    /// `/dev/nvidia-uvm`.
+    pub const UVM: u32 = 3;
+}
+
+/// Identity of a file as the kernel sees it: the superblock's device number in the kernel's
+/// internal encoding (`MKDEV(major, minor) = major << 20 | minor`, `include/linux/kdev_t.h`) and the
+/// inode number.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FileKey {
+    /// `inode->i_sb->s_dev`, kernel encoding, widened to 64 bits.
+    pub dev: u64,
+    /// `inode->i_ino`.
+    pub ino: u64,
+}
+
+/// Byte offsets into kernel structures, read from the running kernel's BTF by the agent
+/// (`/sys/kernel/btf/vmlinux`), so the programs need no compile-time kernel headers.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    /// `task_struct.files`.
+    pub task_files: u32,
+    /// `task_struct.tgid`.
+    pub task_tgid: u32,
+    /// `task_struct.pid`.
+    pub task_pid: u32,
+    /// `files_struct.fdt`.
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`.
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`.
+    pub fdt_fd: u32,
+    /// `file.f_inode`.
+    pub file_inode: u32,
+    /// `inode.i_ino`.
+    pub inode_ino: u32,
+    /// `inode.i_sb`.
+    pub inode_sb: u32,
+    /// `super_block.s_dev`.
+    pub sb_dev: u32,
+}
+
+/// Offsets of the RM parameter structures that moved between driver generations.
+/// `reference/nvidia-driver-abi.md` §4.3: NVOS21 gained `paramsSize` and NVOS64 grew from 40 to 48
+/// bytes in 535.43.02.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AbiConfig {
+    /// Offset of `status` in `NVOS21_PARAMETERS` (24 before 535, 28 since).
+    pub nvos21_status: u32,
+    /// `sizeof(NVOS64_PARAMETERS)` (40 before 535, 48 since).
+    pub nvos64_size: u32,
+    /// Offset of `flags` in `NVOS64_PARAMETERS` (32 before 535, 36 since).
+    pub nvos64_flags: u32,
+    /// Offset of `status` in `NVOS64_PARAMETERS` (36 before 535, 40 since).
+    pub nvos64_status: u32,
+}
+
+impl AbiConfig {
+    /// Driver branches before 535 (e.g. 530.41.03).
+    pub const PRE_535: Self = Self {
+        nvos21_status: 24,
+        nvos64_size: 40,
+        nvos64_flags: 32,
+        nvos64_status: 36,
+    };
+    /// Driver branches 535 and later (verified up to 595.45.04).
+    pub const SINCE_535: Self = Self {
+        nvos21_status: 28,
+        nvos64_size: 48,
+        nvos64_flags: 36,
+        nvos64_status: 40,
+    };
+}
+
+/// The one entry of the config map, written by the agent before the programs attach.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelConfig {
+    /// Kernel structure offsets.
+    pub kernel: KernelOffsets,
+    /// Driver ABI generation.
+    pub abi: AbiConfig,
+    /// Non-zero once the agent filled the entry; the programs do nothing before.
+    pub ready: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// Key of an RM object: the host tgid that created it, its client and its handle.
+/// Handles are unique only within a client (`reference/nvidia-driver-abi.md` §6).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Host tgid of the allocating process.
+    pub tgid: u32,
+    /// `hClient` / `hRoot`.
+    pub client: u32,
+    /// `hObject`.
+    pub handle: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// A live device-memory object.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AllocValue {
+    /// cgroup v2 id of the allocating task (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// Bytes RM reports it allocated (`size` written back by the driver).
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` at the allocation (CLOCK_MONOTONIC, nanoseconds).
+    pub ts_ns: u64,
+    /// GPU index (RM `deviceId` of the `NV01_DEVICE_0` ancestor), or [`GPU_UNKNOWN`].
+    pub gpu: u32,
+    /// Parent handle (device or subdevice).
+    pub parent: u32,
+}
+
+/// GPU index used when the parent device object was not seen (allocated before tracing began).
+pub const GPU_UNKNOWN: u32 = u32::MAX;
+
+/// An ioctl on an NVIDIA file between syscall entry and exit.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pending {
+    /// User pointer to the (unwrapped) parameter struct.
+    pub arg: u64,
+    /// Escape number (`_IOC_NR`, after XFER unwrapping).
+    pub nr: u32,
+    /// Parameter size (`_IOC_SIZE`, after XFER unwrapping).
+    pub size: u32,
+    /// [`file_kind`] of the file.
+    pub file_kind: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// A hooked libcuda call between entry and return.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UprobePending {
+    /// Pointer argument (`CUdeviceptr*` for allocations) or the device pointer (frees).
+    pub ptr: u64,
+    /// Requested bytes.
+    pub bytes: u64,
+    /// [`call`] id.
+    pub call: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// Hooked libcuda entry points (the uprobe programs, one per symbol).
+pub mod call {
+    /// `cuMemAlloc_v2`.
+    pub const MEM_ALLOC: u32 = 1;
+    /// `cuMemAllocManaged`.
+    pub const MEM_ALLOC_MANAGED: u32 = 2;
+    /// `cuMemFree_v2`.
+    pub const MEM_FREE: u32 = 3;
+    /// `cuLaunchKernel`.
+    pub const LAUNCH_KERNEL: u32 = 4;
+    /// `cuLaunchKernelEx`.
+    pub const LAUNCH_KERNEL_EX: u32 = 5;
+    /// `cuLaunchCooperativeKernel`.
+    pub const LAUNCH_COOPERATIVE: u32 = 6;
+    /// `cuGraphLaunch`.
+    pub const GRAPH_LAUNCH: u32 = 7;
+    /// `cuMemCreate` (VMM physical allocation).
+    pub const MEM_CREATE: u32 = 8;
+    /// `cuMemAllocAsync`.
+    pub const MEM_ALLOC_ASYNC: u32 = 9;
+    /// `cuMemAllocPitch_v2`.
+    pub const MEM_ALLOC_PITCH: u32 = 10;
+    /// One past the largest id.
+    pub const COUNT: u32 = 11;
+}
+
+/// Key of the per-cgroup libcuda call counters.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CallKey {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// [`call`] id.
+    pub call: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+/// Program-level counter slots of the counters map.
+pub mod counter {
+    /// Ioctl payloads that could not be read or had an unexpected size (ignored safely).
+    pub const MALFORMED: u32 = 0;
+    /// Events dropped because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 1;
+    /// Allocation objects not recorded because the allocation map was full.
+    pub const ALLOC_MAP_FULL: u32 = 2;
+    /// Ioctls on NVIDIA files seen at syscall entry.
+    pub const IOCTLS: u32 = 3;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}
+
+/// What an [`Event`] reports.
+pub mod event_kind {
+    /// A device-memory object was created (`bytes`, `gpu`, `client`, `handle`, `parent`).
+    pub const ALLOC: u32 = 1;
+    /// A device-memory object was freed explicitly (`bytes` and `gpu` of the object).
+    pub const FREE: u32 = 2;
+    /// A device-memory allocation came back with a non-zero RM `status` (nothing allocated).
+    pub const ALLOC_FAILED: u32 = 3;
+    /// A non-memory object was freed (`handle`; `handle == client` frees the whole client): the agent
+    /// releases the memory objects below it.
+    pub const FREE_OBJECT: u32 = 4;
+    /// The thread-group leader exited: every object of the tgid is released.
+    pub const EXIT: u32 = 5;
+    /// A process forked (`aux` = child tgid).
+    pub const FORK: u32 = 6;
+    /// A malformed or unreadable ioctl payload (`nr`, `size`), ignored.
+    pub const MALFORMED: u32 = 7;
+    /// `cuMemAllocManaged` returned (`aux` = device pointer, `bytes`, `status` = CUresult).
+    pub const MANAGED_ALLOC: u32 = 8;
+    /// `cuMemFree_v2` returned (`aux` = device pointer, `status` = CUresult).
+    pub const CU_FREE: u32 = 9;
+}
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Event {
+    /// [`event_kind`].
+    pub kind: u32,
+    /// GPU index or [`GPU_UNKNOWN`].
+    pub gpu: u32,
+    /// Host tgid.
+    pub tgid: u32,
+    /// Host thread id.
+    pub tid: u32,
+    /// cgroup v2 id of the task.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC, nanoseconds).
+    pub ts_ns: u64,
+    /// RM client handle.
+    pub client: u32,
+    /// RM object handle.
+    pub handle: u32,
+    /// RM parent handle.
+    pub parent: u32,
+    /// RM `status` or CUresult.
+    pub status: u32,
+    /// Bytes.
+    pub bytes: u64,
+    /// Kind-specific (device pointer, child tgid).
+    pub aux: u64,
+    /// RM class of the object.
+    pub class: u32,
+    /// Ioctl escape number.
+    pub nr: u32,
+}
+
+/// NVIDIA RM constants the programs decode (`reference/nvidia-driver-abi.md` §2, §4, §5).
+pub mod nv {
+    /// `NV_ESC_RM_FREE`.
+    pub const ESC_RM_FREE: u32 = 0x29;
+    /// `NV_ESC_RM_ALLOC`.
+    pub const ESC_RM_ALLOC: u32 = 0x2B;
+    /// `NV_ESC_RM_VID_HEAP_CONTROL`.
+    pub const ESC_RM_VID_HEAP_CONTROL: u32 = 0x4A;
+    /// `NV_ESC_IOCTL_XFER_CMD`.
+    pub const ESC_IOCTL_XFER_CMD: u32 = 0xD3;
+    /// `sizeof(NVOS00_PARAMETERS)`.
+    pub const NVOS00_SIZE: u32 = 16;
+    /// `sizeof(NVOS21_PARAMETERS)` (both generations).
+    pub const NVOS21_SIZE: u32 = 32;
+    /// `sizeof(NVOS32_PARAMETERS)`.
+    pub const NVOS32_SIZE: u32 = 184;
+    /// `sizeof(nv_ioctl_xfer_t)`.
+    pub const XFER_SIZE: u32 = 16;
+    /// `NV_ABSOLUTE_MAX_IOCTL_SIZE`.
+    pub const MAX_IOCTL_SIZE: u32 = 16384;
+    /// `NV01_MEMORY_LOCAL_USER`: device memory.
+    pub const CLASS_MEMORY_LOCAL_USER: u32 = 0x40;
+    /// `NV01_DEVICE_0`.
+    pub const CLASS_DEVICE: u32 = 0x80;
+    /// `NV20_SUBDEVICE_0`.
+    pub const CLASS_SUBDEVICE: u32 = 0x2080;
+    /// `NVOS64_FLAGS_FINN_SERIALIZED`.
+    pub const NVOS64_FLAGS_FINN_SERIALIZED: u32 = 1;
+    /// Offset of `size` in `NV_MEMORY_ALLOCATION_PARAMS` (both generations).
+    pub const MEM_PARAMS_SIZE: u32 = 64;
+    /// `NVOS32_FUNCTION_ALLOC_SIZE`.
+    pub const NVOS32_FUNCTION_ALLOC_SIZE: u32 = 2;
+    /// `NVOS32_FUNCTION_FREE`.
+    pub const NVOS32_FUNCTION_FREE: u32 = 3;
+    /// `NVOS32_FUNCTION_ALLOC_SIZE_RANGE`.
+    pub const NVOS32_FUNCTION_ALLOC_SIZE_RANGE: u32 = 14;
+    /// `NVOS32_ALLOC_FLAGS_VIRTUAL`.
+    pub const NVOS32_ALLOC_FLAGS_VIRTUAL: u32 = 0x0008_0000;
+    /// NVOS32 offsets: function, status, AllocSize.hMemory, flags, attr, size; Free.hMemory.
+    pub const NVOS32_FUNCTION: u32 = 8;
+    /// `status`.
+    pub const NVOS32_STATUS: u32 = 20;
+    /// `data.AllocSize.hMemory` / `data.Free.hMemory`.
+    pub const NVOS32_H_MEMORY: u32 = 44;
+    /// `data.AllocSize.flags`.
+    pub const NVOS32_FLAGS: u32 = 52;
+    /// `data.AllocSize.attr`.
+    pub const NVOS32_ATTR: u32 = 56;
+    /// `data.AllocSize.size`.
+    pub const NVOS32_SIZE_FIELD: u32 = 88;
+}
+
+/// x86_64 `struct pt_regs` offsets of the first three syscall arguments (`arch/x86/include/asm/ptrace.h`).
+pub mod pt_regs {
+    /// `di`: first argument.
+    pub const DI: usize = 112;
+    /// `si`: second argument.
+    pub const SI: usize = 104;
+    /// `dx`: third argument.
+    pub const DX: usize = 96;
+}
+
+/// x86_64 `ioctl` syscall number.
+pub const SYS_IOCTL: u64 = 16;
+
+const _: () = {
+    assert!(core::mem::size_of::<FileKey>() == 16);
+    assert!(core::mem::size_of::<KernelOffsets>() == 40);
+    assert!(core::mem::size_of::<AbiConfig>() == 16);
+    assert!(core::mem::size_of::<KernelConfig>() == 64);
+    assert!(core::mem::size_of::<ObjectKey>() == 16);
+    assert!(core::mem::size_of::<AllocValue>() == 32);
+    assert!(core::mem::size_of::<Pending>() == 24);
+    assert!(core::mem::size_of::<UprobePending>() == 24);
+    assert!(core::mem::size_of::<CallKey>() == 16);
+    assert!(core::mem::size_of::<Event>() == 72);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    use super::{AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey};
+    // SAFETY: all are #[repr(C)], Copy, made only of integers, without padding (sizes asserted above).
+    unsafe impl aya::Pod for FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ObjectKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AllocValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CallKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
+}
+
+/// Decoding of the RM parameter structures, shared by the kernel programs (reading the caller's memory
+/// with `bpf_probe_read_user`) and user-space tests (reading byte fixtures), so the layouts are
+/// tested on bytes without a kernel.
+pub mod decode {
+    use super::{AbiConfig, nv};
+
+    /// Reads little-endian integers at byte offsets of some memory; `None` when unreadable.
+    pub trait Reader {
+        /// The `u32` at `base + off`.
+        fn u32_at(&self, base: u64, off: u32) -> Option<u32>;
+        /// The `u64` at `base + off`.
+        fn u64_at(&self, base: u64, off: u32) -> Option<u64>;
+    }
+
+    /// What an RM escape did, decoded after the driver returned.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Decoded {
+        /// A device-memory object was created.
+        Alloc {
+            /// `hRoot`.
+            client: u32,
+            /// Parent handle.
+            parent: u32,
+            /// New object handle.
+            handle: u32,
+            /// Bytes allocated (written back by RM).
+            bytes: u64,
+        },
+        /// A device-memory allocation failed with RM `status`.
+        AllocFailed {
+            /// `hRoot`.
+            client: u32,
+            /// Parent handle.
+            parent: u32,
+            /// Bytes requested (0 when unreadable).
+            bytes: u64,
+            /// RM status.
+            status: u32,
+        },
+        /// An `NV01_DEVICE_0` object for GPU `device_id` was created.
+        Device {
+            /// `hRoot`.
+            client: u32,
+            /// New handle.
+            handle: u32,
+            /// RM `deviceId` (GPU index).
+            device_id: u32,
+        },
+        /// An `NV20_SUBDEVICE_0` was created under `parent`.
+        Subdevice {
+            /// `hRoot`.
+            client: u32,
+            /// Parent (device) handle.
+            parent: u32,
+            /// New handle.
+            handle: u32,
+        },
+        /// An object was freed successfully.
+        Free {
+            /// `hRoot`.
+            client: u32,
+            /// Freed handle.
+            handle: u32,
+        },
+        /// Nothing to account (other classes, failed frees, non-vidmem heap allocations).
+        Ignored,
+    }
+
+    /// `NV_ESC_RM_ALLOC` of `size` bytes at `arg` (NVOS21 when 32 bytes, NVOS64 when
+    /// `abi.nvos64_size`). `None`: unknown size or unreadable/serialized payload.
+    #[inline(always)]
+    pub fn rm_alloc<R: Reader>(r: &R, arg: u64, size: u32, abi: &AbiConfig) -> Option<Decoded> {
+        let status_off = if size == nv::NVOS21_SIZE {
+            abi.nvos21_status
+        } else if size == abi.nvos64_size {
+            abi.nvos64_status
+        } else {
+            return None;
+        };
+        let client = r.u32_at(arg, 0)?;
+        let parent = r.u32_at(arg, 4)?;
+        let handle = r.u32_at(arg, 8)?;
+        let class = r.u32_at(arg, 12)?;
+        let params = r.u64_at(arg, 16)?;
+        let status = r.u32_at(arg, status_off)?;
+        if size != nv::NVOS21_SIZE {
+            let flags = r.u32_at(arg, abi.nvos64_flags)?;
+            if flags & nv::NVOS64_FLAGS_FINN_SERIALIZED != 0 {
+                // Serialized parameters are not the C struct; never seen from libcuda.
+                return if class == nv::CLASS_MEMORY_LOCAL_USER {
+                    None
+                } else {
+                    Some(Decoded::Ignored)
+                };
+            }
+        }
+        match class {
+            nv::CLASS_MEMORY_LOCAL_USER => {
+                let bytes = r.u64_at(params, nv::MEM_PARAMS_SIZE);
+                if status != 0 {
+                    Some(Decoded::AllocFailed {
+                        client,
+                        parent,
+                        bytes: bytes.unwrap_or(0),
+                        status,
+                    })
+                } else {
+                    Some(Decoded::Alloc {
+                        client,
+                        parent,
+                        handle,
+                        bytes: bytes?,
+                    })
+                }
+            }
+            nv::CLASS_DEVICE if status == 0 => Some(Decoded::Device {
+                client,
+                handle,
+                device_id: r.u32_at(params, 0)?,
+            }),
+            nv::CLASS_SUBDEVICE if status == 0 => Some(Decoded::Subdevice {
+                client,
+                parent,
+                handle,
+            }),
+            _ => Some(Decoded::Ignored),
+        }
+    }
+
+    /// `NV_ESC_RM_FREE` (NVOS00, 16 bytes).
+    #[inline(always)]
+    pub fn rm_free<R: Reader>(r: &R, arg: u64, size: u32) -> Option<Decoded> {
+        if size != nv::NVOS00_SIZE {
+            return None;
+        }
+        let client = r.u32_at(arg, 0)?;
+        let handle = r.u32_at(arg, 8)?;
+        let status = r.u32_at(arg, 12)?;
+        Some(if status == 0 {
+            Decoded::Free { client, handle }
+        } else {
+            Decoded::Ignored
+        })
+    }
+
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` (NVOS32, 184 bytes): `ALLOC_SIZE`/`ALLOC_SIZE_RANGE` of vidmem
+    /// (not `VIRTUAL`, `attr.LOCATION == VIDMEM`, `reference/nvidia-driver-abi.md` §5.1) and `FREE`.
+    #[inline(always)]
+    pub fn vid_heap<R: Reader>(r: &R, arg: u64, size: u32) -> Option<Decoded> {
+        if size != nv::NVOS32_SIZE {
+            return None;
+        }
+        let client = r.u32_at(arg, 0)?;
+        let parent = r.u32_at(arg, 4)?;
+        let function = r.u32_at(arg, nv::NVOS32_FUNCTION)?;
+        let status = r.u32_at(arg, nv::NVOS32_STATUS)?;
+        if function == nv::NVOS32_FUNCTION_ALLOC_SIZE || function == nv::NVOS32_FUNCTION_ALLOC_SIZE_RANGE {
+            let flags = r.u32_at(arg, nv::NVOS32_FLAGS)?;
+            let attr = r.u32_at(arg, nv::NVOS32_ATTR)?;
+            let handle = r.u32_at(arg, nv::NVOS32_H_MEMORY)?;
+            let bytes = r.u64_at(arg, nv::NVOS32_SIZE_FIELD)?;
+            if flags & nv::NVOS32_ALLOC_FLAGS_VIRTUAL != 0 || (attr >> 25) & 3 != 0 {
+                return Some(Decoded::Ignored);
+            }
+            Some(if status != 0 {
+                Decoded::AllocFailed {
+                    client,
+                    parent,
+                    bytes,
+                    status,
+                }
+            } else {
+                Decoded::Alloc {
+                    client,
+                    parent,
+                    handle,
+                    bytes,
+                }
+            })
+        } else if function == nv::NVOS32_FUNCTION_FREE && status == 0 {
+            Some(Decoded::Free {
+                client,
+                handle: r.u32_at(arg, nv::NVOS32_H_MEMORY)?,
+            })
+        } else {
+            Some(Decoded::Ignored)
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! The hami eBPF programs.
+//!
+//! * `sys_enter` / `sys_exit` (raw tracepoints, so no tracefs is needed): `ioctl(2)` on the NVIDIA
+//!   device files the agent registered by (superblock dev, inode). Entry records the (XFER-unwrapped)
+//!   escape; exit reads the parameter struct back from the caller's memory, checks the RM `status`
+//!   written by the driver, and keeps the live device-memory objects in `HAMI_ALLOCS`, emitting one
+//!   event per allocation, failed allocation and free.
+//! * `sched_process_exit` / `sched_process_fork`: lifecycle of processes that used the driver.
+//! * uprobes on libcuda: managed allocations (invisible at the ioctl layer), frees, and per-cgroup call
+//!   counters for launches and allocation entry points.
+//!
+//! Layouts: `reference/nvidia-driver-abi.md` §2 (encoding, XFER), §4 (NVOS00/21/32/64,
+//! `NV_MEMORY_ALLOCATION_PARAMS`), §5.1 (vidmem predicate of the heap path), §6 (object tree).
+#![no_std]
+#![no_main]
+#![allow(
+    unsafe_code,
+    reason = "eBPF programs read kernel and user memory through helpers and raw pointers"
+)]
+#![allow(
+    unreachable_pub,
+    missing_docs,
+    reason = "program and map symbols are exported for the loader, documented in hami-ebpf-common"
+)]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+    },
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+};
+use hami_ebpf_common::{
+    AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, Pending, SYS_IOCTL, UprobePending, call,
+    counter,
+    decode::{self, Decoded},
+    event_kind, file_kind, nv, pt_regs,
+};
+
+#[map]
+static HAMI_DEVICE_FILES: HashMap<FileKey, u32> = HashMap::pinned(256, 0);
+#[map]
+static HAMI_CONFIG: Array<KernelConfig> = Array::pinned(1, 0);
+#[map]
+static HAMI_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
+#[map]
+static HAMI_OBJECTS: HashMap<ObjectKey, u32> = HashMap::pinned(65536, 0);
+#[map]
+static HAMI_ALLOCS: HashMap<ObjectKey, AllocValue> = HashMap::pinned(262_144, 0);
+#[map]
+static HAMI_TRACKED: HashMap<u32, u64> = HashMap::pinned(65536, 0);
+#[map]
+static HAMI_EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
+#[map]
+static HAMI_CALLS: PerCpuHashMap<CallKey, u64> = PerCpuHashMap::pinned(16384, 0);
+#[map]
+static HAMI_UPROBE_PENDING: HashMap<u64, UprobePending> = HashMap::with_max_entries(16384, 0);
+#[map]
+static HAMI_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(p) = HAMI_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot of this CPU, valid for the program's run.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<KernelConfig> {
+    let c = HAMI_CONFIG.get(0)?;
+    if c.ready == 0 { None } else { Some(*c) }
+}
+
+#[inline(always)]
+unsafe fn kread<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copes with any address (returns an error on a fault).
+    unsafe { bpf_probe_read_kernel((base + u64::from(off)) as *const T).ok() }
+}
+
+#[inline(always)]
+unsafe fn uread<T>(base: u64, off: u32) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_user copes with any address (returns an error on a fault).
+    unsafe { bpf_probe_read_user((base + u64::from(off)) as *const T).ok() }
+}
+
+/// (dev, ino) of the file behind `fd` in the current task: task->files->fdt->fd[fd]->f_inode.
+#[inline(always)]
+unsafe fn file_of_fd(fd: u64, c: &KernelConfig) -> Option<FileKey> {
+    let k = &c.kernel;
+    unsafe {
+        let task = bpf_get_current_task();
+        let files: u64 = kread(task, k.task_files)?;
+        let fdt: u64 = kread(files, k.files_fdt)?;
+        let max_fds: u32 = kread(fdt, k.fdt_max_fds)?;
+        if fd >= u64::from(max_fds) {
+            return None;
+        }
+        let fd_array: u64 = kread(fdt, k.fdt_fd)?;
+        let file: u64 = kread(fd_array + fd * 8, 0)?;
+        let inode: u64 = kread(file, k.file_inode)?;
+        let ino: u64 = kread(inode, k.inode_ino)?;
+        let sb: u64 = kread(inode, k.inode_sb)?;
+        let dev: u32 = kread(sb, k.sb_dev)?;
+        Some(FileKey {
+            dev: u64::from(dev),
+            ino,
+        })
+    }
+}
+
+#[inline(always)]
+fn emit(ev: &Event) {
+    if HAMI_EVENTS.output::<Event>(ev, 0).is_err() {
+        bump(counter::RINGBUF_FULL);
+    }
+}
+
+#[inline(always)]
+fn base_event(kind: u32) -> Event {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Event {
+        kind,
+        gpu: hami_ebpf_common::GPU_UNKNOWN,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ..Event::default()
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn hami_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    if id != SYS_IOCTL {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: reads through helpers only.
+    unsafe { on_ioctl_enter(regs) };
+    0
+}
+
+#[inline(always)]
+unsafe fn on_ioctl_enter(regs: u64) -> Option<()> {
+    let c = config()?;
+    let fd: u64 = unsafe { kread(regs, pt_regs::DI as u32)? };
+    let cmd: u64 = unsafe { kread(regs, pt_regs::SI as u32)? };
+    let arg: u64 = unsafe { kread(regs, pt_regs::DX as u32)? };
+    let key = unsafe { file_of_fd(fd, &c)? };
+    // SAFETY: plain map lookup.
+    let kind = unsafe { *HAMI_DEVICE_FILES.get(key)? };
+    bump(counter::IOCTLS);
+    let mut nr = (cmd & 0xff) as u32;
+    let mut size = ((cmd >> 16) & 0x3fff) as u32;
+    let mut ptr = arg;
+    if nr == nv::ESC_IOCTL_XFER_CMD {
+        if size != nv::XFER_SIZE {
+            bump(counter::MALFORMED);
+            return None;
+        }
+        let Some(inner_cmd) = (unsafe { uread::<u32>(arg, 0) }) else {
+            bump(counter::MALFORMED);
+            return None;
+        };
+        let Some(inner_size) = (unsafe { uread::<u32>(arg, 4) }) else {
+            bump(counter::MALFORMED);
+            return None;
+        };
+        let Some(inner_ptr) = (unsafe { uread::<u64>(arg, 8) }) else {
+            bump(counter::MALFORMED);
+            return None;
+        };
+        nr = inner_cmd & 0xff;
+        size = inner_size;
+        ptr = inner_ptr;
+        if size > nv::MAX_IOCTL_SIZE || nr == nv::ESC_IOCTL_XFER_CMD {
+            bump(counter::MALFORMED);
+            return None;
+        }
+    }
+    if nr != nv::ESC_RM_ALLOC && nr != nv::ESC_RM_FREE && nr != nv::ESC_RM_VID_HEAP_CONTROL {
+        return None;
+    }
+    let pending = Pending {
+        arg: ptr,
+        nr,
+        size,
+        file_kind: kind,
+        _pad: 0,
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = HAMI_PENDING.insert(pid_tgid, pending, 0);
+    Some(())
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn hami_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: plain map lookup; the value is copied out before removal.
+    let Some(p) = (unsafe { HAMI_PENDING.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = HAMI_PENDING.remove(pid_tgid);
+    let ret: i64 = ctx.arg(1);
+    if ret != 0 || p.file_kind != file_kind::CTL {
+        // The syscall itself failed (the driver never ran the escape) or RM escapes were sent to a
+        // per-GPU fd, which the driver refuses (`NV_CTL_DEVICE_ONLY`).
+        return 0;
+    }
+    let Some(c) = config() else { return 0 };
+    if on_escape(&p, &c).is_none() {
+        bump(counter::MALFORMED);
+        let mut ev = base_event(event_kind::MALFORMED);
+        ev.nr = p.nr;
+        ev.bytes = u64::from(p.size);
+        emit(&ev);
+    }
+    0
+}
+
+#[inline(always)]
+fn track(tgid: u32, cgroup: u64) {
+    let _ = HAMI_TRACKED.insert(tgid, cgroup, 0);
+}
+
+#[inline(always)]
+fn record_alloc(client: u32, handle: u32, parent: u32, bytes: u64, class: u32, nr: u32) {
+    let mut ev = base_event(event_kind::ALLOC);
+    if let Some(g) = gpu_of(ev.tgid, client, parent) {
+        ev.gpu = g;
+    }
+    ev.client = client;
+    ev.handle = handle;
+    ev.parent = parent;
+    ev.bytes = bytes;
+    ev.class = class;
+    ev.nr = nr;
+    let key = ObjectKey {
+        tgid: ev.tgid,
+        client,
+        handle,
+        _pad: 0,
+    };
+    let val = AllocValue {
+        cgroup_id: ev.cgroup_id,
+        bytes,
+        ts_ns: ev.ts_ns,
+        gpu: ev.gpu,
+        parent,
+    };
+    if HAMI_ALLOCS.insert(key, val, 0).is_err() {
+        bump(counter::ALLOC_MAP_FULL);
+    }
+    track(ev.tgid, ev.cgroup_id);
+    emit(&ev);
+}
+
+#[inline(always)]
+fn record_failed(client: u32, parent: u32, bytes: u64, status: u32, nr: u32) {
+    let mut ev = base_event(event_kind::ALLOC_FAILED);
+    if let Some(g) = gpu_of(ev.tgid, client, parent) {
+        ev.gpu = g;
+    }
+    ev.client = client;
+    ev.parent = parent;
+    ev.bytes = bytes;
+    ev.status = status;
+    ev.class = nv::CLASS_MEMORY_LOCAL_USER;
+    ev.nr = nr;
+    emit(&ev);
+}
+
+#[inline(always)]
+fn record_free(client: u32, handle: u32, nr: u32) {
+    let mut ev = base_event(event_kind::FREE);
+    let key = ObjectKey {
+        tgid: ev.tgid,
+        client,
+        handle,
+        _pad: 0,
+    };
+    ev.client = client;
+    ev.handle = handle;
+    ev.nr = nr;
+    // SAFETY: plain map lookup; copied before removal.
+    if let Some(v) = unsafe { HAMI_ALLOCS.get(key) }.copied() {
+        let _ = HAMI_ALLOCS.remove(key);
+        ev.bytes = v.bytes;
+        ev.gpu = v.gpu;
+        ev.parent = v.parent;
+        // The owner's cgroup, not the freeing thread's (they are the same process).
+        ev.cgroup_id = v.cgroup_id;
+        emit(&ev);
+        return;
+    }
+    // SAFETY: plain map lookup.
+    let was_object = unsafe { HAMI_OBJECTS.get(key) }.is_some();
+    if was_object {
+        let _ = HAMI_OBJECTS.remove(key);
+    }
+    if was_object || handle == client {
+        ev.kind = event_kind::FREE_OBJECT;
+        emit(&ev);
+    }
+}
+
+/// Reads the calling process's memory.
+struct UserMem;
+
+impl decode::Reader for UserMem {
+    #[inline(always)]
+    fn u32_at(&self, base: u64, off: u32) -> Option<u32> {
+        // SAFETY: bpf_probe_read_user copes with any address.
+        unsafe { uread::<u32>(base, off) }
+    }
+    #[inline(always)]
+    fn u64_at(&self, base: u64, off: u32) -> Option<u64> {
+        // SAFETY: bpf_probe_read_user copes with any address.
+        unsafe { uread::<u64>(base, off) }
+    }
+}
+
+#[inline(always)]
+fn gpu_of(tgid: u32, client: u32, handle: u32) -> Option<u32> {
+    let key = ObjectKey {
+        tgid,
+        client,
+        handle,
+        _pad: 0,
+    };
+    // SAFETY: plain map lookup.
+    unsafe { HAMI_OBJECTS.get(key) }.copied()
+}
+
+#[inline(always)]
+fn on_escape(p: &Pending, c: &KernelConfig) -> Option<()> {
+    let r = UserMem;
+    let d = match p.nr {
+        nv::ESC_RM_ALLOC => decode::rm_alloc(&r, p.arg, p.size, &c.abi)?,
+        nv::ESC_RM_FREE => decode::rm_free(&r, p.arg, p.size)?,
+        _ => decode::vid_heap(&r, p.arg, p.size)?,
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match d {
+        Decoded::Alloc {
+            client,
+            parent,
+            handle,
+            bytes,
+        } => record_alloc(client, handle, parent, bytes, nv::CLASS_MEMORY_LOCAL_USER, p.nr),
+        Decoded::AllocFailed {
+            client,
+            parent,
+            bytes,
+            status,
+        } => record_failed(client, parent, bytes, status, p.nr),
+        Decoded::Device {
+            client,
+            handle,
+            device_id,
+        } => {
+            let key = ObjectKey {
+                tgid,
+                client,
+                handle,
+                _pad: 0,
+            };
+            let _ = HAMI_OBJECTS.insert(key, device_id, 0);
+        }
+        Decoded::Subdevice {
+            client,
+            parent,
+            handle,
+        } => {
+            if let Some(g) = gpu_of(tgid, client, parent) {
+                let key = ObjectKey {
+                    tgid,
+                    client,
+                    handle,
+                    _pad: 0,
+                };
+                let _ = HAMI_OBJECTS.insert(key, g, 0);
+            }
+        }
+        Decoded::Free { client, handle } => record_free(client, handle, p.nr),
+        Decoded::Ignored => {}
+    }
+    Some(())
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn hami_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = HAMI_PENDING.remove(pid_tgid);
+    let _ = HAMI_UPROBE_PENDING.remove(pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid != pid_tgid as u32 {
+        return 0;
+    }
+    // SAFETY: plain map lookup.
+    if unsafe { HAMI_TRACKED.get(tgid) }.is_none() {
+        return 0;
+    }
+    let _ = HAMI_TRACKED.remove(tgid);
+    emit(&base_event(event_kind::EXIT));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn hami_process_fork(ctx: RawTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: plain map lookup.
+    if unsafe { HAMI_TRACKED.get(tgid) }.is_none() {
+        return 0;
+    }
+    let Some(c) = config() else { return 0 };
+    let child: u64 = ctx.arg(1);
+    // SAFETY: reads through helpers only.
+    let (child_tgid, child_pid) = unsafe {
+        (
+            kread::<u32>(child, c.kernel.task_tgid),
+            kread::<u32>(child, c.kernel.task_pid),
+        )
+    };
+    let (Some(child_tgid), Some(child_pid)) = (child_tgid, child_pid) else {
+        return 0;
+    };
+    if child_tgid != child_pid || child_tgid == tgid {
+        // A new thread, not a new process.
+        return 0;
+    }
+    let mut ev = base_event(event_kind::FORK);
+    ev.aux = u64::from(child_tgid);
+    emit(&ev);
+    0
+}
+
+#[inline(always)]
+fn count_call(id: u32) {
+    let key = CallKey {
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        call: id,
+        _pad: 0,
+    };
+    match HAMI_CALLS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of the entry.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = HAMI_CALLS.insert(key, 1, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn stash(ctx: &ProbeContext, id: u32, ptr_arg: usize, bytes_arg: Option<usize>) {
+    let pending = UprobePending {
+        ptr: ctx.arg::<u64>(ptr_arg).unwrap_or(0),
+        bytes: bytes_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
+        call: id,
+        _pad: 0,
+    };
+    let _ = HAMI_UPROBE_PENDING.insert(bpf_get_current_pid_tgid(), pending, 0);
+}
+
+#[uprobe]
+pub fn hami_cu_mem_alloc(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_ALLOC);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_alloc_pitch(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_ALLOC_PITCH);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_create(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_CREATE);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_alloc_async(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_ALLOC_ASYNC);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_alloc_managed(ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_ALLOC_MANAGED);
+    stash(&ctx, call::MEM_ALLOC_MANAGED, 0, Some(1));
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_free(ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_FREE);
+    stash(&ctx, call::MEM_FREE, 0, None);
+    0
+}
+
+#[uretprobe]
+pub fn hami_cu_ret(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: plain map lookup; copied before removal.
+    let Some(p) = (unsafe { HAMI_UPROBE_PENDING.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = HAMI_UPROBE_PENDING.remove(pid_tgid);
+    let result: u64 = ctx.ret();
+    let result = result as u32;
+    let mut ev = base_event(event_kind::CU_FREE);
+    ev.status = result;
+    if p.call == call::MEM_ALLOC_MANAGED {
+        if result != 0 {
+            return 0;
+        }
+        ev.kind = event_kind::MANAGED_ALLOC;
+        ev.bytes = p.bytes;
+        // SAFETY: reads through helpers only.
+        ev.aux = unsafe { uread::<u64>(p.ptr, 0) }.unwrap_or(0);
+    } else {
+        if result != 0 {
+            return 0;
+        }
+        ev.aux = p.ptr;
+    }
+    emit(&ev);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_launch_kernel(_ctx: ProbeContext) -> u32 {
+    count_call(call::LAUNCH_KERNEL);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_launch_kernel_ex(_ctx: ProbeContext) -> u32 {
+    count_call(call::LAUNCH_KERNEL_EX);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_launch_cooperative(_ctx: ProbeContext) -> u32 {
+    count_call(call::LAUNCH_COOPERATIVE);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_graph_launch(_ctx: ProbeContext) -> u32 {
+    count_call(call::GRAPH_LAUNCH);
+    0
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
