@@ -84,17 +84,26 @@ fn ci() -> Result<()> {
     // rustup installs the components listed in rust-toolchain.toml on first use; make it explicit so a
     // machine with a minimal profile gets them before fmt/clippy run.
     run("rustup", &["component", "add", "rustfmt", "clippy"])?;
-    // The simulated GPU node's FUSE tests need fusermount3 (Debian package `fuse3`); as root, install it.
-    let have_fusermount3 = Command::new("fusermount3").arg("--version").output().is_ok();
+    // Real tools the tests use: fusermount3 (Debian `fuse3`) for the simulated GPU node's FUSE device,
+    // and a real Prometheus (Debian `prometheus`) scraping the agent. As root, install what is missing.
     let is_root = Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if is_root && !have_fusermount3 {
+    let missing: Vec<&str> = [("fusermount3", "fuse3"), ("prometheus", "prometheus")]
+        .into_iter()
+        .filter(|(bin, _)| Command::new(bin).arg("--version").output().is_err())
+        .map(|(_, pkg)| pkg)
+        .collect();
+    if is_root && !missing.is_empty() {
         run("apt-get", &["update"])?;
-        run("apt-get", &["install", "-y", "--no-install-recommends", "fuse3"])?;
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(&missing);
+        run("apt-get", &args)?;
     }
+    ebpf_toolchain()?;
     lint()?;
+    check_metrics_doc()?;
     run(&cargo(), &["test", "--workspace", "--locked"])?;
     // A short end-to-end run of the main job on its embedded default.
     let out = root().join("target/xtask-ci-sim");
@@ -129,6 +138,78 @@ fn ci() -> Result<()> {
         }
     }
     check_fidelity(&root().join("target/xtask-ci-sim/summary.csv"))
+}
+
+/// The pinned BPF linker (`reference/ebpf-toolchain.md`: 0.10.x uses the LLVM of the Rust toolchain,
+/// newer releases need a separately installed libLLVM).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// The eBPF programs are built by the agent's build.rs with nightly + rust-src and bpf-linker.
+fn ebpf_toolchain() -> Result<()> {
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nightly {
+        bail!(
+            "the eBPF programs need a nightly toolchain (rustup toolchain install nightly --component rust-src)"
+        );
+    }
+    run(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+    )?;
+    let have = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).trim() == format!("bpf-linker {BPF_LINKER_VERSION}")
+        });
+    if !have {
+        run(
+            &cargo(),
+            &[
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// `docs/metrics.md` must equal what the agent generates from its metric registry list.
+fn check_metrics_doc() -> Result<()> {
+    let out = Command::new(cargo())
+        .args([
+            "run",
+            "--quiet",
+            "--locked",
+            "-p",
+            "hami-agent",
+            "--",
+            "metrics-doc",
+        ])
+        .current_dir(root())
+        .output()
+        .context("running hami-agent metrics-doc")?;
+    if !out.status.success() {
+        bail!(
+            "hami-agent metrics-doc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = root().join("docs/metrics.md");
+    let current = std::fs::read(&path).unwrap_or_default();
+    if current != out.stdout {
+        bail!(
+            "{} is not current: run `cargo xtask metrics-doc` and commit it",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Policies whose mean unallocated GPU % at 100 % arrived on the default trace must stay within
@@ -204,6 +285,28 @@ fn dispatch() -> Result<()> {
         }
         Some("ci") => ci(),
         Some("lint") => lint(),
-        _ => bail!("usage: cargo xtask <sim|ci|bench|lint> [args]"),
+        Some("metrics-doc") => {
+            let out = Command::new(cargo())
+                .args([
+                    "run",
+                    "--quiet",
+                    "--locked",
+                    "-p",
+                    "hami-agent",
+                    "--",
+                    "metrics-doc",
+                ])
+                .current_dir(root())
+                .output()
+                .context("running hami-agent metrics-doc")?;
+            if !out.status.success() {
+                bail!(
+                    "hami-agent metrics-doc failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::fs::write(root().join("docs/metrics.md"), out.stdout).context("writing docs/metrics.md")
+        }
+        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc> [args]"),
     }
 }
