@@ -57,17 +57,33 @@ const INO_GPU_BASE: u64 = 16;
 /// The device model shared between the FUSE server and in-process readers.
 pub type SharedModel = Arc<Mutex<DeviceModel>>;
 
-/// Nanoseconds since this process first asked (the node's clock for the utilisation model).
+/// The node clock's start: a monotonic instant and the wall-clock time taken with it.
+fn clock_start() -> &'static (Instant, SystemTime) {
+    static START: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+    START.get_or_init(|| (Instant::now(), SystemTime::now()))
+}
+
+/// Nanoseconds since this process first asked (the node's clock for the utilisation model; monotonic).
 #[must_use]
 pub fn clock_ns() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(clock_start().0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The wall-clock time (`CLOCK_REALTIME`, nanoseconds since the Unix epoch) at which [`clock_ns`]
+/// was 0, measured once when the clock started (later steps of the wall clock are not followed).
+#[must_use]
+pub fn clock_epoch_unix_ns() -> u64 {
+    clock_start()
+        .1
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Locks the model (recovering from a poisoned lock: a panicking test thread must not wedge the
-/// device) and advances its clock to now.
+/// device) and advances its clock to now (and tells it the clock's wall-clock epoch).
 pub fn lock(model: &SharedModel) -> MutexGuard<'_, DeviceModel> {
     let mut g = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    g.set_clock_epoch_unix_ns(clock_epoch_unix_ns());
     g.tick(clock_ns());
     g
 }

@@ -11,6 +11,23 @@
 //! [`GroundTruth::bytes`]; it is reported on its own ([`GroundTruth::managed`],
 //! [`GpuTruth::managed_bytes`]) and goes when the file it was registered through is closed (the UVM fd
 //! of the real driver).
+//!
+//! ## Utilisation and SM-seconds
+//!
+//! A kernel launch ([`DeviceModel::launch`]) asks for a share of a GPU's SMs (1–100 %) from the
+//! moment it is recorded for a fixed duration; launches are never queued. At any instant the model
+//! grants each process `min(100, Σ its running launches' percent)` (its *demand*, what
+//! [`GpuTruth::sm_util_by_pid`] reports), and when the demands of all processes add up to more than
+//! 100 % every process is scaled down by the same factor `100 / Σ demands`, so the shares *granted*
+//! add up to [`GpuTruth::sm_util_percent`] (= `min(100, Σ demands)`). A process's SM-seconds are the
+//! time integral of its granted share divided by 100 ([`GpuTruth::sm_seconds_by_pid`]): one second
+//! of a whole GPU is one SM-second.
+//!
+//! Each GPU keeps the launches of at least the last [`SM_HISTORY_NS`] (up to
+//! [`SM_HISTORY_MAX_LAUNCHES`] finished ones) in an [`SmHistory`], from which the SM-seconds of any
+//! window inside the retained history can be computed exactly (the fake NVML's per-process
+//! utilisation samples do that). What is trimmed from the history is first folded into per-process
+//! accumulators, so the cumulative figures never lose anything.
 
 use std::collections::BTreeMap;
 
@@ -113,12 +130,151 @@ struct Managed {
     address: u64,
 }
 
-/// A kernel launch occupying a share of a GPU's SMs until `end_ns`.
-#[derive(Debug, Clone)]
-struct Launch {
-    pid: u32,
-    sm_percent: u32,
-    end_ns: u64,
+/// How far back, at least, each GPU's launch history reaches: 120 s, in nanoseconds of the model
+/// clock. The history is trimmed back to this when it spans twice as much.
+pub const SM_HISTORY_NS: u64 = 120 * 1_000_000_000;
+/// The most finished launches a GPU's history keeps: past this, the oldest-ending are folded into
+/// the accumulators until half of it is left (running launches are always kept).
+pub const SM_HISTORY_MAX_LAUNCHES: usize = 10_000;
+
+/// One kernel launch: `pid` asked for `sm_percent` of the GPU's SMs over `[start_ns, end_ns)` (model
+/// clock, nanoseconds since the node's clock epoch). `end_ns` lies in the future while it runs; it is
+/// cut to the moment the process lost its last RM client when its kernels died with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchRecord {
+    /// Launching process (tgid).
+    pub pid: u32,
+    /// Share of the SMs asked for, percent (1..=100).
+    pub sm_percent: u32,
+    /// Start, ns of the model clock.
+    pub start_ns: u64,
+    /// End (exclusive), ns of the model clock.
+    pub end_ns: u64,
+}
+
+/// A GPU's bounded launch history plus what was trimmed from it: enough to compute every process's
+/// SM-seconds up to any time at or after `settled_ns`, and between two such times.
+///
+/// SM-seconds follow the granting rule of the [module documentation](self): per process
+/// `min(100, Σ percent)`, all processes scaled by `100 / Σ` when they ask for more than 100 % together.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SmHistory {
+    /// Up to this model time (ns) SM-seconds are folded into `settled_sm_seconds`; launches that
+    /// ended by then are gone from `launches`.
+    pub settled_ns: u64,
+    /// SM-seconds per pid granted from the clock epoch to `settled_ns`.
+    pub settled_sm_seconds: BTreeMap<u32, f64>,
+    /// Launches still running at, or ending after, `settled_ns`, in start order.
+    pub launches: Vec<LaunchRecord>,
+}
+
+impl SmHistory {
+    /// Adds to `into` the SM-seconds each pid is granted over `[from_ns, to_ns)` by the launches held
+    /// here (a sweep over their starts and ends: O(n log n)).
+    fn integrate(&self, from_ns: u64, to_ns: u64, into: &mut BTreeMap<u32, f64>) {
+        if to_ns <= from_ns {
+            return;
+        }
+        // (time, pid, +percent or -percent)
+        let mut events: Vec<(u64, u32, i64)> = Vec::new();
+        for l in &self.launches {
+            let (s, e) = (l.start_ns.max(from_ns), l.end_ns.min(to_ns));
+            if s < e {
+                events.push((s, l.pid, i64::from(l.sm_percent)));
+                events.push((e, l.pid, -i64::from(l.sm_percent)));
+            }
+        }
+        events.sort_unstable_by_key(|&(t, _, _)| t);
+        let mut demand: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut t = from_ns;
+        let mut i = 0;
+        while let Some(&(at, _, _)) = events.get(i) {
+            if at > t && !demand.is_empty() {
+                add_granted(&demand, at - t, into);
+            }
+            t = at;
+            while let Some(&(_, pid, d)) = events.get(i).filter(|e| e.0 == at) {
+                let e = demand.entry(pid).or_insert(0);
+                *e += d;
+                if *e <= 0 {
+                    demand.remove(&pid);
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// SM-seconds per pid granted over the window `(from_ns, to_ns]` of the model clock (pids with
+    /// none are absent). Exact for `from_ns == 0` (the clock epoch, before any launch) and for
+    /// `from_ns >= settled_ns`; a window reaching back into trimmed history is clipped to start at
+    /// `settled_ns` (what was granted before that cannot be told apart any more).
+    #[must_use]
+    pub fn sm_seconds_between(&self, from_ns: u64, to_ns: u64) -> BTreeMap<u32, f64> {
+        let mut m = BTreeMap::new();
+        if from_ns == 0 {
+            m.clone_from(&self.settled_sm_seconds);
+        }
+        self.integrate(from_ns.max(self.settled_ns), to_ns, &mut m);
+        m.retain(|_, s| *s > 0.0);
+        m
+    }
+
+    /// Folds everything before `cut_ns` into the accumulators and drops the launches that ended by
+    /// then.
+    fn settle(&mut self, cut_ns: u64) {
+        if cut_ns <= self.settled_ns {
+            return;
+        }
+        let mut acc = std::mem::take(&mut self.settled_sm_seconds);
+        self.integrate(self.settled_ns, cut_ns, &mut acc);
+        self.settled_sm_seconds = acc;
+        self.settled_ns = cut_ns;
+        self.launches.retain(|l| l.end_ns > cut_ns);
+    }
+
+    /// Keeps the history within its bounds at model time `now_ns` (cheap unless a bound is hit).
+    ///
+    /// Cuts fall on launch starts or ends only, so settling splits no interval the sums are made of:
+    /// the floating-point additions are the same before and after, and cumulative figures stay
+    /// bit-for-bit monotonic.
+    fn trim(&mut self, now_ns: u64) {
+        if now_ns.saturating_sub(self.settled_ns) >= 2 * SM_HISTORY_NS {
+            let horizon = now_ns - SM_HISTORY_NS;
+            let cut = self
+                .launches
+                .iter()
+                .flat_map(|l| [l.start_ns, l.end_ns])
+                .filter(|&t| t > self.settled_ns && t <= horizon)
+                .max();
+            if let Some(cut) = cut {
+                self.settle(cut);
+            }
+        }
+        if self.launches.len() > SM_HISTORY_MAX_LAUNCHES {
+            let mut ends: Vec<u64> = self
+                .launches
+                .iter()
+                .map(|l| l.end_ns)
+                .filter(|&e| e <= now_ns)
+                .collect();
+            ends.sort_unstable();
+            let excess = self.launches.len() - SM_HISTORY_MAX_LAUNCHES / 2;
+            if let Some(&cut) = ends.get(excess.min(ends.len()).saturating_sub(1)) {
+                self.settle(cut);
+            }
+        }
+    }
+}
+
+/// Adds `dt_ns` of the granted shares for these per-pid demands (Σ percent of running launches).
+fn add_granted(demand: &BTreeMap<u32, i64>, dt_ns: u64, into: &mut BTreeMap<u32, f64>) {
+    let capped = |d: i64| d.clamp(0, 100) as f64;
+    let total: f64 = demand.values().map(|&d| capped(d)).sum();
+    let scale = if total > 100.0 { 100.0 / total } else { 1.0 };
+    let seconds = dt_ns as f64 / 1e9;
+    for (&pid, &d) in demand {
+        *into.entry(pid).or_insert(0.0) += capped(d) * scale / 100.0 * seconds;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -127,7 +283,7 @@ struct Gpu {
     used_bytes: u64,
     lost: bool,
     xids: Vec<u32>,
-    running: Vec<Launch>,
+    history: SmHistory,
     launches_by_pid: BTreeMap<u32, u64>,
 }
 
@@ -146,10 +302,11 @@ pub struct DeviceModel {
     next_client: u32,
     next_handle: u32,
     now_ns: u64,
+    epoch_unix_ns: u64,
 }
 
 /// One GPU in a ground-truth snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuTruth {
     /// Index (= RM device instance = `/dev/nvidiaN` minor).
     pub index: u32,
@@ -174,10 +331,22 @@ pub struct GpuTruth {
     pub xids: Vec<u32>,
     /// SM utilisation now, percent: the shares of the running launches, capped at 100.
     pub sm_util_percent: u32,
-    /// Per-process SM utilisation now, percent (each process's running shares, capped at 100).
+    /// Per-process SM utilisation now, percent (each process's running shares, capped at 100): its
+    /// demand, before the GPU-wide scaling of the [module documentation](self).
     pub sm_util_by_pid: BTreeMap<u32, u32>,
     /// Kernel launches so far, per process.
     pub launches_by_pid: BTreeMap<u32, u64>,
+    /// Cumulative SM-seconds per process since the node's clock epoch, up to the moment of the
+    /// snapshot: the integral of the share of the SMs the process was *granted* (its
+    /// demand, scaled down with every other process's when they ask for more than 100 % together),
+    /// divided by 100, over time in seconds; running launches count up to now. Never decreases, and
+    /// survives history trimming and the process's exit.
+    #[serde(default)]
+    pub sm_seconds_by_pid: BTreeMap<u32, f64>,
+    /// The launch history behind `sm_seconds_by_pid` (bounded, see [`SmHistory`]): what the fake
+    /// NVML computes per-process utilisation samples of arbitrary windows from.
+    #[serde(default)]
+    pub sm_history: SmHistory,
 }
 
 /// One live device-memory allocation.
@@ -211,7 +380,7 @@ pub struct ManagedAllocation {
 }
 
 /// What the fake driver really holds at one moment: what tests compare attribution against.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroundTruth {
     /// Every GPU.
     pub gpus: Vec<GpuTruth>,
@@ -222,6 +391,11 @@ pub struct GroundTruth {
     /// Every live managed range, by (pid, address); none of it is in `allocations` or `used_bytes`.
     #[serde(default)]
     pub managed: Vec<ManagedAllocation>,
+    /// The wall-clock time (`CLOCK_REALTIME`, nanoseconds since the Unix epoch) of the model clock's 0,
+    /// as the serving process measured it when its clock started; 0 when nobody set it (a model used
+    /// in-process without [`crate::fs`]). Wall time of model time `t` = `clock_epoch_unix_ns + t`.
+    #[serde(default)]
+    pub clock_epoch_unix_ns: u64,
 }
 
 impl GroundTruth {
@@ -268,7 +442,7 @@ impl DeviceModel {
                     used_bytes: 0,
                     lost: false,
                     xids: Vec::new(),
-                    running: Vec::new(),
+                    history: SmHistory::default(),
                     launches_by_pid: BTreeMap::new(),
                 })
                 .collect(),
@@ -277,17 +451,28 @@ impl DeviceModel {
             next_client: CLIENT_HANDLE_BASE,
             next_handle: UNIQUE_HANDLE_BASE,
             now_ns: 0,
+            epoch_unix_ns: 0,
         }
     }
 
-    /// Advances the model's clock (nanoseconds since the node started; never goes back). The
-    /// utilisation model is evaluated at this time.
+    /// Advances the model's clock (nanoseconds since the node's clock epoch; never goes back). The
+    /// utilisation model is evaluated at this time, and launch histories are trimmed to their bounds.
     pub fn tick(&mut self, now_ns: u64) {
         self.now_ns = self.now_ns.max(now_ns);
+        for g in &mut self.gpus {
+            g.history.trim(self.now_ns);
+        }
     }
 
-    /// A kernel launch by `pid` on `gpu` occupying `sm_percent` of its SMs (clamped to 1..=100) for
-    /// `duration_ns` from now.
+    /// Records the wall-clock time (`CLOCK_REALTIME`, ns since the Unix epoch) of model time 0, for
+    /// [`GroundTruth::clock_epoch_unix_ns`].
+    pub fn set_clock_epoch_unix_ns(&mut self, unix_ns: u64) {
+        self.epoch_unix_ns = unix_ns;
+    }
+
+    /// A kernel launch by `pid` on `gpu` asking for `sm_percent` of its SMs (clamped to 1..=100) for
+    /// `duration_ns` from now (no queueing: what it is granted follows the rule of the
+    /// [module documentation](self)). A zero duration counts as a launch and occupies nothing.
     ///
     /// # Errors
     /// `NV_ERR_INVALID_ARGUMENT` for an unknown GPU, `NV_ERR_GPU_IS_LOST` for a lost one.
@@ -300,13 +485,15 @@ impl DeviceModel {
         if g.lost {
             return Err(status::NV_ERR_GPU_IS_LOST);
         }
-        g.running.retain(|l| l.end_ns > now);
-        let end_ns = now.saturating_add(duration_ns);
-        g.running.push(Launch {
-            pid,
-            sm_percent: sm_percent.clamp(1, 100),
-            end_ns,
-        });
+        if duration_ns > 0 {
+            g.history.launches.push(LaunchRecord {
+                pid,
+                sm_percent: sm_percent.clamp(1, 100),
+                start_ns: now,
+                end_ns: now.saturating_add(duration_ns),
+            });
+            g.history.trim(now);
+        }
         *g.launches_by_pid.entry(pid).or_insert(0) += 1;
         Ok(())
     }
@@ -610,8 +797,8 @@ impl DeviceModel {
 
     /// Closing an open file frees every RM client allocated through it (what the driver does on close
     /// or process exit, without any ioctl) and every managed range registered through it. A process
-    /// left with no client also stops occupying SMs (its contexts are gone). Returns how many clients
-    /// went.
+    /// left with no client also stops occupying SMs (its contexts are gone: its running launches end
+    /// now). Returns how many clients went.
     pub fn release_fd(&mut self, fd: u64) -> usize {
         self.managed.retain(|m| m.owner.fd != fd);
         let gone: Vec<(u32, u32)> = self
@@ -623,10 +810,13 @@ impl DeviceModel {
         for (h, _) in &gone {
             let _ = self.free(*h, *h);
         }
+        let now = self.now_ns;
         for (_, pid) in &gone {
             if !self.clients.values().any(|c| c.owner.tgid == *pid) {
                 for g in &mut self.gpus {
-                    g.running.retain(|l| l.pid != *pid);
+                    for l in g.history.launches.iter_mut().filter(|l| l.pid == *pid) {
+                        l.end_ns = l.end_ns.min(now);
+                    }
                 }
             }
         }
@@ -666,7 +856,7 @@ impl DeviceModel {
             .iter()
             .map(|g| {
                 let mut by_pid: BTreeMap<u32, u32> = BTreeMap::new();
-                for l in g.running.iter().filter(|l| l.end_ns > now) {
+                for l in g.history.launches.iter().filter(|l| l.end_ns > now) {
                     let e = by_pid.entry(l.pid).or_insert(0);
                     *e = (*e + l.sm_percent).min(100);
                 }
@@ -690,6 +880,8 @@ impl DeviceModel {
                 sm_util_percent: by_pid.values().sum::<u32>().min(100),
                 sm_util_by_pid: by_pid,
                 launches_by_pid: g.launches_by_pid.clone(),
+                sm_seconds_by_pid: g.history.sm_seconds_between(0, now),
+                sm_history: g.history.clone(),
             })
             .collect();
         let mut allocations = Vec::new();
@@ -729,6 +921,7 @@ impl DeviceModel {
             allocations,
             clients,
             managed,
+            clock_epoch_unix_ns: self.epoch_unix_ns,
         }
     }
 }
@@ -791,6 +984,135 @@ mod tests {
         assert!(m.set_lost(1, true));
         assert_eq!(m.launch(7, 1, 10, 10), Err(status::NV_ERR_GPU_IS_LOST));
         assert_eq!(m.launch(7, 9, 10, 10), Err(status::NV_ERR_INVALID_ARGUMENT));
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    fn sm(m: &DeviceModel, gpu: usize, pid: u32) -> f64 {
+        m.snapshot().gpus[gpu]
+            .sm_seconds_by_pid
+            .get(&pid)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn sm_seconds_of_sequential_and_concurrent_launches_follow_the_granted_shares() {
+        let mut m = DeviceModel::uniform(2, 1024);
+        // Sequential: pid 7 at 50 % for 2 s, then pid 8 at 100 % for 1 s.
+        m.tick(S);
+        m.launch(7, 0, 50, 2 * S).unwrap();
+        m.tick(3 * S);
+        m.launch(8, 0, 100, S).unwrap();
+        m.tick(5 * S);
+        assert!(close(sm(&m, 0, 7), 1.0), "{}", sm(&m, 0, 7));
+        assert!(close(sm(&m, 0, 8), 1.0), "{}", sm(&m, 0, 8));
+        // Concurrent: pid 7 asks 60 %, pid 8 asks 70 % + 50 % (its demand caps at 100 %). Together
+        // 160 %: both are scaled by 100/160, so 7 gets 37.5 % and 8 gets 62.5 % for 1 s.
+        m.tick(10 * S);
+        m.launch(7, 0, 60, S).unwrap();
+        m.launch(8, 0, 70, S).unwrap();
+        m.launch(8, 0, 50, S).unwrap();
+        let t = m.snapshot();
+        assert_eq!(t.gpus[0].sm_util_by_pid, BTreeMap::from([(7, 60), (8, 100)]));
+        assert_eq!(t.gpus[0].sm_util_percent, 100);
+        m.tick(12 * S);
+        assert!(close(sm(&m, 0, 7), 1.375), "{}", sm(&m, 0, 7));
+        assert!(close(sm(&m, 0, 8), 1.625), "{}", sm(&m, 0, 8));
+        // Together they never exceed one GPU: 1 + 1 + 1 SM-seconds over the three busy seconds.
+        let total: f64 = m.snapshot().gpus[0].sm_seconds_by_pid.values().sum();
+        assert!(close(total, 3.0), "{total}");
+        // Under 100 % together nothing is scaled; other GPUs are apart.
+        m.launch(7, 1, 30, S).unwrap();
+        m.launch(8, 1, 20, S).unwrap();
+        m.tick(20 * S);
+        assert!(close(sm(&m, 1, 7), 0.3));
+        assert!(close(sm(&m, 1, 8), 0.2));
+        assert!(close(sm(&m, 0, 7), 1.375), "GPU 0 unchanged");
+        // Windows of the history.
+        let h = &m.snapshot().gpus[0].sm_history;
+        let w = h.sm_seconds_between(2 * S, 11 * S);
+        assert!(close(w[&7], 0.5 + 0.375), "{w:?}");
+        assert!(close(w[&8], 1.0 + 0.625), "{w:?}");
+        assert!(h.sm_seconds_between(5 * S, 10 * S).is_empty(), "idle window");
+    }
+
+    #[test]
+    fn a_running_launch_counts_up_to_now_and_ends_with_its_process() {
+        let mut m = DeviceModel::uniform(1, 1024);
+        setup(&mut m, 0);
+        m.launch(100, 0, 40, 10 * S).unwrap();
+        m.tick(S * 5 / 2);
+        assert!(close(sm(&m, 0, 100), 1.0), "{}", sm(&m, 0, 100));
+        m.tick(5 * S);
+        let at_five = sm(&m, 0, 100);
+        assert!(close(at_five, 2.0), "{at_five}");
+        // The process's last client goes: its kernels die now; what it had stays.
+        assert_eq!(m.release_fd(OWNER.fd), 1);
+        m.tick(8 * S);
+        assert_eq!(sm(&m, 0, 100), at_five, "nothing more, nothing lost");
+        assert_eq!(m.snapshot().gpus[0].sm_util_percent, 0);
+    }
+
+    #[test]
+    fn trimming_the_history_loses_no_sm_seconds() {
+        let mut m = DeviceModel::uniform(1, 1024);
+        // Past the launch-count bound: 10 % for 1 ms, back to back, 1.5 × the bound.
+        let n = SM_HISTORY_MAX_LAUNCHES * 3 / 2;
+        let mut t = 0;
+        let mut last = 0.0;
+        for i in 0..n {
+            m.launch(1, 0, 10, 1_000_000).unwrap();
+            t += 1_000_000;
+            m.tick(t);
+            if i % 1000 == 999 {
+                let now = m.gpus[0].history.sm_seconds_between(0, t)[&1];
+                assert!(now >= last, "cumulative, never decreasing");
+                last = now;
+            }
+        }
+        let h = &m.gpus[0].history;
+        assert!(
+            h.launches.len() <= SM_HISTORY_MAX_LAUNCHES,
+            "{}",
+            h.launches.len()
+        );
+        assert!(h.settled_ns > 0, "trimmed");
+        let want = n as f64 * 0.1 * 0.001;
+        assert!((sm(&m, 0, 1) - want).abs() < 1e-9, "{} vs {want}", sm(&m, 0, 1));
+
+        // Past the time bound: a launch 120 s old goes, its seconds stay, bit for bit.
+        let mut m = DeviceModel::uniform(1, 1024);
+        m.launch(2, 0, 50, S).unwrap();
+        m.tick(100 * S);
+        m.launch(3, 0, 20, 1000 * S).unwrap();
+        m.tick(200 * S);
+        let before = m.snapshot().gpus[0].sm_seconds_by_pid.clone();
+        m.tick(300 * S);
+        let h = &m.gpus[0].history;
+        assert_eq!(
+            h.settled_ns,
+            100 * S,
+            "cut at the last launch edge before now - 120 s"
+        );
+        assert_eq!(h.launches.len(), 1, "only the running launch is left");
+        let after = m.snapshot().gpus[0].sm_seconds_by_pid.clone();
+        assert_eq!(after[&2], before[&2], "bit for bit");
+        assert!(close(after[&2], 0.5));
+        assert!(close(after[&3], 40.0), "{}", after[&3]);
+        // A window reaching into the trimmed part is clipped to what is kept; from 0 it is exact.
+        let h = &m.snapshot().gpus[0].sm_history;
+        assert!(!h.sm_seconds_between(S / 2, 300 * S).contains_key(&2));
+        assert!(close(h.sm_seconds_between(0, 300 * S)[&2], 0.5));
+        // The long launch is settled once it has ended and aged.
+        m.tick(1100 * S + SM_HISTORY_NS + 1);
+        assert!(m.gpus[0].history.launches.is_empty());
+        assert!(close(sm(&m, 0, 3), 200.0), "{}", sm(&m, 0, 3));
+        assert!(close(sm(&m, 0, 2), 0.5));
     }
 
     #[test]

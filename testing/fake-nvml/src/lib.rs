@@ -8,13 +8,43 @@
 //!
 //! Never panics across the FFI boundary: every entry point catches panics and returns
 //! `NVML_ERROR_UNKNOWN`.
+//!
+//! ## Per-process utilisation samples (`nvmlDeviceGetProcessUtilization`)
+//!
+//! The real library samples each process's SM share at a fixed period (about 1/6 s) into a ring
+//! buffer and returns the buffered samples newer than `lastSeenTimeStamp`, each with its own CPU
+//! timestamp (µs of `CLOCK_REALTIME`). This one computes samples from the node's exact launch history
+//! instead ([`hami_fake_gpu::model::SmHistory`]), so that they integrate to the ground truth:
+//!
+//! - the window is `(lastSeenTimeStamp, now]`, `now` being `CLOCK_REALTIME` in whole µs read just
+//!   before the node's ground truth is, so that every launch that started in the window is in it;
+//!   wall-clock times map to the node's (monotonic) model clock through
+//!   [`hami_fake_gpu::GroundTruth::clock_epoch_unix_ns`] (a step of the wall clock while the node
+//!   runs shifts the mapping: not modelled);
+//! - each process granted any SM time in the window gets exactly one sample, with `timeStamp = now`
+//!   (so every sample of one call has the same timestamp, and passing it back as the next
+//!   `lastSeenTimeStamp` tiles the windows without gaps or overlaps) and
+//!   `smUtil = round(100 × SM-seconds in the window / window length in s)` (at most 100; it can be 0
+//!   for a process with a sliver of SM time). `memUtil`, `encUtil` and `decUtil` are 0 (not
+//!   modelled). So `Σ smUtil / 100 × (timeStamp − lastSeenTimeStamp) / 10⁶` over consecutive calls is
+//!   the process's SM-seconds ([`hami_fake_gpu::model::GpuTruth::sm_seconds_by_pid`]) to within the
+//!   1-percent rounding of `smUtil` times the window;
+//! - `lastSeenTimeStamp == 0` means "since the node's clock epoch"
+//!   ([`hami_fake_gpu::GroundTruth::clock_epoch_unix_ns`], before any launch): `smUtil` is then the
+//!   average over the node's whole life, taken over the window `(epoch, now]` — not over
+//!   `(0, now]`, which a caller integrating from 0 would assume; such a caller should use the first
+//!   call only to learn a timestamp;
+//! - a window reaching back past the retained history (at least 120 s of it) counts only the
+//!   retained part (still divided by the whole window): poll more often than that to be exact;
+//! - a window with no SM time in it (or `lastSeenTimeStamp` at or after `now`) gives
+//!   `NVML_ERROR_NOT_FOUND`.
 #![allow(
     unsafe_code,
     non_snake_case,
     reason = "C ABI exports of the NVML API, with its names; every pointer is checked for null"
 )]
 
-use std::ffi::{CStr, c_char, c_int, c_uint};
+use std::ffi::{CStr, c_char, c_int, c_uint, c_ulonglong};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
@@ -22,8 +52,8 @@ use hami_fake_gpu::GroundTruth;
 use hami_fake_gpu::model::GpuTruth;
 use nvml_wrapper_sys::bindings as sys;
 pub use sys::{
-    nvmlDevice_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_t, nvmlReturn_t,
-    nvmlUtilization_t,
+    nvmlDevice_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_t,
+    nvmlProcessUtilizationSample_t, nvmlReturn_t, nvmlUtilization_t,
 };
 
 /// `NVML_SUCCESS`.
@@ -639,6 +669,99 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     })
 }
 
+/// `CLOCK_REALTIME` now, µs since the Unix epoch (0 before it).
+#[must_use]
+pub fn realtime_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The per-process utilisation samples of GPU `g` in ground truth `t` for the window
+/// `(last_seen_us, now_us]` (µs of `CLOCK_REALTIME`; `last_seen_us` 0 for everything since the node's
+/// clock epoch), by pid: one per process with SM time in the window, as the
+/// [module documentation](self) describes. Empty when there are none. `now_us` must not be later than
+/// the moment `t` was taken (launches after it are not in `t`).
+#[must_use]
+pub fn process_samples(
+    t: &GroundTruth,
+    g: &GpuTruth,
+    last_seen_us: u64,
+    now_us: u64,
+) -> Vec<nvmlProcessUtilizationSample_t> {
+    const NS_PER_US: u64 = 1_000;
+    let epoch = t.clock_epoch_unix_ns;
+    // The window's end on the model clock.
+    let end_ns = now_us.saturating_mul(NS_PER_US).saturating_sub(epoch);
+    let (start_ns, window_ns) = if last_seen_us == 0 {
+        (0, end_ns)
+    } else {
+        let start_wall = last_seen_us.saturating_mul(NS_PER_US);
+        (
+            start_wall.saturating_sub(epoch),
+            now_us.saturating_sub(last_seen_us).saturating_mul(NS_PER_US),
+        )
+    };
+    if window_ns == 0 || start_ns >= end_ns {
+        return Vec::new();
+    }
+    let window_s = window_ns as f64 / 1e9;
+    g.sm_history
+        .sm_seconds_between(start_ns, end_ns)
+        .into_iter()
+        .map(|(pid, sm_s)| nvmlProcessUtilizationSample_t {
+            pid,
+            timeStamp: now_us,
+            // In 0..=100: the float-to-int cast saturates.
+            smUtil: (100.0 * sm_s / window_s).round().min(100.0) as c_uint,
+            memUtil: 0,
+            encUtil: 0,
+            decUtil: 0,
+        })
+        .collect()
+}
+
+/// `nvmlDeviceGetProcessUtilization`: per-process utilisation samples newer than
+/// `last_seen_time_stamp` (µs of `CLOCK_REALTIME`), computed by [`process_samples`]. With
+/// `utilization` null, or `*process_samples_count` smaller than the number of samples, sets
+/// `*process_samples_count` to that number and returns `NVML_ERROR_INSUFFICIENT_SIZE`; no samples:
+/// `NVML_ERROR_NOT_FOUND`; a null count or a bad handle: `NVML_ERROR_INVALID_ARGUMENT`; a lost GPU:
+/// `NVML_ERROR_GPU_IS_LOST`.
+///
+/// # Safety
+/// `process_samples_count` is null or valid for reads and writes; `utilization` is null or valid for
+/// `*process_samples_count` entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: nvmlDevice_t,
+    utilization: *mut nvmlProcessUtilizationSample_t,
+    process_samples_count: *mut c_uint,
+    last_seen_time_stamp: c_ulonglong,
+) -> nvmlReturn_t {
+    if process_samples_count.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    // Before the ground truth is read: every launch up to `now` is then in it.
+    let now_us = realtime_us();
+    with_live_gpu(device, |t, g| {
+        let samples = process_samples(t, g, last_seen_time_stamp, now_us);
+        if samples.is_empty() {
+            return NVML_ERROR_NOT_FOUND;
+        }
+        let n = c_uint::try_from(samples.len()).unwrap_or(c_uint::MAX);
+        // SAFETY: checked non-null above.
+        let room = unsafe { process_samples_count.read() };
+        // SAFETY: checked non-null above.
+        unsafe { process_samples_count.write(n) };
+        if utilization.is_null() || room < n {
+            return NVML_ERROR_INSUFFICIENT_SIZE;
+        }
+        // SAFETY: `utilization` holds `room >= n` entries per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(samples.as_ptr(), utilization, samples.len()) };
+        NVML_SUCCESS
+    })
+}
+
 /// The event types this library can deliver: critical XIDs (from the node's injected XIDs; a lost GPU
 /// reports XID 79, "fallen off the bus", once) and the ECC classes (accepted, never raised).
 pub const SUPPORTED_EVENT_TYPES: u64 = (sys::nvmlEventTypeXidCriticalError
@@ -857,6 +980,58 @@ mod tests {
         assert_eq!(rc, NVML_SUCCESS);
         // SAFETY: NUL-terminated by the call.
         assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str(), Ok(NVML_VERSION));
+    }
+
+    #[test]
+    fn process_samples_integrate_to_the_sm_seconds_of_their_window() {
+        use hami_fake_gpu::DeviceModel;
+        const S: u64 = 1_000_000_000;
+        let epoch = 1_700_000_000 * S + 123_456_789;
+        let mut m = DeviceModel::uniform(1, 1024);
+        m.set_clock_epoch_unix_ns(epoch);
+        let at = |t_ns: u64| (epoch + t_ns) / 1_000;
+        m.tick(S);
+        m.launch(7, 0, 60, 2 * S).unwrap();
+        m.launch(8, 0, 70, S).unwrap();
+        m.tick(S + S / 2);
+        let t = m.snapshot();
+        // Window (0.5 s, 1.5 s]: 0.5 s of 60/130 and 70/130 of the GPU, over 1 s.
+        let now = at(S + S / 2);
+        let first = process_samples(&t, &t.gpus[0], at(S / 2), now);
+        let by_pid: Vec<(u32, u64, u32)> = first.iter().map(|s| (s.pid, s.timeStamp, s.smUtil)).collect();
+        assert_eq!(by_pid, [(7, now, 23), (8, now, 27)]);
+        m.tick(4 * S);
+        let t = m.snapshot();
+        let end = at(4 * S);
+        let second = process_samples(&t, &t.gpus[0], now, end);
+        // (1.5 s, 4 s]: pid 7 had 0.5 s at 60/130 and 1 s at 60 %, pid 8 0.5 s at 70/130.
+        let by_pid: Vec<(u32, u64, u32)> = second.iter().map(|s| (s.pid, s.timeStamp, s.smUtil)).collect();
+        assert_eq!(by_pid, [(7, end, 33), (8, end, 11)]);
+        for s in &t.gpus[0].sm_seconds_by_pid {
+            let integral: f64 = [(&first, S), (&second, 5 * S / 2)]
+                .iter()
+                .filter_map(|(samples, window_ns)| {
+                    samples
+                        .iter()
+                        .find(|x| x.pid == *s.0)
+                        .map(|x| f64::from(x.smUtil) / 100.0 * *window_ns as f64 / 1e9)
+                })
+                .sum();
+            assert!(
+                (integral - s.1).abs() <= 0.005 * 3.5,
+                "pid {}: {integral} vs {}",
+                s.0,
+                s.1
+            );
+        }
+        // Nothing after the last launch ended; a stale or future lastSeen is no window.
+        assert!(process_samples(&t, &t.gpus[0], end, end).is_empty());
+        assert!(process_samples(&t, &t.gpus[0], at(3 * S + S / 2), end).is_empty());
+        assert!(process_samples(&t, &t.gpus[0], end + 10, end).is_empty());
+        // lastSeen 0: the average since the clock epoch (4 s): 1.0615 s of 7, 0.5385 s of 8.
+        let all = process_samples(&t, &t.gpus[0], 0, end);
+        let by_pid: Vec<(u32, u32)> = all.iter().map(|s| (s.pid, s.smUtil)).collect();
+        assert_eq!(by_pid, [(7, 27), (8, 13)]);
     }
 
     #[test]

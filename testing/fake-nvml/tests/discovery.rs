@@ -8,51 +8,18 @@
 //! allocates device memory through the node's real RM ioctls and holds it; the parent compares what NVML
 //! reports with the node's ground truth.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
+
+use common::{HELPER, lib_dir};
 
 use hami_fake_gpu::model::MIB;
 use hami_fake_gpu::node::privileged_or_skip;
 use hami_fake_gpu::{DeviceModel, FakeNode};
-
-/// The child processes: `hami-nvml-probe probe|events|tenant` (this package's test-support binary).
-const HELPER: &str = env!("CARGO_BIN_EXE_hami-nvml-probe");
-
-/// A directory holding the built fake library as `libnvidia-ml.so.1`, removed on drop.
-struct LibDir(PathBuf);
-
-impl Drop for LibDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl LibDir {
-    fn lib(&self) -> PathBuf {
-        self.0.join("libnvidia-ml.so.1")
-    }
-}
-
-fn lib_dir(tag: &str) -> LibDir {
-    // `cargo test` builds the cdylib into target/<profile>/deps (it is uplifted only by `cargo build`);
-    // this test binary lives in that deps directory too.
-    let exe = std::env::current_exe().expect("test binary path");
-    let deps = exe.parent().expect("deps dir");
-    let built = [
-        deps.join("libnvidia_ml.so"),
-        deps.parent().expect("target dir").join("libnvidia_ml.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("the fake libnvidia_ml.so was not built");
-    let dir = std::env::temp_dir().join(format!("hami-fake-nvml-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("creating the library dir");
-    let guard = LibDir(dir);
-    std::fs::copy(&built, guard.lib()).expect("copying libnvidia_ml.so");
-    guard
-}
 
 /// Runs `hami-nvml-probe probe` in a child process and returns its `nvml …` lines.
 fn probe(lib: &Path, node_dir: Option<&Path>) -> Vec<String> {

@@ -4,7 +4,9 @@
 //!
 //! - `hami-nvml-probe probe LIB`: what `nvml-wrapper` reports about every simulated GPU;
 //! - `hami-nvml-probe events LIB`: XID / lost-GPU events;
-//! - `hami-nvml-probe tenant DIR`: holds 3 MiB of device memory on GPU 1 until stdin closes.
+//! - `hami-nvml-probe tenant DIR`: holds 3 MiB of device memory on GPU 1 until stdin closes;
+//! - `hami-nvml-probe util LIB`: answers commands on stdin about per-process utilisation (see
+//!   [`util`]).
 //!
 //! Failures panic with a message (this is a test harness), so the calling test sees a non-zero exit.
 
@@ -12,9 +14,13 @@
     clippy::unwrap_used,
     reason = "a test-support program: a failed call must abort it loudly"
 )]
+#![allow(
+    unsafe_code,
+    reason = "`util` calls nvmlDeviceGetProcessUtilization raw, to check its C-level answers"
+)]
 
 use std::ffi::OsStr;
-use std::io::Read;
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 
 use hami_fake_gpu::client::{AllocVia, RmClient};
@@ -24,6 +30,7 @@ use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper_sys::bindings::{NvmlLib, nvmlProcessUtilizationSample_t};
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -31,7 +38,8 @@ fn main() {
         (Some("probe"), Some(lib)) => probe(lib),
         (Some("events"), Some(lib)) => events(lib),
         (Some("tenant"), Some(dir)) => tenant(dir),
-        _ => panic!("usage: hami-nvml-probe probe LIB | events LIB | tenant DIR"),
+        (Some("util"), Some(lib)) => util(lib),
+        _ => panic!("usage: hami-nvml-probe probe LIB | events LIB | tenant DIR | util LIB"),
     }
 }
 
@@ -129,4 +137,95 @@ fn tenant(dir: &OsStr) {
     println!("tenant allocated");
     let mut sink = String::new();
     let _ = std::io::stdin().read_to_string(&mut sink);
+}
+
+/// `util LIB`: opens the library (with `nvml-wrapper`, and raw through `nvml-wrapper-sys`), prints
+/// `nvml util ready`, then answers one command per stdin line, each answer ending with `nvml end`:
+///
+/// - `query <gpu> <last_seen_us>`: `Device::process_utilization_stats(last_seen_us)`, printing
+///   `nvml util sample <pid> <timestamp_us> <sm_util>` per sample, or `nvml util not-found`, or
+///   `nvml util error <error>`;
+/// - `raw <gpu> <last_seen_us>`: the C-level answers of `nvmlDeviceGetProcessUtilization`, as
+///   `nvml raw <case> <nvmlReturn_t> <count>`: `null` (null buffer, count 0 in), `small` (a buffer one
+///   entry short, or one entry with count 0 in when there are no samples), `fit` (enough room),
+///   `bad-handle` (a null device), `null-count` (a null count pointer);
+/// - `launch <gpu> <sm_percent> <duration_us>`: writes that launch line to the node's `hami-control`
+///   (`$HAMI_FAKE_GPU_DIR`), so it is this process's; prints `nvml launched <pid>`.
+fn util(lib: &OsStr) {
+    let nvml = Nvml::builder().lib_path(lib).init().unwrap();
+    // The same library (dlopen returns the loaded one), called without the wrapper's checks.
+    // SAFETY: the fake NVML library, whose symbols have the nvml-wrapper-sys signatures.
+    let sys_lib = unsafe { NvmlLib::new(lib) }.unwrap();
+    let dir = std::env::var_os("HAMI_FAKE_GPU_DIR").unwrap();
+    println!("nvml util ready");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> u64 { words[i].parse().unwrap() };
+        match words.first().copied() {
+            Some("query") => {
+                let d = nvml.device_by_index(u32::try_from(num(1)).unwrap()).unwrap();
+                match d.process_utilization_stats(num(2)) {
+                    Ok(samples) => {
+                        for s in samples {
+                            println!("nvml util sample {} {} {}", s.pid, s.timestamp, s.sm_util);
+                        }
+                    }
+                    Err(NvmlError::NotFound) => println!("nvml util not-found"),
+                    Err(e) => println!("nvml util error {e:?}"),
+                }
+            }
+            Some("raw") => {
+                let d = nvml.device_by_index(u32::try_from(num(1)).unwrap()).unwrap();
+                // SAFETY: a handle of the live library, used while `nvml` lives.
+                let h = unsafe { d.handle() };
+                let last_seen = num(2);
+                let call = |buf: *mut nvmlProcessUtilizationSample_t, count: *mut u32, dev| {
+                    // SAFETY: `buf` is null or holds `*count` entries; `count` is null or valid.
+                    unsafe { sys_lib.nvmlDeviceGetProcessUtilization(dev, buf, count, last_seen) }
+                };
+                let mut count = 0;
+                let rc = call(std::ptr::null_mut(), &raw mut count, h);
+                println!("nvml raw null {rc} {count}");
+                let needed = count;
+                let mut buf = vec![
+                    nvmlProcessUtilizationSample_t {
+                        pid: 0,
+                        timeStamp: 0,
+                        smUtil: 0,
+                        memUtil: 0,
+                        encUtil: 0,
+                        decUtil: 0,
+                    };
+                    needed.max(1) as usize
+                ];
+                let mut count = needed.saturating_sub(1);
+                let rc = call(buf.as_mut_ptr(), &raw mut count, h);
+                println!("nvml raw small {rc} {count}");
+                let mut count = needed;
+                let rc = call(buf.as_mut_ptr(), &raw mut count, h);
+                println!("nvml raw fit {rc} {count}");
+                let mut count = needed;
+                let rc = call(buf.as_mut_ptr(), &raw mut count, std::ptr::null_mut());
+                println!("nvml raw bad-handle {rc} {count}");
+                let rc = call(buf.as_mut_ptr(), std::ptr::null_mut(), h);
+                println!("nvml raw null-count {rc} 0");
+            }
+            Some("launch") => {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(Path::new(&dir).join("hami-control"))
+                    .unwrap();
+                // One write(2) per line: the node parses each write on its own.
+                let line = format!("launch {} {} {}\n", num(1), num(2), num(3));
+                f.write_all(line.as_bytes()).unwrap();
+                println!("nvml launched {}", std::process::id());
+            }
+            _ => panic!("unknown command `{line}`"),
+        }
+        println!("nvml end");
+        std::io::stdout().flush().unwrap();
+    }
+    drop(sys_lib);
+    nvml.shutdown().unwrap();
 }
