@@ -6,6 +6,8 @@
 //!   "listen": "0.0.0.0:9394",            // HTTP: /metrics (Prometheus text), /snapshot (JSON), /healthz
 //!   "interval_ms": 1000,                 // how often the cgroup index is refreshed and state saved
 //!   "retain_terminated_secs": 300,       // chargeback counters of finished containers stay this long
+//!   "syscall_hook": "auto",             // "tracepoint" (ioctl only; needs tracefs), "raw" (every
+//!                                        // syscall; no tracefs), "auto": tracepoint when tracefs is up
 //!   "driver_version": null,              // e.g. "595.45.04"; default: read paths.driver_version_file
 //!   "libcuda": ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"],  // uprobe targets (missing files skipped)
 //!   "nvml_lib": null,                    // NVML for discovery; default libnvidia-ml.so.1
@@ -69,6 +71,21 @@ impl Default for HostPaths {
     }
 }
 
+/// How the programs hook the `ioctl` syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyscallHook {
+    /// `tracepoint` when tracefs is mounted, else `raw`.
+    #[default]
+    Auto,
+    /// Classic `syscalls:sys_{enter,exit}_ioctl` tracepoints: run for ioctls only. Needs tracefs
+    /// (mounted at `/sys/kernel/tracing` by the agent when missing).
+    Tracepoint,
+    /// Raw `sys_enter`/`sys_exit` tracepoints: no tracefs needed, but they run (and return at once)
+    /// for every syscall on the node.
+    Raw,
+}
+
 /// Agent configuration (see the module documentation for the file format and defaults).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -81,6 +98,8 @@ pub struct AgentConfig {
     pub interval_ms: u64,
     /// How long a finished container's counters are still exported, seconds.
     pub retain_terminated_secs: u64,
+    /// How the ioctl syscall is hooked.
+    pub syscall_hook: SyscallHook,
     /// Driver version override.
     pub driver_version: Option<String>,
     /// libcuda files to attach the uprobes to.
@@ -98,6 +117,7 @@ impl Default for AgentConfig {
             listen: "0.0.0.0:9394".into(),
             interval_ms: 1000,
             retain_terminated_secs: 300,
+            syscall_hook: SyscallHook::Auto,
             driver_version: None,
             libcuda: vec!["/usr/lib/x86_64-linux-gnu/libcuda.so.1".into()],
             nvml_lib: None,

@@ -14,13 +14,13 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{RawTracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
+use aya::programs::{RawTracePoint, TracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use hami_ebpf_common::{
     AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, counter, file_kind, names,
 };
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SyscallHook};
 use crate::error::{AgentError, Result};
 use crate::kernel;
 
@@ -29,13 +29,57 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ha
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Raw tracepoints: (program, tracepoint).
-const RAW_TRACEPOINTS: [(&str, &str); 4] = [
-    ("hami_sys_enter", "sys_enter"),
-    ("hami_sys_exit", "sys_exit"),
+/// Raw tracepoints always attached: (program, tracepoint).
+const RAW_TRACEPOINTS: [(&str, &str); 2] = [
     ("hami_process_exit", "sched_process_exit"),
     ("hami_process_fork", "sched_process_fork"),
 ];
+
+/// The ioctl hook as raw tracepoints (every syscall).
+const RAW_SYSCALL: [(&str, &str); 2] = [("hami_sys_enter", "sys_enter"), ("hami_sys_exit", "sys_exit")];
+
+/// The ioctl hook as classic tracepoints (ioctl only): (program, category, name).
+const IOCTL_TRACEPOINTS: [(&str, &str, &str); 2] = [
+    ("hami_ioctl_enter", "syscalls", "sys_enter_ioctl"),
+    ("hami_ioctl_exit", "syscalls", "sys_exit_ioctl"),
+];
+
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+fn ioctl_tracepoints_available() -> bool {
+    TRACEFS
+        .iter()
+        .any(|t| Path::new(t).join("events/syscalls/sys_enter_ioctl").exists())
+}
+
+/// Resolves the configured hook to `Tracepoint` or `Raw`, mounting tracefs for `Tracepoint`.
+fn resolve_hook(hook: SyscallHook) -> Result<SyscallHook> {
+    match hook {
+        SyscallHook::Raw => Ok(SyscallHook::Raw),
+        SyscallHook::Auto if ioctl_tracepoints_available() => Ok(SyscallHook::Tracepoint),
+        SyscallHook::Auto => Ok(SyscallHook::Raw),
+        SyscallHook::Tracepoint => {
+            if !ioctl_tracepoints_available() {
+                nix::mount::mount(
+                    Some("tracefs"),
+                    TRACEFS[0],
+                    Some("tracefs"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )
+                .map_err(|e| AgentError::ebpf("mounting tracefs at /sys/kernel/tracing", e))?;
+            }
+            if ioctl_tracepoints_available() {
+                Ok(SyscallHook::Tracepoint)
+            } else {
+                Err(AgentError::ebpf(
+                    "syscall hook",
+                    "no syscalls:sys_enter_ioctl tracepoint (kernel without CONFIG_FTRACE_SYSCALLS?); use \"raw\"",
+                ))
+            }
+        }
+    }
+}
 
 /// libcuda uprobes: (program, symbol, return probe).
 const UPROBES: [(&str, &str, bool); 12] = [
@@ -168,6 +212,8 @@ pub struct Probes {
     pub adopted: bool,
     /// Uprobe attachments made (0 when adopted).
     pub uprobes_attached: usize,
+    /// How the ioctl syscall is hooked (`Tracepoint` or `Raw`).
+    pub hook: SyscallHook,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -210,7 +256,13 @@ impl Probes {
 
         let bpffs = &cfg.paths.bpffs;
         let maps_dir = bpffs.join("maps");
-        let links_dir = bpffs.join(format!("links-{}", object_hash()));
+        let hook = resolve_hook(cfg.syscall_hook)?;
+        let hook_name = if hook == SyscallHook::Tracepoint {
+            "tp"
+        } else {
+            "raw"
+        };
+        let links_dir = bpffs.join(format!("links-{}-{hook_name}", object_hash()));
         ensure_bpffs(&maps_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
@@ -243,7 +295,7 @@ impl Probes {
             .map_err(|e| AgentError::ebpf("config map", e))?;
 
         let libs: Vec<&PathBuf> = cfg.libcuda.iter().filter(|p| p.exists()).collect();
-        let expected_links = RAW_TRACEPOINTS.len() + UPROBES.len() * libs.len();
+        let expected_links = RAW_TRACEPOINTS.len() + 2 + UPROBES.len() * libs.len();
         let pinned_links = std::fs::read_dir(&links_dir).map(|d| d.count()).unwrap_or(0);
         let adopted = pinned_links == expected_links;
         let mut uprobes_attached = 0;
@@ -258,7 +310,33 @@ impl Probes {
             }
             std::fs::create_dir_all(&links_dir).map_err(|e| AgentError::io(&links_dir, e))?;
             let mut n = 0usize;
-            for (prog, tp) in RAW_TRACEPOINTS {
+            let mut raw: Vec<(&str, &str)> = RAW_TRACEPOINTS.to_vec();
+            if hook == SyscallHook::Raw {
+                raw.extend(RAW_SYSCALL);
+            } else {
+                for (prog, category, name) in IOCTL_TRACEPOINTS {
+                    let p: &mut TracePoint = ebpf
+                        .program_mut(prog)
+                        .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
+                        .try_into()
+                        .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
+                    p.load()
+                        .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
+                    let id = p
+                        .attach(category, name)
+                        .map_err(|e| AgentError::ebpf(format!("attach {prog} to {category}:{name}"), e))?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+                    fd.pin(links_dir.join(format!("{n}-{prog}")))
+                        .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
+                    n += 1;
+                }
+            }
+            for (prog, tp) in raw {
                 let p: &mut RawTracePoint = ebpf
                     .program_mut(prog)
                     .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
@@ -315,6 +393,7 @@ impl Probes {
             _ebpf: ebpf,
             adopted,
             uprobes_attached,
+            hook,
         })
     }
 

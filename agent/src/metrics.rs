@@ -86,7 +86,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "hami_agent_ioctls_total",
         "counter",
-        "Ioctls on NVIDIA device files seen by the programs.",
+        "Ioctls on NVIDIA device files with an allocation, free, heap-control or XFER escape number, seen by the programs.",
     ),
     (
         "hami_agent_malformed_ioctls_total",

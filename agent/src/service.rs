@@ -115,8 +115,16 @@ impl Agent {
         agent.pump(0);
         let kernel = agent.probes.live_objects();
         let fixed = agent.state.reconcile(&kernel, monotonic_ns());
+        // Parsing the kernel's BTF (several MiB of types) leaves freed heap behind; hand it back so
+        // the agent's resident set reflects what it keeps.
+        #[allow(unsafe_code, reason = "malloc_trim(3) has no preconditions")]
+        // SAFETY: glibc malloc_trim may be called at any time.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         tracing::info!(
             adopted = agent.probes.adopted,
+            hook = ?agent.probes.hook,
             uprobes = agent.probes.uprobes_attached,
             live_objects = kernel.len(),
             reconciled = fixed,
@@ -249,6 +257,18 @@ impl Agent {
             reconciled: self.state.anomalies.reconciled,
         };
         snapshot::build(&self.node, now, &self.gpus, &rows, &calls, &facts, stats)
+    }
+
+    /// How the ioctl syscall is hooked (resolved from the configuration).
+    #[must_use]
+    pub fn syscall_hook(&self) -> crate::config::SyscallHook {
+        self.probes.hook
+    }
+
+    /// Whether pinned programs of this build were adopted at start.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.probes.adopted
     }
 
     /// The configuration.

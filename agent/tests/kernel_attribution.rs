@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Env, attributed, container, eventually, settle};
 use hami_fake_gpu::GroundTruth;
 
@@ -282,5 +280,43 @@ fn finished_containers_lose_gauges_then_counters_after_export() {
     agent.housekeeping().unwrap();
     let s = agent.snapshot(true);
     assert!(s.containers.iter().all(|k| k.cgroup_id != id), "{s:#?}");
-    let _ = Path::new("/");
+}
+
+#[test]
+fn classic_ioctl_tracepoints_attribute_like_the_raw_hook() {
+    use hami_agent::config::SyscallHook;
+    let Some(mut env) = Env::new("tracepoint", 2, 256) else {
+        return;
+    };
+    // The agent mounts tracefs at /sys/kernel/tracing when it is missing (left mounted: it is the
+    // standard location, and other agents may use it).
+    env.cfg.syscall_hook = SyscallHook::Tracepoint;
+    let mut agent = env.agent();
+    assert_eq!(agent.syscall_hook(), SyscallHook::Tracepoint);
+    let c = env.container(8);
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--alloc",
+            "1048576",
+            "--raw-alloc",
+            "2097152",
+            "--raw-device",
+            "1",
+            "--raw-via",
+            "vid-heap",
+            "--xfer",
+            "--hold",
+        ],
+        &[],
+    );
+    w.words("meminfo");
+    let t = env.node.ground_truth();
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), t.bytes(w.pid, 0));
+    assert_eq!(attributed(&s, &c, 1), t.bytes(w.pid, 1));
+    assert_eq!((attributed(&s, &c, 0), attributed(&s, &c, 1)), (MIB, 2 * MIB));
+    w.finish();
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0) + attributed(&s, &c, 1), 0);
 }

@@ -278,6 +278,13 @@ fn dispatch() -> Result<()> {
             a.extend(rest);
             run(&cargo(), &a)
         }
+        Some("bench") if rest.first() == Some(&"agent") => {
+            // Root only: eBPF, FUSE and cgroups (the benchmark says so and exits otherwise).
+            run(
+                &cargo(),
+                &["bench", "--locked", "-p", "hami-agent", "--bench", "overhead"],
+            )
+        }
         Some("bench") => {
             let mut a = vec!["bench", "-p", "hami-policy", "--bench", "placement", "--"];
             a.extend(rest);

@@ -110,6 +110,8 @@ impl Env {
             listen: "127.0.0.1:0".into(),
             interval_ms: 100,
             retain_terminated_secs: 0,
+            // Explicit, so both hooks are always covered (one test sets Tracepoint).
+            syscall_hook: hami_agent::config::SyscallHook::Raw,
             driver_version: Some("595.45.04".into()),
             libcuda: vec![lib_dir.join("libcuda.so.1")],
             nvml_lib: None,

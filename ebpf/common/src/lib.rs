@@ -235,7 +235,7 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 1;
     /// Allocation objects not recorded because the allocation map was full.
     pub const ALLOC_MAP_FULL: u32 = 2;
-    /// Ioctls on NVIDIA files seen at syscall entry.
+    /// Ioctls on NVIDIA files with an allocation, free, heap or XFER escape number, at syscall entry.
     pub const IOCTLS: u32 = 3;
     /// Number of slots.
     pub const COUNT: u32 = 4;
@@ -358,6 +358,8 @@ pub mod pt_regs {
     pub const SI: usize = 104;
     /// `dx`: third argument.
     pub const DX: usize = 96;
+    /// `orig_ax`: the syscall number (kept at syscall exit, when `ax` holds the return value).
+    pub const ORIG_AX: usize = 120;
 }
 
 /// x86_64 `ioctl` syscall number.

@@ -1,6 +1,8 @@
 //! The hami eBPF programs.
 //!
-//! * `sys_enter` / `sys_exit` (raw tracepoints, so no tracefs is needed): `ioctl(2)` on the NVIDIA
+//! * `syscalls:sys_enter_ioctl` / `sys_exit_ioctl` (classic tracepoints, where tracefs is mounted: they
+//!   run for ioctls only), or `sys_enter` / `sys_exit` (raw tracepoints, no tracefs needed, but they run
+//!   for every syscall): `ioctl(2)` on the NVIDIA
 //!   device files the agent registered by (superblock dev, inode). Entry records the (XFER-unwrapped)
 //!   escape; exit reads the parameter struct back from the caller's memory, checks the RM `status`
 //!   written by the driver, and keeps the live device-memory objects in `HAMI_ALLOCS`, emitting one
@@ -28,9 +30,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user,
     },
-    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use hami_ebpf_common::{
     AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, Pending, SYS_IOCTL, UprobePending, call,
@@ -148,16 +150,58 @@ pub fn hami_sys_enter(ctx: RawTracePointContext) -> i32 {
     }
     let regs: u64 = ctx.arg(0);
     // SAFETY: reads through helpers only.
-    unsafe { on_ioctl_enter(regs) };
+    unsafe {
+        let Some(cmd) = kread::<u64>(regs, pt_regs::SI as u32) else {
+            return 0;
+        };
+        if !candidate(cmd) {
+            return 0;
+        }
+        let (Some(fd), Some(arg)) = (
+            kread::<u64>(regs, pt_regs::DI as u32),
+            kread::<u64>(regs, pt_regs::DX as u32),
+        ) else {
+            return 0;
+        };
+        on_ioctl_enter(fd, cmd, arg);
+    }
     0
 }
 
+/// `syscalls:sys_enter_ioctl` (classic tracepoint: runs for ioctl only, needs tracefs). Record layout
+/// (`struct syscall_trace_enter`, `include/trace/syscall.h`): 8-byte common header, `int nr` at 8,
+/// `args[i]` at 16 + 8·i.
+#[tracepoint]
+pub fn hami_ioctl_enter(ctx: TracePointContext) -> i32 {
+    // SAFETY: offsets inside the tracepoint record.
+    unsafe {
+        let Ok(cmd) = ctx.read_at::<u64>(24) else { return 0 };
+        if !candidate(cmd) {
+            return 0;
+        }
+        let (Ok(fd), Ok(arg)) = (ctx.read_at::<u64>(16), ctx.read_at::<u64>(32)) else {
+            return 0;
+        };
+        on_ioctl_enter(fd, cmd, arg);
+    }
+    0
+}
+
+/// Whether an ioctl command can be an RM allocation, free, heap control or XFER. The driver dispatches
+/// on `_IOC_NR` alone (`reference/nvidia-driver-abi.md` §2), so the number is tested before the
+/// costlier walk from the fd to its inode.
 #[inline(always)]
-unsafe fn on_ioctl_enter(regs: u64) -> Option<()> {
+fn candidate(cmd: u64) -> bool {
+    let nr = (cmd & 0xff) as u32;
+    nr == nv::ESC_RM_ALLOC
+        || nr == nv::ESC_RM_FREE
+        || nr == nv::ESC_RM_VID_HEAP_CONTROL
+        || nr == nv::ESC_IOCTL_XFER_CMD
+}
+
+#[inline(always)]
+unsafe fn on_ioctl_enter(fd: u64, cmd: u64, arg: u64) -> Option<()> {
     let c = config()?;
-    let fd: u64 = unsafe { kread(regs, pt_regs::DI as u32)? };
-    let cmd: u64 = unsafe { kread(regs, pt_regs::SI as u32)? };
-    let arg: u64 = unsafe { kread(regs, pt_regs::DX as u32)? };
     let key = unsafe { file_of_fd(fd, &c)? };
     // SAFETY: plain map lookup.
     let kind = unsafe { *HAMI_DEVICE_FILES.get(key)? };
@@ -207,19 +251,39 @@ unsafe fn on_ioctl_enter(regs: u64) -> Option<()> {
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn hami_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: reads through helpers only.
+    if unsafe { kread::<u64>(regs, pt_regs::ORIG_AX as u32) } != Some(SYS_IOCTL) {
+        return 0;
+    }
+    on_ioctl_exit(ctx.arg(1));
+    0
+}
+
+/// `syscalls:sys_exit_ioctl`: `long ret` at 16 (`struct syscall_trace_exit`).
+#[tracepoint]
+pub fn hami_ioctl_exit(ctx: TracePointContext) -> i32 {
+    // SAFETY: offset inside the tracepoint record.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(16) } {
+        on_ioctl_exit(ret);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_ioctl_exit(ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: plain map lookup; the value is copied out before removal.
     let Some(p) = (unsafe { HAMI_PENDING.get(pid_tgid) }).copied() else {
-        return 0;
+        return;
     };
     let _ = HAMI_PENDING.remove(pid_tgid);
-    let ret: i64 = ctx.arg(1);
     if ret != 0 || p.file_kind != file_kind::CTL {
         // The syscall itself failed (the driver never ran the escape) or RM escapes were sent to a
         // per-GPU fd, which the driver refuses (`NV_CTL_DEVICE_ONLY`).
-        return 0;
+        return;
     }
-    let Some(c) = config() else { return 0 };
+    let Some(c) = config() else { return };
     if on_escape(&p, &c).is_none() {
         bump(counter::MALFORMED);
         let mut ev = base_event(event_kind::MALFORMED);
@@ -227,7 +291,6 @@ pub fn hami_sys_exit(ctx: RawTracePointContext) -> i32 {
         ev.bytes = u64::from(p.size);
         emit(&ev);
     }
-    0
 }
 
 #[inline(always)]
