@@ -48,6 +48,10 @@ pub struct Usage {
     pub byte_ns: u128,
     /// Time of the last change, CLOCK_MONOTONIC ns.
     pub last_ns: u64,
+    /// Cumulative SM time from NVML per-process utilisation samples, in SM-microseconds (one SM-second
+    /// is the whole GPU's SMs busy for one second).
+    #[serde(default)]
+    pub sm_us: u64,
 }
 
 impl Usage {
@@ -147,6 +151,20 @@ pub struct Attribution {
     pub anomalies: Anomalies,
     /// Events applied since the state was created.
     pub events: u64,
+    /// Per GPU, the NVML timestamp (µs) up to which utilisation samples were integrated.
+    #[serde(default)]
+    pub utilization_seen_us: BTreeMap<u32, u64>,
+}
+
+/// One NVML per-process utilisation sample (`nvmlProcessUtilizationSample_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UtilSample {
+    /// Host pid.
+    pub pid: u32,
+    /// CPU timestamp, µs.
+    pub timestamp_us: u64,
+    /// SM utilisation over the sample's period, percent.
+    pub sm_percent: u32,
 }
 
 mod as_pairs {
@@ -359,6 +377,53 @@ impl Attribution {
                 u.released += 1;
             }
         }
+    }
+
+    /// Integrates NVML per-process utilisation samples of `gpu` into SM time. Each pid's samples are
+    /// taken in time order; a sample covers the period since the pid's previous sample in this batch, or
+    /// since the previous batch's timestamp (`utilization_seen_us`) for the first one. The first batch of
+    /// a GPU only sets the starting timestamp (its period is unknown). `cgroup_of` maps host pids to
+    /// cgroup ids (unknown pids are skipped). Returns the SM-microseconds added.
+    pub fn apply_utilization(
+        &mut self,
+        gpu: u32,
+        samples: &[UtilSample],
+        now_us: u64,
+        mut cgroup_of: impl FnMut(u32) -> Option<u64>,
+    ) -> u64 {
+        let Some(&seen) = self.utilization_seen_us.get(&gpu) else {
+            let start = samples
+                .iter()
+                .map(|s| s.timestamp_us)
+                .max()
+                .unwrap_or(now_us)
+                .max(now_us);
+            self.utilization_seen_us.insert(gpu, start);
+            return 0;
+        };
+        let mut sorted: Vec<UtilSample> = samples
+            .iter()
+            .copied()
+            .filter(|s| s.timestamp_us > seen)
+            .collect();
+        sorted.sort_by_key(|s| (s.pid, s.timestamp_us));
+        let mut added = 0;
+        let mut prev: Option<(u32, u64)> = None;
+        for s in &sorted {
+            let from = match prev {
+                Some((pid, ts)) if pid == s.pid => ts,
+                _ => seen,
+            };
+            prev = Some((s.pid, s.timestamp_us));
+            let sm_us = u64::from(s.sm_percent.min(100)) * (s.timestamp_us - from) / 100;
+            if let Some(cg) = cgroup_of(s.pid) {
+                self.entry(cg, gpu, MemoryKind::Device).sm_us += sm_us;
+                added += sm_us;
+            }
+        }
+        let newest = sorted.iter().map(|s| s.timestamp_us).max().unwrap_or(seen);
+        self.utilization_seen_us.insert(gpu, newest.max(seen));
+        added
     }
 
     /// Reconciles the live objects with the kernel's table (authoritative): objects the kernel holds
@@ -605,6 +670,51 @@ mod tests {
         // The kernel no longer holds it (its free event was lost): reconcile releases it.
         assert_eq!(a.reconcile(&[], 30), 1);
         assert_eq!(dev_row(&a, 7, 0, 40).usage.bytes, 0);
+    }
+
+    #[test]
+    fn utilization_samples_integrate_per_pid_and_skip_unknown_pids() {
+        let mut a = Attribution::new();
+        let cg = |pid: u32| match pid {
+            1 | 2 => Some(7),
+            3 => Some(8),
+            _ => None,
+        };
+        let s = |pid, ts, pct| UtilSample {
+            pid,
+            timestamp_us: ts,
+            sm_percent: pct,
+        };
+        // First batch: only the starting point.
+        assert_eq!(a.apply_utilization(0, &[s(1, 1_000_000, 50)], 1_000_000, cg), 0);
+        // One sample per pid over (1 s, 2 s]: 50 % and 25 % in cgroup 7, 100 % in cgroup 8.
+        let added = a.apply_utilization(
+            0,
+            &[
+                s(1, 2_000_000, 50),
+                s(2, 2_000_000, 25),
+                s(3, 2_000_000, 100),
+                s(9, 2_000_000, 100),
+            ],
+            2_000_000,
+            cg,
+        );
+        assert_eq!(added, 500_000 + 250_000 + 1_000_000);
+        // Periodic samples (real NVML): each covers the time since the previous one of the same pid.
+        a.apply_utilization(0, &[s(1, 2_500_000, 100), s(1, 3_000_000, 0)], 3_000_000, cg);
+        let sm = |a: &Attribution, c| {
+            a.rows(0)
+                .iter()
+                .filter(|r| r.key.cgroup_id == c)
+                .map(|r| r.usage.sm_us)
+                .sum::<u64>()
+        };
+        assert_eq!(sm(&a, 7), 750_000 + 500_000);
+        assert_eq!(sm(&a, 8), 1_000_000);
+        // Samples not newer than what was integrated are ignored (no double counting).
+        assert_eq!(a.apply_utilization(0, &[s(1, 3_000_000, 100)], 3_000_000, cg), 0);
+        // A GPU's timeline is separate.
+        assert_eq!(a.apply_utilization(1, &[s(1, 3_000_000, 100)], 3_000_000, cg), 0);
     }
 
     #[test]

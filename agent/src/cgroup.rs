@@ -230,6 +230,19 @@ impl CgroupIndex {
     }
 }
 
+/// The cgroup v2 id of process `pid`: its `0::<path>` line in `<proc_root>/<pid>/cgroup`, resolved to
+/// the directory's inode under the cgroup2 mount `cgroup_root`. `None` when the process is gone or is
+/// not in a v2 cgroup.
+#[must_use]
+pub fn cgroup_id_of_pid(proc_root: &Path, cgroup_root: &Path, pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    std::fs::metadata(cgroup_root.join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
+}
+
 /// The cgroup2 mount point listed in a `/proc/self/mounts`-format file (first match), e.g.
 /// `/sys/fs/cgroup` on a unified host or `/sys/fs/cgroup/unified` on a hybrid one.
 ///

@@ -14,6 +14,7 @@
 //!   "paths": {
 //!     "dev_dir": "/dev",                 // nvidiactl, nvidia<N>, nvidia-uvm are looked up here
 //!     "mounts": "/proc/self/mounts",     // to find the cgroup2 mount
+//!     "proc": "/proc",                   // host procfs (pid → cgroup for NVML utilisation samples)
 //!     "cgroup_root": null,               // cgroup2 mount; default: from `mounts`
 //!     "bpffs": "/sys/fs/bpf/hami",       // pinned maps and links; programs stay attached across agent
 //!                                        // restarts (`hami-agent detach` removes them); bpffs is mounted
@@ -45,6 +46,8 @@ pub struct HostPaths {
     pub dev_dir: PathBuf,
     /// A `/proc/self/mounts`-format file.
     pub mounts: PathBuf,
+    /// The host's procfs (for pid → cgroup of NVML samples).
+    pub proc: PathBuf,
     /// The cgroup2 mount (default: found in `mounts`).
     pub cgroup_root: Option<PathBuf>,
     /// bpffs directory for pinned maps and links.
@@ -62,6 +65,7 @@ impl Default for HostPaths {
         Self {
             dev_dir: "/dev".into(),
             mounts: "/proc/self/mounts".into(),
+            proc: "/proc".into(),
             cgroup_root: None,
             bpffs: "/sys/fs/bpf/hami".into(),
             btf: "/sys/kernel/btf/vmlinux".into(),

@@ -206,6 +206,7 @@ pub struct Probes {
     events: RingBuf<MapData>,
     allocs: HashMap<MapData, ObjectKey, AllocValue>,
     objects: HashMap<MapData, ObjectKey, u32>,
+    tracked: HashMap<MapData, u32, u64>,
     calls: PerCpuHashMap<MapData, CallKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     /// Whether pinned links of this build were adopted instead of attaching anew.
@@ -388,6 +389,7 @@ impl Probes {
             events: take(&mut ebpf, names::EVENTS)?,
             allocs: take(&mut ebpf, names::ALLOCS)?,
             objects: take(&mut ebpf, names::OBJECTS)?,
+            tracked: take(&mut ebpf, names::TRACKED)?,
             calls: take(&mut ebpf, names::CALLS)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             _ebpf: ebpf,
@@ -461,6 +463,12 @@ impl Probes {
             *out.entry(k.cgroup_id).or_default().entry(k.call).or_default() += total;
         }
         out
+    }
+
+    /// The cgroup id of a process that used the driver (`None` when it never did).
+    #[must_use]
+    pub fn cgroup_of_tgid(&self, tgid: u32) -> Option<u64> {
+        self.tracked.get(&tgid, 0).ok()
     }
 
     /// Deletes the call counters of a cgroup (after its final values were exported).

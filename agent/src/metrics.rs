@@ -49,6 +49,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Device-memory allocations the driver refused (non-zero RM status).",
     ),
     (
+        "hami_container_sm_seconds_total",
+        "counter",
+        "Chargeback: SM time of the container on the GPU, SM-seconds (NVML per-process utilisation joined on host pid; 1 = all SMs busy for one second).",
+    ),
+    (
         "hami_container_managed_memory_bytes",
         "gauge",
         "Managed (cuMemAllocManaged) memory reserved by the container now, bytes (seen by the libcuda uprobes).",
@@ -155,6 +160,7 @@ pub fn render(s: &Snapshot) -> Result<String> {
         "hami_container_device_memory_failed_allocations_total",
         &gpu_labels,
     )?;
+    let sm = fcounter("hami_container_sm_seconds_total", &gpu_labels)?;
     let managed = gauge("hami_container_managed_memory_bytes", &ctr)?;
     let managed_bsec = fcounter("hami_container_managed_memory_byte_seconds_total", &ctr)?;
     let mut call_labels = ctr.to_vec();
@@ -189,6 +195,7 @@ pub fn render(s: &Snapshot) -> Result<String> {
             frees.with_label_values(&l).inc_by(g.frees);
             released.with_label_values(&l).inc_by(g.released);
             failed.with_label_values(&l).inc_by(g.failed_allocations);
+            sm.with_label_values(&l).set(g.sm_seconds);
         }
         if let Some(m) = &c.managed {
             if !c.terminated {
@@ -239,6 +246,10 @@ pub fn render(s: &Snapshot) -> Result<String> {
         .replace(
             "# TYPE hami_container_managed_memory_byte_seconds_total gauge",
             "# TYPE hami_container_managed_memory_byte_seconds_total counter",
+        )
+        .replace(
+            "# TYPE hami_container_sm_seconds_total gauge",
+            "# TYPE hami_container_sm_seconds_total counter",
         ))
 }
 
@@ -291,6 +302,7 @@ mod tests {
                     frees: 1,
                     released: 0,
                     failed_allocations: 1,
+                    sm_seconds: 0.5,
                 }],
                 managed: None,
                 cuda_calls: BTreeMap::from([("cuLaunchKernel".to_owned(), 7)]),

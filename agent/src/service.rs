@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hami_ebpf_common::counter;
 
-use crate::attribution::Attribution;
+use crate::attribution::{Attribution, UtilSample};
 use crate::cgroup::{self, CgroupIndex};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
@@ -39,20 +39,33 @@ pub struct Agent {
     index: CgroupIndex,
     terminated: HashMap<u64, Terminated>,
     gpus: Vec<GpuInfo>,
+    nvml: Option<nvml_wrapper::Nvml>,
+    cgroup_root: PathBuf,
     state_file: PathBuf,
 }
 
-/// Discovers the GPUs through NVML (`nvml_lib` overrides the library path).
+fn nvml_error(e: nvml_wrapper::error::NvmlError) -> AgentError {
+    AgentError::ebpf("NVML", e)
+}
+
+/// Opens NVML (`nvml_lib` overrides the library path).
 ///
 /// # Errors
-/// NVML cannot be loaded or answers with an error.
-pub fn discover_gpus(nvml_lib: Option<&std::path::Path>) -> Result<Vec<GpuInfo>> {
-    let fail = |e: nvml_wrapper::error::NvmlError| AgentError::ebpf("NVML discovery", e);
+/// NVML cannot be loaded or initialised.
+pub fn open_nvml(nvml_lib: Option<&std::path::Path>) -> Result<nvml_wrapper::Nvml> {
     let mut b = nvml_wrapper::Nvml::builder();
     if let Some(p) = nvml_lib {
         b.lib_path(p.as_os_str());
     }
-    let nvml = b.init().map_err(fail)?;
+    b.init().map_err(nvml_error)
+}
+
+/// Discovers the GPUs through NVML.
+///
+/// # Errors
+/// NVML answers with an error.
+pub fn discover_gpus(nvml: &nvml_wrapper::Nvml) -> Result<Vec<GpuInfo>> {
+    let fail = nvml_error;
     let n = nvml.device_count().map_err(fail)?;
     let mut out = Vec::new();
     for i in 0..n {
@@ -85,12 +98,20 @@ impl Agent {
                 })?,
         };
         let probes = Probes::open(&cfg)?;
-        let gpus = match discover_gpus(cfg.nvml_lib.as_deref()) {
-            Ok(g) => g,
+        let nvml = match open_nvml(cfg.nvml_lib.as_deref()) {
+            Ok(n) => Some(n),
             Err(e) => {
+                tracing::warn!(error = %e, "NVML unavailable: no GPU UUIDs and no SM time");
+                None
+            }
+        };
+        let gpus = match nvml.as_ref().map(discover_gpus) {
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "GPU discovery failed; series carry GPU indexes only");
                 Vec::new()
             }
+            None => Vec::new(),
         };
         std::fs::create_dir_all(&cfg.paths.state_dir).map_err(|e| AgentError::io(&cfg.paths.state_dir, e))?;
         let state_file = cfg.paths.state_dir.join(STATE_FILE);
@@ -104,7 +125,9 @@ impl Agent {
         };
         let mut agent = Self {
             node: cfg.effective_node_name(),
-            index: CgroupIndex::new(cgroup_root),
+            index: CgroupIndex::new(cgroup_root.clone()),
+            cgroup_root,
+            nvml,
             cfg,
             probes,
             state,
@@ -113,6 +136,8 @@ impl Agent {
             state_file,
         };
         agent.pump(0);
+        // Utilisation is integrated from here on (the first query of a GPU only sets the baseline).
+        agent.sample_utilization();
         let kernel = agent.probes.live_objects();
         let fixed = agent.state.reconcile(&kernel, monotonic_ns());
         // Parsing the kernel's BTF (several MiB of types) leaves freed heap behind; hand it back so
@@ -155,6 +180,45 @@ impl Agent {
         n
     }
 
+    /// Integrates NVML per-process utilisation samples of every GPU into per-container SM time.
+    pub fn sample_utilization(&mut self) {
+        let Some(nvml) = &self.nvml else { return };
+        let now_us = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).map_or(0, |t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000
+        });
+        for g in &self.gpus {
+            let Ok(dev) = nvml.device_by_index(g.index) else {
+                continue;
+            };
+            let seen = self.state.utilization_seen_us.get(&g.index).copied().unwrap_or(0);
+            let samples = match dev.process_utilization_stats(seen) {
+                Ok(v) => v,
+                Err(nvml_wrapper::error::NvmlError::NotFound) => Vec::new(),
+                Err(e) => {
+                    tracing::debug!(gpu = g.index, error = %e, "process utilisation unavailable");
+                    continue;
+                }
+            };
+            let samples: Vec<UtilSample> = samples
+                .iter()
+                .map(|s| UtilSample {
+                    pid: s.pid,
+                    timestamp_us: s.timestamp,
+                    sm_percent: s.sm_util,
+                })
+                .collect();
+            let probes = &self.probes;
+            let (proc_root, cg_root) = (&self.cfg.paths.proc, &self.cgroup_root);
+            let added = self.state.apply_utilization(g.index, &samples, now_us, |pid| {
+                probes
+                    .cgroup_of_tgid(pid)
+                    .or_else(|| cgroup::cgroup_id_of_pid(proc_root, cg_root, pid))
+            });
+            tracing::debug!(gpu = g.index, seen, samples = ?samples, added_sm_us = added, "utilisation");
+        }
+    }
+
     /// Periodic work: refreshes cgroup paths, marks finished containers, forgets those whose
     /// retention ended after they were exported, saves the state.
     ///
@@ -162,6 +226,7 @@ impl Agent {
     /// The state file cannot be written.
     pub fn housekeeping(&mut self) -> Result<()> {
         self.index.refresh();
+        self.sample_utilization();
         let retain = Duration::from_secs(self.cfg.retain_terminated_secs);
         let mut cgroups = self.state.cgroups();
         cgroups.extend(self.probes.calls().into_keys());
@@ -209,6 +274,7 @@ impl Agent {
     /// The snapshot now. `for_export` marks finished containers as exported (their counters are then
     /// dropped once retention ends).
     pub fn snapshot(&mut self, for_export: bool) -> Snapshot {
+        self.sample_utilization();
         let now = monotonic_ns();
         let rows = self.state.rows(now);
         let names: BTreeMap<u32, &str> = CALL_NAMES.iter().copied().collect();

@@ -43,6 +43,8 @@ pub struct GpuMemory {
     pub released: u64,
     /// Allocations refused by the driver.
     pub failed_allocations: u64,
+    /// Cumulative SM time on this GPU from NVML per-process utilisation, SM-seconds (never decreases).
+    pub sm_seconds: f64,
 }
 
 /// Managed (`cuMemAllocManaged`) memory of one container.
@@ -167,6 +169,8 @@ pub fn build(
                     frees: r.usage.frees,
                     released: r.usage.released,
                     failed_allocations: r.usage.failed_allocations,
+                    #[allow(clippy::cast_precision_loss, reason = "exact below 2^53 µs (285 years)")]
+                    sm_seconds: r.usage.sm_us as f64 / 1e6,
                 });
             }
             MemoryKind::Managed => {

@@ -51,6 +51,31 @@ fn artifacts() -> (PathBuf, PathBuf) {
     find(&t).expect("hami-cuda-workload and libcuda.so after building hami-fake-cuda")
 }
 
+/// The fake `libnvidia-ml.so` built with the workspace (built by `cargo test --workspace`; built here
+/// when missing).
+pub(crate) fn fake_nvml() -> PathBuf {
+    let t = target_dir();
+    let find = |t: &Path| {
+        [t.join("deps/libnvidia_ml.so"), t.join("libnvidia_ml.so")]
+            .into_iter()
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find(&t) {
+        return p;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "hami-fake-nvml"]);
+    if t.ends_with("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "cargo build -p hami-fake-nvml failed"
+    );
+    find(&t).expect("libnvidia_ml.so after building hami-fake-nvml")
+}
+
 /// The cgroup2 mount of this machine.
 fn cgroup2_root() -> PathBuf {
     hami_agent::cgroup::cgroup2_mount(Path::new("/proc/self/mounts"))
@@ -137,6 +162,19 @@ impl Env {
     /// (`kubepods/burstable/pod<uid>/<container id>`). Returns its path.
     pub(crate) fn container(&self, n: u8) -> PathBuf {
         let (uid, cid) = ids(n);
+        let p = self
+            .cg_root
+            .join("kubepods/burstable")
+            .join(format!("pod{uid}"))
+            .join(cid);
+        std::fs::create_dir_all(&p).expect("container cgroup");
+        p
+    }
+
+    /// Container `ctr` of pod `pod` (several containers of one pod share the pod cgroup).
+    pub(crate) fn container_in(&self, pod: u8, ctr: u8) -> PathBuf {
+        let (uid, _) = ids(pod);
+        let (_, cid) = ids(ctr);
         let p = self
             .cg_root
             .join("kubepods/burstable")

@@ -19,6 +19,8 @@ pub mod names {
     pub const OBJECTS: &str = "HAMI_OBJECTS";
     /// `HashMap<ObjectKey, AllocValue>`: live device-memory objects (pinned; authoritative).
     pub const ALLOCS: &str = "HAMI_ALLOCS";
+    /// `HashMap<u32 tgid, u64 cgroup id>`: processes that used the driver (pinned).
+    pub const TRACKED: &str = "HAMI_TRACKED";
     /// `RingBuf` of [`super::Event`] (pinned).
     pub const EVENTS: &str = "HAMI_EVENTS";
     /// `PerCpuHashMap<CallKey, u64>`: calls of hooked libcuda functions per cgroup.
