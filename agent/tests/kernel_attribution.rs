@@ -320,3 +320,40 @@ fn classic_ioctl_tracepoints_attribute_like_the_raw_hook() {
     let s = settle(&mut agent);
     assert_eq!(attributed(&s, &c, 0) + attributed(&s, &c, 1), 0);
 }
+
+#[test]
+fn a_wrong_driver_generation_counts_malformed_payloads_and_charges_nothing() {
+    // The agent is told the driver is 530 (40-byte NVOS64) while the simulated driver speaks 595
+    // (48-byte NVOS64): every allocation payload has an unexpected size for the configured layout.
+    let Some(mut env) = Env::new("wrong-abi", 1, 256) else {
+        return;
+    };
+    env.cfg.driver_version = Some("530.41.03".into());
+    let mut agent = env.agent();
+    let c = env.container(11);
+    let mut w = env.spawn(
+        &c,
+        &["--alloc", "1048576", "--alloc", "1048576", "--hold"],
+        &[("HAMI_FAKE_CUDA_ALLOC", "nvos64")],
+    );
+    w.words("meminfo");
+    assert_eq!(
+        env.node.ground_truth().bytes(w.pid, 0),
+        2 * MIB,
+        "the driver did allocate"
+    );
+    let s = settle(&mut agent);
+    assert_eq!(
+        attributed(&s, &c, 0),
+        0,
+        "nothing is charged from a payload of unknown layout"
+    );
+    // The NV01_DEVICE_0 allocation and both vidmem allocations use NVOS64.
+    assert_eq!(s.agent.malformed_ioctls, 3, "{:?}", s.agent);
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(
+        text.contains("hami_agent_malformed_ioctls_total{node=\"test-node\"} 3"),
+        "{text}"
+    );
+    w.finish();
+}
