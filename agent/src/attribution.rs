@@ -320,7 +320,7 @@ impl Attribution {
                 }
                 cleanup.allocs = doomed;
             }
-            event_kind::EXIT => {
+            event_kind::EXIT | event_kind::EXEC => {
                 let doomed: Vec<ObjectKey> = self
                     .live
                     .iter()
@@ -569,6 +569,15 @@ mod tests {
         assert_eq!(dev_row(&a, 7, 0, 30).usage.bytes, 1000);
         assert_eq!(dev_row(&a, 7, 1, 30).usage.bytes, 0);
         assert_eq!(dev_row(&a, 7, 0, 30).usage.released, 1);
+    }
+
+    #[test]
+    fn exec_releases_like_exit() {
+        let mut a = Attribution::new();
+        a.apply(&alloc(10, 7, 1, 0, 1000, 10));
+        let c = a.apply(&ev(event_kind::EXEC, 10, 7, 20));
+        assert_eq!((c.allocs.len(), c.exited_tgid), (1, Some(10)));
+        assert_eq!(dev_row(&a, 7, 0, 30).usage.bytes, 0);
     }
 
     #[test]

@@ -30,9 +30,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ha
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Raw tracepoints always attached: (program, tracepoint).
-const RAW_TRACEPOINTS: [(&str, &str); 2] = [
+const RAW_TRACEPOINTS: [(&str, &str); 3] = [
     ("hami_process_exit", "sched_process_exit"),
     ("hami_process_fork", "sched_process_fork"),
+    ("hami_process_exec", "sched_process_exec"),
 ];
 
 /// The ioctl hook as raw tracepoints (every syscall).
@@ -82,7 +83,9 @@ fn resolve_hook(hook: SyscallHook) -> Result<SyscallHook> {
 }
 
 /// libcuda uprobes: (program, symbol, return probe).
-const UPROBES: [(&str, &str, bool); 12] = [
+const UPROBES: [(&str, &str, bool); 14] = [
+    ("hami_cu_mem_release", "cuMemRelease", false),
+    ("hami_cu_mem_free_async", "cuMemFreeAsync", false),
     ("hami_cu_mem_alloc", "cuMemAlloc_v2", false),
     ("hami_cu_mem_alloc_pitch", "cuMemAllocPitch_v2", false),
     ("hami_cu_mem_create", "cuMemCreate", false),
@@ -98,7 +101,9 @@ const UPROBES: [(&str, &str, bool); 12] = [
 ];
 
 /// Call names of [`hami_ebpf_common::call`] ids, as exported in metric labels.
-pub const CALL_NAMES: [(u32, &str); 10] = [
+pub const CALL_NAMES: [(u32, &str); 12] = [
+    (hami_ebpf_common::call::MEM_RELEASE, "cuMemRelease"),
+    (hami_ebpf_common::call::MEM_FREE_ASYNC, "cuMemFreeAsync"),
     (hami_ebpf_common::call::MEM_ALLOC, "cuMemAlloc_v2"),
     (hami_ebpf_common::call::MEM_ALLOC_MANAGED, "cuMemAllocManaged"),
     (hami_ebpf_common::call::MEM_FREE, "cuMemFree_v2"),

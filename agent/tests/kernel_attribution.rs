@@ -177,6 +177,10 @@ fn managed_memory_and_launches_through_the_uprobes() {
             "131072",
             "--alloc",
             "1048576",
+            "--vmm",
+            "2097152",
+            "--async",
+            "1048576",
             "--launch",
             "5",
             "--free",
@@ -191,21 +195,32 @@ fn managed_memory_and_launches_through_the_uprobes() {
     let s = settle(&mut agent);
     let k = container(&s, &c);
     assert_eq!(k.managed.as_ref().map(|m| m.bytes), Some(truth_managed));
+    // cuMemAlloc, the VMM physical allocation and the async allocation are RM objects; managed memory
+    // is not.
     assert_eq!(
         attributed(&s, &c, 0),
         t.bytes(w.pid, 0),
         "managed memory is not device memory"
     );
-    assert_eq!(attributed(&s, &c, 0), MIB);
-    assert_eq!(k.cuda_calls.get("cuLaunchKernel"), Some(&5));
-    assert_eq!(k.cuda_calls.get("cuMemAllocManaged"), Some(&2));
-    assert_eq!(k.cuda_calls.get("cuMemAlloc_v2"), Some(&1));
+    assert_eq!(attributed(&s, &c, 0), 4 * MIB);
+    for (call, n) in [
+        ("cuLaunchKernel", 5),
+        ("cuMemAllocManaged", 2),
+        ("cuMemAlloc_v2", 1),
+        ("cuMemCreate", 1),
+        ("cuMemAllocAsync", 1),
+    ] {
+        assert_eq!(k.cuda_calls.get(call), Some(&n), "{call}: {:?}", k.cuda_calls);
+    }
     w.send();
     w.words("freed");
     let s = settle(&mut agent);
     let k = container(&s, &c);
     assert_eq!(k.managed.as_ref().map(|m| m.bytes), Some(0));
+    assert_eq!(attributed(&s, &c, 0), env.node.ground_truth().bytes(w.pid, 0));
     assert_eq!(attributed(&s, &c, 0), 0);
+    assert_eq!(k.cuda_calls.get("cuMemRelease"), Some(&1));
+    assert_eq!(k.cuda_calls.get("cuMemFreeAsync"), Some(&1));
     w.finish();
 }
 

@@ -213,8 +213,12 @@ pub mod call {
     pub const MEM_ALLOC_ASYNC: u32 = 9;
     /// `cuMemAllocPitch_v2`.
     pub const MEM_ALLOC_PITCH: u32 = 10;
+    /// `cuMemRelease` (VMM physical free).
+    pub const MEM_RELEASE: u32 = 11;
+    /// `cuMemFreeAsync`.
+    pub const MEM_FREE_ASYNC: u32 = 12;
     /// One past the largest id.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 }
 
 /// Key of the per-cgroup libcuda call counters.
@@ -258,6 +262,9 @@ pub mod event_kind {
     pub const EXIT: u32 = 5;
     /// A process forked (`aux` = child tgid).
     pub const FORK: u32 = 6;
+    /// A process that used the driver called `execve`: libcuda opens the device files close-on-exec,
+    /// so the driver frees its objects as at exit.
+    pub const EXEC: u32 = 10;
     /// A malformed or unreadable ioctl payload (`nr`, `size`), ignored.
     pub const MALFORMED: u32 = 7;
     /// `cuMemAllocManaged` returned (`aux` = device pointer, `bytes`, `status` = CUresult).

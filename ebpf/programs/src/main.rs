@@ -481,6 +481,19 @@ pub fn hami_process_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn hami_process_exec(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: plain map lookup.
+    if unsafe { HAMI_TRACKED.get(tgid) }.is_none() {
+        return 0;
+    }
+    let _ = HAMI_TRACKED.remove(tgid);
+    emit(&base_event(event_kind::EXEC));
+    0
+}
+
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn hami_process_fork(ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -559,6 +572,18 @@ pub fn hami_cu_mem_create(_ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn hami_cu_mem_alloc_async(_ctx: ProbeContext) -> u32 {
     count_call(call::MEM_ALLOC_ASYNC);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_release(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_RELEASE);
+    0
+}
+
+#[uprobe]
+pub fn hami_cu_mem_free_async(_ctx: ProbeContext) -> u32 {
+    count_call(call::MEM_FREE_ASYNC);
     0
 }
 
