@@ -19,6 +19,7 @@ pub mod device;
 pub mod env;
 pub mod error;
 pub mod quantity;
+pub mod region;
 pub mod request;
 pub mod resources;
 
