@@ -519,6 +519,25 @@ pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut CUcontext) -> CUresult {
     })
 }
 
+/// `cuCtxGetDevice`: the device of the current context.
+///
+/// # Safety
+/// `device` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
+    if device.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| match current_gpu(d) {
+        Ok(g) => {
+            // SAFETY: checked non-null above.
+            unsafe { device.write(CUdevice::try_from(g).unwrap_or(0)) };
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
 /// `cuCtxSetCurrent`.
 ///
 /// # Safety
@@ -1215,6 +1234,7 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuCtxCreate" | "cuCtxCreate_v2" => cuCtxCreate_v2 as *mut c_void,
         "cuCtxDestroy" | "cuCtxDestroy_v2" => cuCtxDestroy_v2 as *mut c_void,
         "cuCtxGetCurrent" => cuCtxGetCurrent as *mut c_void,
+        "cuCtxGetDevice" => cuCtxGetDevice as *mut c_void,
         "cuCtxSetCurrent" => cuCtxSetCurrent as *mut c_void,
         "cuMemAlloc" | "cuMemAlloc_v2" => cuMemAlloc_v2 as *mut c_void,
         "cuMemFree" | "cuMemFree_v2" => cuMemFree_v2 as *mut c_void,

@@ -1,0 +1,369 @@
+//! Hook bodies. Each reserves in the shared region before calling the driver, returns the
+//! reservation when the driver fails, and records what it allocated so the free returns it.
+
+use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void};
+
+use crate::state::{Enforcer, Mode, mode};
+use crate::symbols::{hook_for_real, real};
+use crate::{
+    CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS, CUresult,
+};
+
+/// `CUmemAllocationProp.location.id` offset (`type` u32, `requestedHandleTypes` u32,
+/// `location {type u32, id i32}`; `cuda.h`).
+const PROP_LOCATION_ID: usize = 12;
+
+fn current_device() -> Option<usize> {
+    let f = real::cuCtxGetDevice()?;
+    let mut dev: c_int = -1;
+    // SAFETY: a valid out-pointer.
+    (unsafe { f(&raw mut dev) } == CUDA_SUCCESS)
+        .then_some(())
+        .and_then(|()| usize::try_from(dev).ok())
+}
+
+/// Runs `alloc` under a reservation of `bytes` on `dev`: refuses with OOM when over the limit,
+/// returns the reservation when the driver fails, records `key()` on success.
+fn reserved(
+    e: &Enforcer,
+    dev: usize,
+    bytes: u64,
+    alloc: impl FnOnce() -> CUresult,
+    key: impl FnOnce() -> u64,
+) -> CUresult {
+    if !e.reserve(dev, bytes) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let rc = alloc();
+    if rc == CUDA_SUCCESS {
+        e.record(key(), dev, bytes);
+    } else {
+        e.unreserve(dev, bytes);
+    }
+    rc
+}
+
+/// Calls `alloc` under the process's mode: pass-through, enforced on the current device, or refused.
+fn on_current_device(bytes: u64, alloc: impl FnOnce() -> CUresult, key: impl FnOnce() -> u64) -> CUresult {
+    match mode() {
+        Mode::Off => alloc(),
+        Mode::Broken(why) => {
+            crate::log(|| format!("refusing an allocation: {why}"));
+            CUDA_ERROR_OUT_OF_MEMORY
+        }
+        Mode::On(e) => match current_device() {
+            Some(dev) => reserved(e, dev, bytes, alloc, key),
+            None => alloc(),
+        },
+    }
+}
+
+fn free_recorded(key: u64, free: impl FnOnce() -> CUresult) -> CUresult {
+    let rc = free();
+    if rc == CUDA_SUCCESS
+        && let Mode::On(e) = mode()
+        && let Some((dev, bytes)) = e.forget(key)
+    {
+        e.unreserve(dev, bytes);
+    }
+    rc
+}
+
+pub(crate) unsafe fn init(flags: c_uint) -> CUresult {
+    let _ = mode();
+    match real::cuInit() {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(flags) },
+        None => crate::CUDA_ERROR_NOT_INITIALIZED,
+    }
+}
+
+pub(crate) unsafe fn ctx_get_device(device: *mut c_int) -> CUresult {
+    match real::cuCtxGetDevice() {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(device) },
+        None => CUDA_ERROR_NOT_FOUND,
+    }
+}
+
+pub(crate) unsafe fn get_proc_address(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: c_ulonglong,
+) -> CUresult {
+    let Some(f) = real::cuGetProcAddress() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let rc = unsafe { f(symbol, pfn, version, flags) };
+    if rc == CUDA_SUCCESS && !pfn.is_null() {
+        // SAFETY: the driver wrote a function pointer there.
+        unsafe {
+            if let Some(h) = hook_for_real(*pfn) {
+                *pfn = h;
+            }
+        }
+    }
+    rc
+}
+
+pub(crate) unsafe fn get_proc_address_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: c_ulonglong,
+    status: *mut c_int,
+) -> CUresult {
+    let Some(f) = real::cuGetProcAddress_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let rc = unsafe { f(symbol, pfn, version, flags, status) };
+    if rc == CUDA_SUCCESS && !pfn.is_null() {
+        // SAFETY: the driver wrote a function pointer there.
+        unsafe {
+            if let Some(h) = hook_for_real(*pfn) {
+                *pfn = h;
+            }
+        }
+    }
+    rc
+}
+
+pub(crate) unsafe fn mem_alloc(dptr: *mut u64, bytesize: usize) -> CUresult {
+    let Some(f) = real::cuMemAlloc_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if dptr.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(dptr, bytesize) };
+    }
+    on_current_device(
+        bytesize as u64,
+        // SAFETY: forwarding.
+        || unsafe { f(dptr, bytesize) },
+        // SAFETY: written by the driver on success.
+        || unsafe { *dptr },
+    )
+}
+
+pub(crate) unsafe fn mem_alloc_pitch(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    elem: c_uint,
+) -> CUresult {
+    let Some(f) = real::cuMemAllocPitch_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if dptr.is_null() || pitch.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(dptr, pitch, width, height, elem) };
+    }
+    // Rows are padded; reserve a 512-byte-aligned pitch (the usual texture alignment) and settle to
+    // the driver's pitch afterwards.
+    let estimate = (width.div_ceil(512) * 512) as u64 * height as u64;
+    let rc = on_current_device(
+        estimate,
+        // SAFETY: forwarding.
+        || unsafe { f(dptr, pitch, width, height, elem) },
+        // SAFETY: written by the driver on success.
+        || unsafe { *dptr },
+    );
+    if rc == CUDA_SUCCESS
+        && let (Mode::On(e), Some(dev)) = (mode(), current_device())
+    {
+        // SAFETY: written by the driver on success.
+        let (p, actual) = unsafe { (*dptr, (*pitch) as u64 * height as u64) };
+        if actual > estimate && e.reserve(dev, actual - estimate) {
+            e.record(p, dev, actual);
+        } else if actual < estimate {
+            e.unreserve(dev, estimate - actual);
+            e.record(p, dev, actual);
+        }
+    }
+    rc
+}
+
+pub(crate) unsafe fn mem_alloc_managed(dptr: *mut u64, bytesize: usize, flags: c_uint) -> CUresult {
+    let Some(f) = real::cuMemAllocManaged() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if dptr.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(dptr, bytesize, flags) };
+    }
+    on_current_device(
+        bytesize as u64,
+        // SAFETY: forwarding.
+        || unsafe { f(dptr, bytesize, flags) },
+        // SAFETY: written by the driver on success.
+        || unsafe { *dptr },
+    )
+}
+
+pub(crate) unsafe fn mem_alloc_async(dptr: *mut u64, bytesize: usize, stream: *mut c_void) -> CUresult {
+    let Some(f) = real::cuMemAllocAsync() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if dptr.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(dptr, bytesize, stream) };
+    }
+    on_current_device(
+        bytesize as u64,
+        // SAFETY: forwarding.
+        || unsafe { f(dptr, bytesize, stream) },
+        // SAFETY: written by the driver on success.
+        || unsafe { *dptr },
+    )
+}
+
+pub(crate) unsafe fn mem_create(
+    handle: *mut c_ulonglong,
+    size: usize,
+    prop: *const c_void,
+    flags: c_ulonglong,
+) -> CUresult {
+    let Some(f) = real::cuMemCreate() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if handle.is_null() || prop.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(handle, size, prop, flags) };
+    }
+    // SAFETY: `prop` points to a CUmemAllocationProp (location.id at offset 12).
+    let dev = unsafe {
+        prop.cast::<u8>()
+            .add(PROP_LOCATION_ID)
+            .cast::<i32>()
+            .read_unaligned()
+    };
+    let Ok(dev) = usize::try_from(dev) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    crate::log(|| format!("cuMemCreate {size} bytes on device {dev}"));
+    match mode() {
+        // SAFETY: forwarding.
+        Mode::Off => unsafe { f(handle, size, prop, flags) },
+        Mode::Broken(_) => CUDA_ERROR_OUT_OF_MEMORY,
+        Mode::On(e) => reserved(
+            e,
+            dev,
+            size as u64,
+            // SAFETY: forwarding.
+            || unsafe { f(handle, size, prop, flags) },
+            // SAFETY: written by the driver on success.
+            || unsafe { *handle },
+        ),
+    }
+}
+
+pub(crate) unsafe fn mem_release(handle: c_ulonglong) -> CUresult {
+    let Some(f) = real::cuMemRelease() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(handle) };
+    if rc == CUDA_SUCCESS
+        && let Mode::On(e) = mode()
+    {
+        e.released(handle);
+    }
+    rc
+}
+
+pub(crate) unsafe fn mem_map(
+    ptr: u64,
+    size: usize,
+    offset: usize,
+    handle: c_ulonglong,
+    flags: c_ulonglong,
+) -> CUresult {
+    let Some(f) = real::cuMemMap() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(ptr, size, offset, handle, flags) };
+    if rc == CUDA_SUCCESS
+        && let Mode::On(e) = mode()
+    {
+        e.mapped(ptr, handle);
+    }
+    rc
+}
+
+pub(crate) unsafe fn mem_unmap(ptr: u64, size: usize) -> CUresult {
+    let Some(f) = real::cuMemUnmap() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(ptr, size) };
+    if rc == CUDA_SUCCESS
+        && let Mode::On(e) = mode()
+    {
+        e.unmapped(ptr);
+    }
+    rc
+}
+
+pub(crate) unsafe fn mem_free(dptr: u64) -> CUresult {
+    let Some(f) = real::cuMemFree_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    free_recorded(dptr, || unsafe { f(dptr) })
+}
+
+pub(crate) unsafe fn mem_free_async(dptr: u64, stream: *mut c_void) -> CUresult {
+    let Some(f) = real::cuMemFreeAsync() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    free_recorded(dptr, || unsafe { f(dptr, stream) })
+}
+
+pub(crate) unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CUresult {
+    let Some(f) = real::cuMemGetInfo_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(free, total) };
+    if rc != CUDA_SUCCESS || free.is_null() || total.is_null() {
+        return rc;
+    }
+    if let (Mode::On(e), Some(dev)) = (mode(), current_device()) {
+        let limit = e.region.limit(dev);
+        if limit > 0 {
+            // SAFETY: written by the driver above.
+            unsafe {
+                let t = (*total as u64).min(limit);
+                let used = e.region.used(dev);
+                *total = usize::try_from(t).unwrap_or(usize::MAX);
+                *free = usize::try_from(t.saturating_sub(used)).unwrap_or(0).min(*free);
+            }
+        }
+    }
+    rc
+}
+
+pub(crate) unsafe fn device_total_mem(bytes: *mut usize, dev: c_int) -> CUresult {
+    let Some(f) = real::cuDeviceTotalMem_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(bytes, dev) };
+    if rc != CUDA_SUCCESS || bytes.is_null() {
+        return rc;
+    }
+    if let (Mode::On(e), Ok(d)) = (mode(), usize::try_from(dev)) {
+        let limit = e.region.limit(d);
+        if limit > 0 {
+            // SAFETY: written by the driver above.
+            unsafe { *bytes = usize::try_from((*bytes as u64).min(limit)).unwrap_or(usize::MAX) };
+        }
+    }
+    rc
+}

@@ -1,0 +1,263 @@
+//! `libvgpu.so` preloaded into real tenant processes on the simulated GPU node: limits shared by every
+//! process of a container, every allocation API counted, `cuGetProcAddress`-resolved calls hooked,
+//! the limit reported as the total, and nothing leaked on a refusal (ground truth from the node).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use hami_fake_gpu::node::privileged_or_skip;
+use hami_fake_gpu::{DeviceModel, FakeNode};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn find(t: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(|n| t.join(n)).find(|p| p.exists())
+}
+
+/// (workload, fake libcuda, libvgpu). They are (re)built once per test run: `cargo test` builds a
+/// cdylib only as a by-product, so a copy left from an earlier build could otherwise be stale.
+fn artifacts() -> (PathBuf, PathBuf, PathBuf) {
+    static BUILT: std::sync::OnceLock<(PathBuf, PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build).clone()
+}
+
+fn build() -> (PathBuf, PathBuf, PathBuf) {
+    let t = target_dir();
+    let all = |t: &Path| {
+        Some((
+            find(t, &["hami-cuda-workload"])?,
+            find(t, &["deps/libcuda.so", "libcuda.so"])?,
+            find(t, &["libvgpu.so", "deps/libvgpu.so"])?,
+        ))
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "hami-fake-cuda", "-p", "hami-interceptor"]);
+    if t.ends_with("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "building the test doubles failed"
+    );
+    all(&t).expect("workload, libcuda.so and libvgpu.so after building")
+}
+
+struct Env {
+    node: FakeNode,
+    dir: PathBuf,
+    workload: PathBuf,
+    libvgpu: PathBuf,
+}
+
+impl Env {
+    fn new(test: &str, memory_mib: u64) -> Option<Self> {
+        if !privileged_or_skip(test) {
+            return None;
+        }
+        let (workload, libcuda, libvgpu) = artifacts();
+        let dir = std::env::temp_dir().join(format!("hami-vgpu-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("lib")).expect("scratch dir");
+        std::fs::copy(&libcuda, dir.join("lib/libcuda.so.1")).expect("copying the fake libcuda");
+        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(1, memory_mib)).expect("node");
+        Some(Self {
+            node,
+            dir,
+            workload,
+            libvgpu,
+        })
+    }
+
+    fn region(&self) -> PathBuf {
+        self.dir.join("container.cache")
+    }
+
+    /// A tenant with the library preloaded and the container's variables plus `env`.
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)], preload: bool) -> Child {
+        let mut cmd = Command::new(&self.workload);
+        cmd.args(args)
+            .env("HAMI_FAKE_GPU_DIR", self.node.dir())
+            .env("LD_LIBRARY_PATH", self.dir.join("lib"))
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if preload {
+            cmd.env("LD_PRELOAD", &self.libvgpu)
+                .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", self.region());
+        }
+        cmd.envs(env.iter().copied());
+        cmd.spawn().expect("spawning the tenant")
+    }
+
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let child = self.spawn(args, env, true);
+        child.wait_with_output().expect("tenant output")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads the tenant's stdout up to the line starting with `prefix`.
+fn line(child: &mut Child, prefix: &str) -> String {
+    let out = child.stdout.as_mut().expect("stdout");
+    let mut r = BufReader::new(out);
+    let mut l = String::new();
+    loop {
+        l.clear();
+        assert!(r.read_line(&mut l).expect("stdout") > 0, "no `{prefix}` line");
+        if l.starts_with(prefix) {
+            return l.trim_end().to_owned();
+        }
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn oom(o: &Output, call: &str) -> bool {
+    !o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&format!("{call} failed: CUresult 2"))
+}
+
+const LIMIT_1G: (&str, &str) = ("CUDA_DEVICE_MEMORY_LIMIT_0", "1g");
+
+#[test]
+fn two_processes_of_one_container_share_the_limit_c13() {
+    let Some(env) = Env::new("c13", 4096) else { return };
+    let six = (600 * MIB).to_string();
+    let mut a = env.spawn(&["--alloc", &six, "--hold"], &[LIMIT_1G], true);
+    let info = line(&mut a, "meminfo");
+    // cuMemGetInfo_v2 reports the limit as total, and what the container holds as used.
+    assert_eq!(info, format!("meminfo free {} total {}", GIB - 600 * MIB, GIB));
+    let b = env.run(&["--alloc", &six], &[LIMIT_1G]);
+    assert!(oom(&b, "cuMemAlloc_v2"), "{}", text(&b));
+    // Nothing reached the driver for B; A's 600 MiB is all the node holds.
+    let t = env.node.ground_truth();
+    assert_eq!(t.gpus[0].used_bytes, 600 * MIB);
+    // A exits without freeing: its reservation is reclaimed and B's allocation now fits.
+    drop(a.stdin.take());
+    let _ = a.wait();
+    let b = env.run(&["--alloc", &six, "--free"], &[LIMIT_1G]);
+    assert!(b.status.success(), "{}", text(&b));
+}
+
+#[test]
+fn every_allocation_api_counts_against_the_limit() {
+    let Some(env) = Env::new("apis", 4096) else { return };
+    // 1 MiB + a 1024 x 1024 pitched block + 256 MiB managed + 512 MiB VMM = 770 MiB; the 256 MiB async
+    // allocation then exceeds 1 GiB.
+    let o = env.run(
+        &[
+            "--alloc",
+            "1048576",
+            "--pitch",
+            "1024x1024",
+            "--managed",
+            &(256 * MIB).to_string(),
+            "--vmm",
+            &(512 * MIB).to_string(),
+            "--async",
+            &(256 * MIB).to_string(),
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuMemAllocAsync"), "{}", text(&o));
+    // Under the limit, the same sequence succeeds and frees everything.
+    let o = env.run(
+        &[
+            "--alloc",
+            "1048576",
+            "--pitch",
+            "1024x1024",
+            "--managed",
+            &(256 * MIB).to_string(),
+            "--vmm",
+            &(512 * MIB).to_string(),
+            "--async",
+            &(128 * MIB).to_string(),
+            "--free",
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn get_proc_address_resolved_allocations_are_hooked() {
+    let Some(env) = Env::new("procaddr", 4096) else {
+        return;
+    };
+    let o = env.run(
+        &["--proc-address", "--alloc", &(2 * GIB).to_string()],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+    let o = env.run(
+        &["--proc-address", "--alloc", &(512 * MIB).to_string(), "--free"],
+        &[LIMIT_1G],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn a_later_process_cannot_raise_the_limit_with_its_environment() {
+    let Some(env) = Env::new("escape-env", 4096) else {
+        return;
+    };
+    let mut a = env.spawn(&["--alloc", "1048576", "--hold"], &[LIMIT_1G], true);
+    line(&mut a, "meminfo");
+    let o = env.run(
+        &["--alloc", &(2 * GIB).to_string()],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "3g")],
+    );
+    assert!(oom(&o, "cuMemAlloc_v2"), "the region's 1 GiB holds: {}", text(&o));
+    drop(a.stdin.take());
+    let _ = a.wait();
+}
+
+#[test]
+fn bad_limits_fail_closed_and_no_configuration_passes_through() {
+    let Some(env) = Env::new("policy", 4096) else {
+        return;
+    };
+    // `4GB` is not a HAMi limit: refused, never read as unlimited or as 4 bytes.
+    let o = env.run(&["--alloc", "1048576"], &[("CUDA_DEVICE_MEMORY_LIMIT_0", "4GB")]);
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+    // Without any vGPU variable the library only forwards.
+    let mut c = env.spawn(&["--alloc", &(2 * GIB).to_string(), "--free"], &[], false);
+    let _ = c.stdin.take();
+    let mut cmd_out = String::new();
+    let _ = std::io::Read::read_to_string(c.stdout.as_mut().expect("stdout"), &mut cmd_out);
+    assert!(c.wait().expect("wait").success(), "{cmd_out}");
+    let mut plain = Command::new(&env.workload);
+    plain
+        .args(["--alloc", &(2 * GIB).to_string(), "--free"])
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+        .env("LD_PRELOAD", &env.libvgpu);
+    let o = plain.output().expect("tenant");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("total {}", 4096 * MIB)));
+    let _ = std::io::stdout().flush();
+}
