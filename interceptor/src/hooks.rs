@@ -367,3 +367,75 @@ pub(crate) unsafe fn device_total_mem(bytes: *mut usize, dev: c_int) -> CUresult
     }
     rc
 }
+
+pub(crate) unsafe fn nvml_device_get_index(device: *mut c_void, index: *mut c_uint) -> CUresult {
+    match crate::symbols::nvml::real::nvmlDeviceGetIndex() {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(device, index) },
+        None => NVML_ERROR_FUNCTION_NOT_FOUND,
+    }
+}
+
+/// `NVML_ERROR_FUNCTION_NOT_FOUND`.
+const NVML_ERROR_FUNCTION_NOT_FOUND: CUresult = 13;
+
+/// The container's (limit, used) on the NVML `device`, when limited.
+fn nvml_limit(device: *mut c_void) -> Option<(u64, u64)> {
+    let Mode::On(e) = mode() else { return None };
+    let f = crate::symbols::nvml::real::nvmlDeviceGetIndex()?;
+    let mut idx: c_uint = 0;
+    // SAFETY: a valid out-pointer; the handle is the caller's.
+    if unsafe { f(device, &raw mut idx) } != 0 {
+        return None;
+    }
+    let dev = usize::try_from(idx).ok()?;
+    let limit = e.region.limit(dev);
+    (limit > 0).then(|| (limit, e.region.used(dev)))
+}
+
+/// `nvmlMemory_t` = `{ total, free, used }` (u64 each, `nvml.h`).
+pub(crate) unsafe fn nvml_memory_info(device: *mut c_void, memory: *mut c_void) -> CUresult {
+    let Some(f) = crate::symbols::nvml::real::nvmlDeviceGetMemoryInfo() else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(device, memory) };
+    if rc == 0 && !memory.is_null() {
+        if let Some((limit, used)) = nvml_limit(device) {
+            let m = memory.cast::<u64>();
+            // SAFETY: the driver filled an nvmlMemory_t there.
+            unsafe {
+                let total = (*m).min(limit);
+                m.write(total);
+                m.add(1).write(total.saturating_sub(used));
+                m.add(2).write(used.min(total));
+            }
+        }
+    }
+    rc
+}
+
+/// `nvmlMemory_v2_t` = `{ u32 version; u64 total, reserved, free, used }` (offsets 0, 8, 16, 24, 32).
+pub(crate) unsafe fn nvml_memory_info_v2(device: *mut c_void, memory: *mut c_void) -> CUresult {
+    let Some(f) = crate::symbols::nvml::real::nvmlDeviceGetMemoryInfo_v2() else {
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(device, memory) };
+    if rc == 0 && !memory.is_null() {
+        if let Some((limit, used)) = nvml_limit(device) {
+            let m = memory.cast::<u8>();
+            // SAFETY: the driver filled an nvmlMemory_v2_t there.
+            unsafe {
+                let total = m.add(8).cast::<u64>().read_unaligned().min(limit);
+                m.add(8).cast::<u64>().write_unaligned(total);
+                m.add(16).cast::<u64>().write_unaligned(0);
+                m.add(24)
+                    .cast::<u64>()
+                    .write_unaligned(total.saturating_sub(used));
+                m.add(32).cast::<u64>().write_unaligned(used.min(total));
+            }
+        }
+    }
+    rc
+}

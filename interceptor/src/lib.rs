@@ -9,7 +9,8 @@
 //! (`hami_api::region`, file named by `CUDA_DEVICE_MEMORY_SHARED_CACHE`); an allocation first reserves
 //! its bytes there, atomically against every other process, and returns `CUDA_ERROR_OUT_OF_MEMORY`
 //! without calling the driver when the reservation would exceed the limit. `cuMemGetInfo_v2` and
-//! `cuDeviceTotalMem_v2` report the limit as the total.
+//! `cuDeviceTotalMem_v2` report the limit as the total, and so do NVML's `nvmlDeviceGetMemoryInfo` and
+//! `_v2` (what `nvidia-smi` and frameworks that size themselves from NVML read).
 //!
 //! Limits: the process that creates the region writes them from `CUDA_DEVICE_MEMORY_LIMIT_<i>` /
 //! `CUDA_DEVICE_MEMORY_LIMIT` and `CUDA_DEVICE_SM_LIMIT` (HAMi's names, parsed strictly: `4Gi` is 4 GiB,
@@ -90,6 +91,26 @@ fn libcuda() -> *mut c_void {
     }) as *mut c_void
 }
 
+/// The real `libnvidia-ml.so.1` handle.
+fn libnvml() -> *mut c_void {
+    static HANDLE: OnceLock<usize> = OnceLock::new();
+    *HANDLE.get_or_init(|| {
+        // SAFETY: dlopen of a NUL-terminated name.
+        let h = unsafe { libc::dlopen(c"libnvidia-ml.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        h as usize
+    }) as *mut c_void
+}
+
+/// NVML's own definition of `name` (NUL-terminated), or null.
+pub(crate) fn real_nvml_symbol(name: &CStr) -> *mut c_void {
+    let h = libnvml();
+    match (h.is_null(), real_dlsym()) {
+        // SAFETY: a live handle and a NUL-terminated name.
+        (false, Some(dlsym)) => unsafe { dlsym(h, name.as_ptr()) },
+        _ => std::ptr::null_mut(),
+    }
+}
+
 /// The driver's own definition of `name` (NUL-terminated), or null.
 pub(crate) fn real_symbol(name: &CStr) -> *mut c_void {
     let h = libcuda();
@@ -115,6 +136,8 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *m
         let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
         if name.starts_with(b"cu") {
             symbols::hook_address(name)
+        } else if name.starts_with(b"nvml") {
+            symbols::nvml::hook_address(name)
         } else {
             None
         }

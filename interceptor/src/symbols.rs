@@ -11,8 +11,8 @@ use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void};
 use crate::CUresult;
 use crate::hooks;
 
-macro_rules! cuda_symbols {
-    ($( $name:ident ( $($arg:ident : $ty:ty),* ) => $hook:path ; )*) => {
+macro_rules! hooked_symbols {
+    (resolve = $resolve:path; $( $name:ident ( $($arg:ident : $ty:ty),* ) => $hook:path ; )*) => {
         /// Pointers to the driver's own definitions, resolved on first use.
         pub(crate) mod real {
             #[allow(unused_imports, reason = "the argument types of the generated signatures")]
@@ -23,7 +23,7 @@ macro_rules! cuda_symbols {
                     let name = concat!(stringify!($name), "\0");
                     let p = *CELL.get_or_init(|| {
                         std::ffi::CStr::from_bytes_with_nul(name.as_bytes())
-                            .map_or(0, |c| crate::real_symbol(c) as usize)
+                            .map_or(0, |c| $resolve(c) as usize)
                     });
                     // SAFETY: a non-null address of the driver's function of this name, whose C
                     // signature is the one spelled out in the list.
@@ -53,6 +53,7 @@ macro_rules! cuda_symbols {
         }
 
         /// The hook standing for a pointer the driver returned from `cuGetProcAddress`.
+        #[allow(dead_code, reason = "NVML has no cuGetProcAddress counterpart")]
         pub(crate) fn hook_for_real(p: *mut c_void) -> Option<*mut c_void> {
             if p.is_null() {
                 return None;
@@ -72,7 +73,8 @@ macro_rules! cuda_symbols {
     };
 }
 
-cuda_symbols! {
+hooked_symbols! {
+    resolve = crate::real_symbol;
     cuInit(flags: c_uint) => hooks::init;
     cuCtxGetDevice(device: *mut c_int) => hooks::ctx_get_device;
     cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, flags: c_ulonglong) => hooks::get_proc_address;
@@ -89,4 +91,19 @@ cuda_symbols! {
     cuMemFreeAsync(dptr: u64, stream: *mut c_void) => hooks::mem_free_async;
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => hooks::mem_get_info;
     cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) => hooks::device_total_mem;
+}
+
+/// Hooked NVML symbols (`nvml.h`; `nvmlReturn_t` is a C enum, returned as an `int`).
+pub mod nvml {
+    use std::ffi::{c_uint, c_void};
+
+    use crate::CUresult;
+    use crate::hooks;
+
+    hooked_symbols! {
+        resolve = crate::real_nvml_symbol;
+        nvmlDeviceGetIndex(device: *mut c_void, index: *mut c_uint) => hooks::nvml_device_get_index;
+        nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut c_void) => hooks::nvml_memory_info;
+        nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut c_void) => hooks::nvml_memory_info_v2;
+    }
 }

@@ -42,7 +42,15 @@ fn build() -> (PathBuf, PathBuf, PathBuf) {
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-fake-cuda", "-p", "hami-interceptor"]);
+    cmd.args([
+        "build",
+        "-p",
+        "hami-fake-cuda",
+        "-p",
+        "hami-fake-nvml",
+        "-p",
+        "hami-interceptor",
+    ]);
     if t.ends_with("release") {
         cmd.arg("--release");
     }
@@ -260,4 +268,40 @@ fn bad_limits_fail_closed_and_no_configuration_passes_through() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("total {}", 4096 * MIB)));
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn nvml_memory_queries_report_the_limit() {
+    let Some(env) = Env::new("nvml", 4096) else { return };
+    let t = target_dir();
+    let nvml = find(&t, &["deps/libnvidia_ml.so", "libnvidia_ml.so"]).expect("fake NVML built");
+    let probe = find(&t, &["hami-nvml-probe"]).expect("hami-nvml-probe built");
+    let lib = env.dir.join("lib/libnvidia-ml.so.1");
+    std::fs::copy(&nvml, &lib).expect("copying the fake NVML");
+    // A tenant holds 100 MiB through CUDA, so "used" is the container's, not the card's.
+    let mut a = env.spawn(
+        &["--alloc", &(100 * MIB).to_string(), "--hold"],
+        &[LIMIT_1G],
+        true,
+    );
+    line(&mut a, "meminfo");
+    let o = Command::new(&probe)
+        .arg("probe")
+        .arg(&lib)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+        .env("LD_PRELOAD", &env.libvgpu)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", env.region())
+        .output()
+        .expect("probe");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.contains(&format!("nvml gpu 0 total {GIB}")), "{out}");
+    assert!(out.contains(&format!("nvml gpu 0 used {}", 100 * MIB)), "{out}");
+    assert!(
+        out.contains(&format!("nvml gpu 0 free {}", GIB - 100 * MIB)),
+        "{out}"
+    );
+    drop(a.stdin.take());
+    let _ = a.wait();
 }
