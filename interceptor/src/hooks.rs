@@ -400,16 +400,17 @@ pub(crate) unsafe fn nvml_memory_info(device: *mut c_void, memory: *mut c_void) 
     };
     // SAFETY: forwarding.
     let rc = unsafe { f(device, memory) };
-    if rc == 0 && !memory.is_null() {
-        if let Some((limit, used)) = nvml_limit(device) {
-            let m = memory.cast::<u64>();
-            // SAFETY: the driver filled an nvmlMemory_t there.
-            unsafe {
-                let total = (*m).min(limit);
-                m.write(total);
-                m.add(1).write(total.saturating_sub(used));
-                m.add(2).write(used.min(total));
-            }
+    if rc == 0
+        && !memory.is_null()
+        && let Some((limit, used)) = nvml_limit(device)
+    {
+        let m = memory.cast::<u64>();
+        // SAFETY: the driver filled an nvmlMemory_t there.
+        unsafe {
+            let total = (*m).min(limit);
+            m.write(total);
+            m.add(1).write(total.saturating_sub(used));
+            m.add(2).write(used.min(total));
         }
     }
     rc
@@ -422,19 +423,20 @@ pub(crate) unsafe fn nvml_memory_info_v2(device: *mut c_void, memory: *mut c_voi
     };
     // SAFETY: forwarding.
     let rc = unsafe { f(device, memory) };
-    if rc == 0 && !memory.is_null() {
-        if let Some((limit, used)) = nvml_limit(device) {
-            let m = memory.cast::<u8>();
-            // SAFETY: the driver filled an nvmlMemory_v2_t there.
-            unsafe {
-                let total = m.add(8).cast::<u64>().read_unaligned().min(limit);
-                m.add(8).cast::<u64>().write_unaligned(total);
-                m.add(16).cast::<u64>().write_unaligned(0);
-                m.add(24)
-                    .cast::<u64>()
-                    .write_unaligned(total.saturating_sub(used));
-                m.add(32).cast::<u64>().write_unaligned(used.min(total));
-            }
+    if rc == 0
+        && !memory.is_null()
+        && let Some((limit, used)) = nvml_limit(device)
+    {
+        let m = memory.cast::<u8>();
+        // SAFETY: the driver filled an nvmlMemory_v2_t there.
+        unsafe {
+            let total = m.add(8).cast::<u64>().read_unaligned().min(limit);
+            m.add(8).cast::<u64>().write_unaligned(total);
+            m.add(16).cast::<u64>().write_unaligned(0);
+            m.add(24)
+                .cast::<u64>()
+                .write_unaligned(total.saturating_sub(used));
+            m.add(32).cast::<u64>().write_unaligned(used.min(total));
         }
     }
     rc
