@@ -224,14 +224,23 @@ fn main() {
         .unwrap()
         .port();
     let cfg = env.config_file(&format!("127.0.0.1:{port}"));
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_hami-agent"))
+    let agent = Command::new(env!("CARGO_BIN_EXE_hami-agent"))
         .args(["run", "--config"])
         .arg(&cfg)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(env.dir.join("agent.log")).unwrap())
         .spawn()
         .unwrap();
-    let pid = agent.id();
+    // Stops the agent however this function ends (a panic included).
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = Stop(agent);
+    let pid = agent.0.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !http_ok(port, "/healthz") {
         assert!(
@@ -284,8 +293,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let load_rss = proc_status_kib(pid, "VmRSS:");
     let hwm = proc_status_kib(pid, "VmHWM:");
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = agent.wait();
+    drop(agent);
     println!(
         "agent idle: {idle_cpu:.2} % of one CPU, RSS {idle_rss} KiB; under {rate:.0} allocations/s (+ as many frees): {load_cpu:.2} % of one CPU, RSS {load_rss} KiB (peak {hwm} KiB); CPU ratio {:.1}",
         load_cpu / idle_cpu.max(0.01)

@@ -157,7 +157,8 @@ pub fn identify(path: &str) -> Identity {
 }
 
 /// Maps cgroup v2 ids (directory inode numbers) under a cgroup2 mount to their paths relative to the
-/// mount. Rescans the tree on a miss, at most once per [`CgroupIndex::refresh`] generation.
+/// mount. Rescans the tree on a miss, at most once per [`CgroupIndex::refresh`] generation. Paths of
+/// removed cgroups are remembered until [`CgroupIndex::forget`].
 #[derive(Debug)]
 pub struct CgroupIndex {
     root: PathBuf,
@@ -192,6 +193,11 @@ impl CgroupIndex {
         self.by_id.get(&id).cloned()
     }
 
+    /// Drops what is known about cgroup `id` (after the agent forgot the cgroup).
+    pub fn forget(&mut self, id: u64) {
+        self.by_id.remove(&id);
+    }
+
     /// Whether cgroup `id` still exists (its directory is present).
     pub fn exists(&mut self, id: u64) -> bool {
         use std::os::unix::fs::MetadataExt as _;
@@ -206,7 +212,8 @@ impl CgroupIndex {
     fn scan(&mut self) {
         use std::os::unix::fs::MetadataExt as _;
         self.scanned = true;
-        self.by_id.clear();
+        // Entries of removed cgroups are kept (cgroup ids are never reused while the system runs), so a
+        // finished container keeps its identity until the agent forgets it.
         let mut stack: Vec<(PathBuf, String)> = vec![(self.root.clone(), "/".to_owned())];
         while let Some((dir, rel)) = stack.pop() {
             if let Ok(md) = std::fs::metadata(&dir) {

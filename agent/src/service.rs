@@ -252,6 +252,7 @@ impl Agent {
         for cg in expired {
             self.state.forget_cgroup(cg);
             self.probes.forget_calls(cg);
+            self.index.forget(cg);
             self.terminated.remove(&cg);
         }
         self.save_state()

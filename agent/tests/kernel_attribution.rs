@@ -266,21 +266,42 @@ fn agent_restart_continues_counters_without_loss_or_double_counting() {
 
 #[test]
 fn finished_containers_lose_gauges_then_counters_after_export() {
+    // Peer case C15: (1) a finished container's series do not stay with their last values; (2) a
+    // restarted container (a new container in the same pod) gets live series again; (3) everything of
+    // the finished one goes once its final counters were exported.
     let Some(env) = Env::new("retention", 1, 256) else {
         return;
     };
     let mut agent = env.agent();
-    let c = env.container(6);
+    let c = env.container_in(6, 6);
+    let (_, cid) = common::ids(6);
     let id = common::cgroup_id(&c);
+    let gauge = |text: &str, cid: &str| {
+        text.lines()
+            .any(|l| l.starts_with("hami_container_device_memory_bytes{") && l.contains(cid))
+    };
+    let counter = |text: &str, cid: &str| {
+        text.lines()
+            .any(|l| l.starts_with("hami_container_device_memory_byte_seconds_total{") && l.contains(cid))
+    };
     let mut w = env.spawn(&c, &["--alloc", "1048576", "--hold"], &[]);
     w.words("meminfo");
     let s = settle(&mut agent);
     assert_eq!(attributed(&s, &c, 0), MIB);
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(gauge(&text, &cid) && counter(&text, &cid), "{text}");
+    // The container exits and its cgroup is removed.
     w.finish();
     std::thread::sleep(std::time::Duration::from_millis(100));
     std::fs::remove_dir(&c).expect("removing the finished container's cgroup");
     settle(&mut agent);
     agent.housekeeping().unwrap();
+    // The restarted container: same pod, new container ID.
+    let c2 = env.container_in(6, 12);
+    let (_, cid2) = common::ids(12);
+    let mut w2 = env.spawn(&c2, &["--alloc", "2097152", "--hold"], &[]);
+    w2.words("meminfo");
+    settle(&mut agent);
     let s = agent.snapshot(true);
     let k = s
         .containers
@@ -289,12 +310,25 @@ fn finished_containers_lose_gauges_then_counters_after_export() {
         .expect("still exported once");
     assert!(k.terminated);
     let text = hami_agent::metrics::render(&s).unwrap();
-    assert!(!text.contains(&format!("hami_container_device_memory_bytes{{cgroup=\"id:{id}\"")));
-    assert!(text.contains("hami_container_device_memory_byte_seconds_total{"));
+    assert!(
+        !gauge(&text, &cid),
+        "no stale gauge for the finished container: {text}"
+    );
+    assert!(
+        counter(&text, &cid),
+        "its final chargeback counter is exported once"
+    );
+    assert!(
+        gauge(&text, &cid2),
+        "the restarted container's series resume: {text}"
+    );
     // Exported once and retention (0 s here) over: gone at the next housekeeping.
     agent.housekeeping().unwrap();
     let s = agent.snapshot(true);
     assert!(s.containers.iter().all(|k| k.cgroup_id != id), "{s:#?}");
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(!counter(&text, &cid) && gauge(&text, &cid2), "{text}");
+    w2.finish();
 }
 
 #[test]

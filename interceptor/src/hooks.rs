@@ -9,9 +9,13 @@ use crate::{
     CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS, CUresult,
 };
 
-/// `CUmemAllocationProp.location.id` offset (`type` u32, `requestedHandleTypes` u32,
+/// `CUmemAllocationProp.location` offsets (`type` u32, `requestedHandleTypes` u32,
 /// `location {type u32, id i32}`; `cuda.h`).
+const PROP_LOCATION_TYPE: usize = 8;
+/// See [`PROP_LOCATION_TYPE`].
 const PROP_LOCATION_ID: usize = 12;
+/// `CU_MEM_LOCATION_TYPE_DEVICE`.
+const LOCATION_DEVICE: u32 = 1;
 
 fn current_device() -> Option<usize> {
     let f = real::cuCtxGetDevice()?;
@@ -234,13 +238,20 @@ pub(crate) unsafe fn mem_create(
         // SAFETY: the driver validates its own arguments.
         return unsafe { f(handle, size, prop, flags) };
     }
-    // SAFETY: `prop` points to a CUmemAllocationProp (location.id at offset 12).
-    let dev = unsafe {
-        prop.cast::<u8>()
-            .add(PROP_LOCATION_ID)
-            .cast::<i32>()
-            .read_unaligned()
+    // SAFETY: `prop` points to a CUmemAllocationProp (location.type at 8, location.id at 12).
+    let (location, dev) = unsafe {
+        let p = prop.cast::<u8>();
+        (
+            p.add(PROP_LOCATION_TYPE).cast::<u32>().read_unaligned(),
+            p.add(PROP_LOCATION_ID).cast::<i32>().read_unaligned(),
+        )
     };
+    if location != LOCATION_DEVICE {
+        // Host or host-NUMA memory (NCCL probes, ggml pools): not device memory, never charged to a GPU
+        // (peer case C12).
+        // SAFETY: forwarding.
+        return unsafe { f(handle, size, prop, flags) };
+    }
     let Ok(dev) = usize::try_from(dev) else {
         return CUDA_ERROR_INVALID_VALUE;
     };

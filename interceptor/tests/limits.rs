@@ -66,6 +66,17 @@ struct Env {
     dir: PathBuf,
     workload: PathBuf,
     libvgpu: PathBuf,
+    /// Declared last: fields drop in order, so the directory goes after the node is unmounted.
+    _scratch: Scratch,
+}
+
+/// Removes a directory when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Env {
@@ -81,6 +92,7 @@ impl Env {
         let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(1, memory_mib)).expect("node");
         Some(Self {
             node,
+            _scratch: Scratch(dir.clone()),
             dir,
             workload,
             libvgpu,
@@ -112,12 +124,6 @@ impl Env {
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let child = self.spawn(args, env, true);
         child.wait_with_output().expect("tenant output")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -304,4 +310,69 @@ fn nvml_memory_queries_report_the_limit() {
     );
     drop(a.stdin.take());
     let _ = a.wait();
+}
+
+/// Creates the container's region as the device plugin will: limits written, and `kernel_used` as the
+/// agent would write it from the kernel's attribution.
+fn prepare_region(path: &Path, limit: u64, kernel_used: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .expect("region file");
+    f.set_len(hami_api::region::REGION_SIZE as u64)
+        .expect("sizing the region");
+    #[allow(
+        unsafe_code,
+        reason = "mapping the shared region file, as the interceptor does"
+    )]
+    // SAFETY: a shared mapping of a file of REGION_SIZE bytes; Region is made of integer atomics.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(hami_api::region::REGION_SIZE)
+            .map_mut(&f)
+    }
+    .expect("mmap");
+    #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; the mapping outlives `r`.
+    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
+    r.init(&[limit], &[0]);
+    r.set_kernel_used(0, kernel_used, 1);
+}
+
+#[test]
+fn meminfo_never_fails_or_wraps_when_usage_exceeds_the_limit_c10() {
+    let Some(env) = Env::new("c10", 4096) else { return };
+    // (a) A limit above the physical memory reports the physical total.
+    let o = env.run(
+        &["--alloc", "1048576", "--free"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "8g")],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.contains(&format!("device 0 total {}", 4096 * MIB)), "{out}");
+    assert!(out.contains(&format!("total {}", 4096 * MIB)), "{out}");
+    // (b) The kernel saw 500 MiB (context memory, raw ioctls) against a 400 MiB limit: the query still
+    // succeeds, free is 0 and total is the limit; a new allocation is refused.
+    let region = env.dir.join("c10.cache");
+    prepare_region(&region, 400 * MIB, 500 * MIB);
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(&env.workload);
+        cmd.args(args)
+            .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+            .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+            .env("LD_PRELOAD", &env.libvgpu)
+            .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &region);
+        cmd.output().expect("tenant")
+    };
+    let o = run(&[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        out.contains(&format!("meminfo free 0 total {}", 400 * MIB)),
+        "{out}"
+    );
+    let o = run(&["--alloc", "1048576"]);
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
 }

@@ -95,6 +95,17 @@ pub(crate) struct Env {
     lib_dir: PathBuf,
     cg_root: PathBuf,
     bpffs_mount: PathBuf,
+    /// Declared last: fields drop in order, so the scratch directory goes after the node is unmounted.
+    _scratch: Scratch,
+}
+
+/// Removes a directory when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Container identities used in tests: (pod UID, container ID).
@@ -149,6 +160,7 @@ impl Env {
         };
         Some(Self {
             node,
+            _scratch: Scratch(dir.clone()),
             dir,
             cfg,
             workload,
@@ -246,7 +258,8 @@ impl Drop for Env {
         for d in dirs.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The node (a FUSE mount inside the scratch directory) is unmounted when its field drops, and
+        // the directory is removed after it (`_scratch`).
     }
 }
 

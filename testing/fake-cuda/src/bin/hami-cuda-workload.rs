@@ -24,6 +24,8 @@
 //! - `child <pid> exited <code>`: printed by the parent once `waitpid` returned;
 //! - `meminfo free <bytes> total <bytes>`;
 //! - `launched <n>` (`--launch`), `synchronized` (`--sync`);
+//! - `bench <what> <ns>` (`--bench N`): ns per call of `cuCtxGetDevice`, `cuLaunchKernel` (null function)
+//!   and a 1 MiB `cuMemAlloc_v2` + `cuMemFree_v2` pair;
 //! - `freed`: after the frees of `--free` / `--raw-free` (then, with `--hold`, it waits for a second
 //!   line on stdin before exiting, so that a test can look at the node between the frees and the exit).
 //!
@@ -104,6 +106,11 @@ struct Args {
     /// cuStreamSynchronize after launching.
     #[arg(long)]
     sync: bool,
+    /// Time this many calls of each benchmarked entry point (after everything else) and print
+    /// `bench <what> <ns per call>`: `cuCtxGetDevice` (no driver round trip), `cuLaunchKernel` with a
+    /// null function (returns at once), and `cuMemAlloc_v2` + `cuMemFree_v2` of 1 MiB (n / 100 pairs).
+    #[arg(long, default_value_t = 0)]
+    bench: u32,
     /// Wait for a line on stdin before freeing/exiting (and again after freeing, if anything was freed).
     #[arg(long)]
     hold: bool,
@@ -418,6 +425,46 @@ fn vmm(lib: &Lib, dev: c_int, request: usize) -> Result<(u64, u64, usize)> {
     clippy::too_many_lines,
     reason = "one straight-line script of driver API calls, in the documented output order"
 )]
+/// `--bench`: median of 5 rounds, ns per call.
+fn bench(lib: &Lib, n: u32, mem_alloc: FnMemAlloc, mem_free: FnMemFree) -> Result<()> {
+    type FnCtxGetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    // SAFETY: the CUDA driver API signatures spelled out by the types.
+    let get_device = unsafe { lib.func::<FnCtxGetDevice>("cuCtxGetDevice")? };
+    let launch = unsafe { lib.func::<FnLaunchKernel>("cuLaunchKernel")? };
+    let time = |n: u32, f: &mut dyn FnMut()| {
+        let mut rounds: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_nanos() as f64 / f64::from(n.max(1))
+            })
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        rounds[2]
+    };
+    let mut dev: c_int = 0;
+    // SAFETY (all calls): valid out-pointers; a null function makes cuLaunchKernel return at once.
+    let ns = time(n, &mut || unsafe {
+        get_device(&raw mut dev);
+    });
+    println!("bench ctx-get-device {ns:.1}");
+    let null = std::ptr::null_mut();
+    let ns = time(n, &mut || unsafe {
+        launch(null, 1, 1, 1, 1, 1, 1, 0, null, null.cast(), null.cast());
+    });
+    println!("bench launch-null {ns:.1}");
+    let ns = time((n / 100).max(1), &mut || unsafe {
+        let mut p = 0u64;
+        if mem_alloc(&raw mut p, 1 << 20) == 0 {
+            mem_free(p);
+        }
+    });
+    println!("bench alloc-free {ns:.1}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     println!("pid {}", std::process::id());
@@ -536,6 +583,9 @@ fn main() -> Result<()> {
         let sync = unsafe { lib.func::<FnStreamSynchronize>("cuStreamSynchronize")? };
         check("cuStreamSynchronize", unsafe { sync(std::ptr::null_mut()) })?;
         println!("synchronized");
+    }
+    if args.bench > 0 {
+        bench(&lib, args.bench, mem_alloc, mem_free)?;
     }
     if args.hold {
         read_line()?;
