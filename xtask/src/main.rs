@@ -285,6 +285,17 @@ fn dispatch() -> Result<()> {
                 &["bench", "--locked", "-p", "hami-agent", "--bench", "overhead"],
             )
         }
+        Some("bench") if rest.first() == Some(&"interceptor") => run(
+            &cargo(),
+            &[
+                "bench",
+                "--locked",
+                "-p",
+                "hami-interceptor",
+                "--bench",
+                "overhead",
+            ],
+        ),
         Some("bench") => {
             let mut a = vec!["bench", "-p", "hami-policy", "--bench", "placement", "--"];
             a.extend(rest);
