@@ -151,9 +151,18 @@ fn ebpf_toolchain() -> Result<()> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !nightly {
-        bail!(
-            "the eBPF programs need a nightly toolchain (rustup toolchain install nightly --component rust-src)"
-        );
+        run(
+            "rustup",
+            &[
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ],
+        )?;
     }
     run(
         "rustup",
