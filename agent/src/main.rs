@@ -5,6 +5,7 @@
 //!   attached (pinned) so the next agent misses nothing.
 //! * `hami-agent detach [--config FILE]`: remove the pinned programs and maps (uninstall).
 //! * `hami-agent metrics-doc`: print the metrics reference (Markdown).
+//! * `hami-agent check-config FILE`: parse a configuration strictly and print it with its defaults.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,11 @@ enum Cmd {
     },
     /// Print the metrics reference.
     MetricsDoc,
+    /// Parse a configuration file strictly (unknown fields are errors) and print it with defaults.
+    CheckConfig {
+        /// JSON configuration file.
+        file: PathBuf,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<AgentConfig> {
@@ -167,6 +173,12 @@ fn main() -> std::process::ExitCode {
         Cmd::Detach { config } => {
             load_config(config.as_ref()).and_then(|c| loader::detach(&c.paths.bpffs).map_err(Into::into))
         }
+        Cmd::CheckConfig { file } => AgentConfig::load(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+                Ok(())
+            }),
         Cmd::MetricsDoc => {
             print!("{}", metrics::reference_markdown());
             Ok(())
