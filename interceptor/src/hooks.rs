@@ -452,3 +452,69 @@ pub(crate) unsafe fn nvml_memory_info_v2(device: *mut c_void, memory: *mut c_voi
     }
     rc
 }
+
+#[allow(clippy::too_many_arguments, reason = "the CUDA driver API's signature")]
+pub(crate) unsafe fn launch_kernel(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    let Some(real) = real::cuLaunchKernel() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    crate::throttle::before_launch();
+    // SAFETY: forwarding.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) }
+}
+
+pub(crate) unsafe fn launch_kernel_ex(
+    config: *const c_void,
+    f: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    let Some(real) = real::cuLaunchKernelEx() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    crate::throttle::before_launch();
+    // SAFETY: forwarding.
+    unsafe { real(config, f, params, extra) }
+}
+
+#[allow(clippy::too_many_arguments, reason = "the CUDA driver API's signature")]
+pub(crate) unsafe fn launch_cooperative(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+) -> CUresult {
+    let Some(real) = real::cuLaunchCooperativeKernel() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    crate::throttle::before_launch();
+    // SAFETY: forwarding.
+    unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params) }
+}
+
+pub(crate) unsafe fn graph_launch(exec: *mut c_void, stream: *mut c_void) -> CUresult {
+    let Some(real) = real::cuGraphLaunch() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    crate::throttle::before_launch();
+    // SAFETY: forwarding.
+    unsafe { real(exec, stream) }
+}

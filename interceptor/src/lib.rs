@@ -12,6 +12,9 @@
 //! `cuDeviceTotalMem_v2` report the limit as the total, and so do NVML's `nvmlDeviceGetMemoryInfo` and
 //! `_v2` (what `nvidia-smi` and frameworks that size themselves from NVML read).
 //!
+//! Compute: launches are throttled to the container's SM limit by a controller fed by measured
+//! utilisation ([`throttle`] documents the control law).
+//!
 //! Limits: the process that creates the region writes them from `CUDA_DEVICE_MEMORY_LIMIT_<i>` /
 //! `CUDA_DEVICE_MEMORY_LIMIT` and `CUDA_DEVICE_SM_LIMIT` (HAMi's names, parsed strictly: `4Gi` is 4 GiB,
 //! `4GB` is an error); later processes use the region's limits and ignore their own environment.
@@ -30,6 +33,7 @@
 mod hooks;
 mod state;
 pub mod symbols;
+mod throttle;
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;

@@ -63,6 +63,16 @@ impl Enforcer {
         Some(slot)
     }
 
+    /// Pids holding a slot in the container's region (this process included).
+    pub(crate) fn container_pids(&self) -> Vec<u32> {
+        self.region
+            .slots
+            .iter()
+            .map(|s| s.pid.load(Ordering::Acquire))
+            .filter(|p| *p != 0 && *p != u32::MAX)
+            .collect()
+    }
+
     /// Reserves `bytes` on `dev`; `false` when over the limit (or no slot).
     pub(crate) fn reserve(&self, dev: usize, bytes: u64) -> bool {
         let Some(slot) = self.slot() else { return false };

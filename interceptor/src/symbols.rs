@@ -90,6 +90,10 @@ hooked_symbols! {
     cuMemFree_v2(dptr: u64) => hooks::mem_free;
     cuMemFreeAsync(dptr: u64, stream: *mut c_void) => hooks::mem_free_async;
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => hooks::mem_get_info;
+    cuLaunchKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel;
+    cuLaunchKernelEx(config: *const c_void, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel_ex;
+    cuLaunchCooperativeKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void) => hooks::launch_cooperative;
+    cuGraphLaunch(exec: *mut c_void, stream: *mut c_void) => hooks::graph_launch;
     cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) => hooks::device_total_mem;
 }
 

@@ -376,3 +376,63 @@ fn meminfo_never_fails_or_wraps_when_usage_exceeds_the_limit_c10() {
     let o = run(&["--alloc", "1048576"]);
     assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
 }
+
+/// SM utilisation (percent) of `pid` on GPU 0 between two ground-truth readings `window` apart, while
+/// the tenant keeps launching.
+fn measured_utilisation(
+    env: &Env,
+    pid: u32,
+    settle: std::time::Duration,
+    window: std::time::Duration,
+) -> f64 {
+    std::thread::sleep(settle);
+    let sm = || {
+        env.node.ground_truth().gpus[0]
+            .sm_seconds_by_pid
+            .get(&pid)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (t0, s0) = (std::time::Instant::now(), sm());
+    std::thread::sleep(window);
+    let (t1, s1) = (std::time::Instant::now(), sm());
+    100.0 * (s1 - s0) / (t1 - t0).as_secs_f64()
+}
+
+#[test]
+fn the_sm_limit_holds_utilisation_near_the_target() {
+    let Some(env) = Env::new("sm-limit", 4096) else {
+        return;
+    };
+    let t = target_dir();
+    let nvml = find(&t, &["deps/libnvidia_ml.so", "libnvidia_ml.so"]).expect("fake NVML built");
+    std::fs::copy(&nvml, env.dir.join("lib/libnvidia-ml.so.1")).expect("copying the fake NVML");
+    let load = ["--launch-for-ms", "3500", "--grid", "132"];
+    let kernel = ("HAMI_FAKE_CUDA_KERNEL_US", "5000");
+    // Unlimited, the steady load keeps the GPU busy.
+    let mut free_run = env.spawn(&load, &[kernel], false);
+    let pid = free_run.id();
+    let u = measured_utilisation(
+        &env,
+        pid,
+        std::time::Duration::from_millis(1000),
+        std::time::Duration::from_millis(1500),
+    );
+    let _ = free_run.wait();
+    assert!(u > 90.0, "unthrottled utilisation {u:.1} %");
+    // With gpucores 30, the controller brings it to 30 ± 5 after converging.
+    let limited = env.spawn(&load, &[kernel, LIMIT_1G, ("CUDA_DEVICE_SM_LIMIT", "30")], true);
+    let pid = limited.id();
+    let u = measured_utilisation(
+        &env,
+        pid,
+        std::time::Duration::from_millis(1500),
+        std::time::Duration::from_millis(1500),
+    );
+    let out = limited.wait_with_output().expect("tenant");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        (u - 30.0).abs() <= 5.0,
+        "utilisation {u:.1} % with a 30 % SM limit"
+    );
+}

@@ -23,7 +23,7 @@
 //! - `child <pid> allocated <bytes>`: printed by the forked child (`--fork-alloc`);
 //! - `child <pid> exited <code>`: printed by the parent once `waitpid` returned;
 //! - `meminfo free <bytes> total <bytes>`;
-//! - `launched <n>` (`--launch`), `synchronized` (`--sync`);
+//! - `launched <n>` (`--launch`), `launched-for <n>` (`--launch-for-ms`), `synchronized` (`--sync`);
 //! - `bench <what> <ns>` (`--bench N`): ns per call of `cuCtxGetDevice`, `cuLaunchKernel` (null function)
 //!   and a 1 MiB `cuMemAlloc_v2` + `cuMemFree_v2` pair;
 //! - `freed`: after the frees of `--free` / `--raw-free` (then, with `--hold`, it waits for a second
@@ -106,6 +106,10 @@ struct Args {
     /// cuStreamSynchronize after launching.
     #[arg(long)]
     sync: bool,
+    /// Launch one kernel (`--grid` blocks) and synchronise, again and again for this many
+    /// milliseconds, then print `launched-for <launches>` (a steady compute load for the SM limiter).
+    #[arg(long, default_value_t = 0)]
+    launch_for_ms: u64,
     /// Time this many calls of each benchmarked entry point (after everything else) and print
     /// `bench <what> <ns per call>`: `cuCtxGetDevice` (no driver round trip), `cuLaunchKernel` with a
     /// null function (returns at once), and `cuMemAlloc_v2` + `cuMemFree_v2` of 1 MiB (n / 100 pairs).
@@ -578,6 +582,23 @@ fn main() -> Result<()> {
             })?;
         }
         println!("launched {}", args.launch);
+    }
+    if args.launch_for_ms > 0 {
+        let launch = unsafe { lib.func::<FnLaunchKernel>("cuLaunchKernel")? };
+        let sync = unsafe { lib.func::<FnStreamSynchronize>("cuStreamSynchronize")? };
+        let f = std::ptr::NonNull::<c_void>::dangling().as_ptr();
+        let null = std::ptr::null_mut();
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(args.launch_for_ms);
+        let mut n = 0u64;
+        while std::time::Instant::now() < until {
+            // SAFETY: no kernel parameters are passed.
+            check("cuLaunchKernel", unsafe {
+                launch(f, args.grid, 1, 1, 128, 1, 1, 0, null, null.cast(), null.cast())
+            })?;
+            check("cuStreamSynchronize", unsafe { sync(null) })?;
+            n += 1;
+        }
+        println!("launched-for {n}");
     }
     if args.sync {
         let sync = unsafe { lib.func::<FnStreamSynchronize>("cuStreamSynchronize")? };

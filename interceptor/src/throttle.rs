@@ -1,0 +1,212 @@
+//! The SM (compute) limiter: kernel launches (`cuLaunchKernel`, `cuLaunchKernelEx`,
+//! `cuLaunchCooperativeKernel` and `cuGraphLaunch`; HAMi-core leaves the last two unthrottled) wait a
+//! delay chosen by a controller fed by the container's measured utilisation.
+//!
+//! Control law (one controller thread per process, every [`PERIOD`]):
+//! - measure the container's SM utilisation `U` (percent) over the last period: the sum of the
+//!   per-process samples of NVML's `nvmlDeviceGetProcessUtilization` for the pids of the container's
+//!   process slots (HAMi's model; the agent's kernel-side figure in the region replaces it once the agent
+//!   writes regions);
+//! - a launch followed by a wait of `d` gives `U = k / (k + d)` for kernels of duration `k`, so the
+//!   measurement gives `k ≈ d·U / (100 − U)` and the delay that reaches the target `T` is
+//!   `d* = k · (100 − T) / T`; the controller moves halfway to `d*` each period (`d ← (d + d*) / 2`);
+//! - when `U ≥ 99` (no idle time to learn `k` from) the delay doubles (starting at 1 ms); when the
+//!   container is idle the delay is kept.
+//!
+//! The launch fast path, with no SM limit, is one atomic load; with a limit it adds one more load and the
+//! sleep. The controller is restarted in a forked child (threads do not survive `fork`).
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::state::{Mode, mode};
+
+/// Controller period.
+pub(crate) const PERIOD: Duration = Duration::from_millis(100);
+
+/// The delay before each launch, ns.
+static DELAY_NS: AtomicU64 = AtomicU64::new(0);
+/// The SM target of device 0 in percent (0: not yet read; `u32::MAX`: no limit).
+static TARGET: AtomicU32 = AtomicU32::new(0);
+/// The pid whose controller runs (0: none).
+static CONTROLLER: AtomicU32 = AtomicU32::new(0);
+
+/// Called before every launch.
+#[inline]
+pub(crate) fn before_launch() {
+    let t = TARGET.load(Ordering::Relaxed);
+    if t == u32::MAX {
+        return;
+    }
+    if t == 0 {
+        let target = match mode() {
+            Mode::On(e) => match e.region.sm_limit(0) {
+                l @ 1..=99 => l,
+                _ => u32::MAX,
+            },
+            _ => u32::MAX,
+        };
+        TARGET.store(target, Ordering::Relaxed);
+        if target == u32::MAX {
+            return;
+        }
+    }
+    let pid = std::process::id();
+    if CONTROLLER.load(Ordering::Acquire) != pid {
+        start_controller(pid);
+    }
+    let d = DELAY_NS.load(Ordering::Relaxed);
+    if d > 0 {
+        std::thread::sleep(Duration::from_nanos(d));
+    }
+}
+
+fn start_controller(pid: u32) {
+    let prev = CONTROLLER.load(Ordering::Acquire);
+    if CONTROLLER
+        .compare_exchange(prev, pid, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("hami-sm-limiter".into())
+        .spawn(controller);
+    if spawned.is_err() {
+        crate::log(|| "could not start the SM controller".to_owned());
+    }
+}
+
+/// One delay update of the control law: current delay `d` (ns), measured utilisation `u` and target
+/// `t` (percent). Pure, so it is unit-tested.
+#[must_use]
+pub(crate) fn next_delay(d: u64, u: f64, t: f64) -> u64 {
+    const START: u64 = 1_000_000;
+    const MAX: u64 = 1_000_000_000;
+    if u <= 0.5 {
+        return d;
+    }
+    if u >= 99.0 || d == 0 {
+        return if u > t { (d.max(START / 2) * 2).min(MAX) } else { d };
+    }
+    #[allow(clippy::cast_precision_loss, reason = "delays far below 2^52 ns")]
+    let k = d as f64 * u / (100.0 - u);
+    let target = k * (100.0 - t) / t;
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a finite, non-negative value below MAX"
+    )]
+    let next = ((d as f64 + target) / 2.0).clamp(0.0, MAX as f64) as u64;
+    next
+}
+
+type NvmlInit = unsafe extern "C" fn() -> i32;
+type NvmlHandle = unsafe extern "C" fn(u32, *mut *mut c_void) -> i32;
+type NvmlProcUtil = unsafe extern "C" fn(*mut c_void, *mut Sample, *mut u32, u64) -> i32;
+
+/// `nvmlProcessUtilizationSample_t` (`nvml.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    pid: u32,
+    time_stamp: u64,
+    sm_util: u32,
+    mem_util: u32,
+    enc_util: u32,
+    dec_util: u32,
+}
+
+fn nvml_fn<T: Copy>(name: &std::ffi::CStr) -> Option<T> {
+    let p = crate::real_nvml_symbol(name);
+    // SAFETY: a non-null NVML function pointer; `T` is its C signature (checked by the callers' types).
+    (!p.is_null() && std::mem::size_of::<T>() == std::mem::size_of::<*mut c_void>())
+        .then(|| unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+}
+
+fn controller() {
+    let pid = std::process::id();
+    let Mode::On(e) = mode() else { return };
+    // The container's utilisation is summed over the pids of the region's slots: take ours.
+    let _ = e.slot();
+    let (Some(init), Some(handle), Some(util)) = (
+        nvml_fn::<NvmlInit>(c"nvmlInit_v2"),
+        nvml_fn::<NvmlHandle>(c"nvmlDeviceGetHandleByIndex_v2"),
+        nvml_fn::<NvmlProcUtil>(c"nvmlDeviceGetProcessUtilization"),
+    ) else {
+        crate::log(|| "SM limit set but NVML is unavailable: launches are not throttled".to_owned());
+        return;
+    };
+    // SAFETY: plain NVML calls with valid out-pointers.
+    let mut dev: *mut c_void = std::ptr::null_mut();
+    if unsafe { init() } != 0 || unsafe { handle(0, &raw mut dev) } != 0 {
+        crate::log(|| "NVML init failed: launches are not throttled".to_owned());
+        return;
+    }
+    let target = f64::from(e.region.sm_limit(0));
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
+    };
+    let mut seen = now_us();
+    let mut buf = vec![Sample::default(); 64];
+    while CONTROLLER.load(Ordering::Acquire) == pid {
+        std::thread::sleep(PERIOD);
+        let mut n = u32::try_from(buf.len()).unwrap_or(0);
+        // SAFETY: `buf` holds `n` samples.
+        let rc = unsafe { util(dev, buf.as_mut_ptr(), &raw mut n, seen) };
+        let pids: Vec<u32> = e.container_pids();
+        let (mut sum, mut newest) = (0.0, seen);
+        if rc == 0 {
+            for s in buf.iter().take(n as usize) {
+                if pids.contains(&s.pid) && s.time_stamp > seen {
+                    sum += f64::from(s.sm_util);
+                    newest = newest.max(s.time_stamp);
+                }
+            }
+        }
+        seen = if newest > seen { newest } else { now_us() };
+        let d = DELAY_NS.load(Ordering::Relaxed);
+        let next = next_delay(d, sum, target);
+        DELAY_NS.store(next, Ordering::Relaxed);
+        crate::log(|| {
+            format!(
+                "SM utilisation {sum:.0} % (target {target}; NVML {rc}, {n} samples, pids {pids:?}), delay {d} -> {next} ns"
+            )
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_delay;
+
+    /// Simulates `U = k / (k + d)` for kernels of `k` ns and checks convergence to the target.
+    #[test]
+    fn converges_to_the_target_from_full_utilisation() {
+        for (k, t) in [(5_000_000.0, 30.0), (1_000_000.0, 50.0), (20_000_000.0, 10.0)] {
+            let mut d = 0u64;
+            let mut u = 100.0;
+            for _ in 0..40 {
+                d = next_delay(d, u, t);
+                u = 100.0 * k / (k + d as f64);
+            }
+            assert!((u - t).abs() < 1.0, "k {k} t {t}: u {u}, d {d}");
+        }
+    }
+
+    #[test]
+    fn idle_keeps_the_delay_and_saturation_backs_off() {
+        assert_eq!(next_delay(3_000_000, 0.0, 30.0), 3_000_000);
+        assert_eq!(next_delay(0, 100.0, 30.0), 1_000_000);
+        assert_eq!(next_delay(1_000_000, 100.0, 30.0), 2_000_000);
+        assert_eq!(
+            next_delay(0, 20.0, 30.0),
+            0,
+            "under the target with no delay: nothing to do"
+        );
+    }
+}
