@@ -14,11 +14,12 @@
 //!    container, ALL dropped, capabilities and host paths only in the agent), the embedded
 //!    KubeSchedulerConfiguration (`kubescheduler.config.k8s.io/v1` field names, extender rules), and the
 //!    matrix entry's own expectations ([`MATRIX`]).
-//! 3. Extracts the ConfigMap config blocks to `target/chart-check/<name>/`: `agent.json` (for
-//!    `hami_agent::config::AgentConfig`), `device-config.json`, `extender-config.json`, and
-//!    `scheduler-config.yaml` where rendered.
+//! 3. Extracts the ConfigMap config blocks to `target/chart-check/<name>/`: `agent.json`,
+//!    `device-config.json`, `extender-config.json`, and `scheduler-config.yaml` / `extenders.yaml` where
+//!    rendered; every `agent.json` must load as the real `hami_agent::config::AgentConfig`
+//!    (`hami-agent check-config`, strict).
 //! 4. Negative checks: the validator rejects a misspelled field, and the chart refuses values the agent
-//!    would refuse (an unknown agent config field) or no policy names (an unknown scheduler policy).
+//!    would refuse (an unknown agent config field) or that name no policy ([`REFUSALS`]).
 
 use std::{
     fs,
@@ -119,10 +120,15 @@ const REFUSALS: &[(&str, &str)] = &[
 ];
 
 /// The file each matrix entry's agent configuration is extracted to, in `target/chart-check/<name>/`.
-pub(crate) const AGENT_CONFIG_FILE: &str = "agent.json";
+const AGENT_CONFIG_FILE: &str = "agent.json";
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().map_or_else(|| xtask.join(".."), Path::to_path_buf)
 }
 
 /// Runs a command, echoing it; returns its output; fails on a non-zero exit with its stderr.
@@ -364,8 +370,8 @@ fn must_refuse(tools: &Tools, set: &str, expect: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks the chart (see the module documentation). Leaves the extracted config blocks in
-/// `target/chart-check/<matrix entry>/` ([`AGENT_CONFIG_FILE`] is the agent's).
+/// Checks the chart (see the module documentation). Leaves the rendered manifests and the extracted
+/// config blocks in `target/chart-check/<values file>/`.
 pub(crate) fn check() -> Result<()> {
     let started = Instant::now();
     let root = root();
@@ -429,17 +435,37 @@ pub(crate) fn check() -> Result<()> {
         fs::write(&manifests, &rendered.stdout)
             .with_context(|| format!("writing {}", manifests.display()))?;
         validate(&tools, &manifests)?;
-        let expect = MATRIX.iter().find(|(n, _)| *n == name).map_or("{}", |(_, e)| e);
+        let expect = dir.join("expect.json");
+        let expected = MATRIX.iter().find(|(n, _)| *n == name).map_or("{}", |(_, e)| e);
+        fs::write(&expect, expected).with_context(|| format!("writing {}", expect.display()))?;
         let checked = output(
             Command::new(&tools.python)
                 .arg(&script)
                 .arg(&manifests)
                 .arg(&dir)
-                .arg(expect)
+                .arg(&expect)
                 .arg(NAMESPACE),
         )?;
+        // NOTES.txt is rendered only by install/upgrade: a client-side dry run (no cluster contacted).
+        let notes = output(
+            tools
+                .helm()
+                .args([
+                    "install",
+                    RELEASE,
+                    "charts/hami",
+                    "--namespace",
+                    NAMESPACE,
+                    "--dry-run=client",
+                ])
+                .arg("-f")
+                .arg(file),
+        )?;
+        if !String::from_utf8_lossy(&notes.stdout).contains("\nNOTES:\nhami ") {
+            bail!("{name}: helm install --dry-run=client printed no NOTES");
+        }
         eprintln!(
-            "chart: {name}: lint, template, kubernetes-validate {KUBE_VERSION}, {} ({:.1} s)",
+            "chart: {name}: lint, template, kubernetes-validate {KUBE_VERSION}, NOTES, {} ({:.1} s)",
             stdout_trimmed(&checked),
             case_started.elapsed().as_secs_f64()
         );
@@ -449,23 +475,52 @@ pub(crate) fn check() -> Result<()> {
         must_refuse(&tools, set, expect)?;
     }
 
+    // The rendered agent configurations must load as the agent's real `AgentConfig` (strict: unknown
+    // fields are refused), through the agent binary itself.
+    let agent_configs: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|f| f.file_stem())
+        .map(|name| out_dir.join(name).join(AGENT_CONFIG_FILE))
+        .filter(|p| p.exists())
+        .collect();
+    if agent_configs.is_empty() {
+        bail!("no values file rendered an agent configuration");
+    }
+    for config in &agent_configs {
+        output(
+            Command::new(cargo())
+                .args([
+                    "run",
+                    "--quiet",
+                    "--locked",
+                    "-p",
+                    "hami-agent",
+                    "--",
+                    "check-config",
+                ])
+                .arg(config)
+                .current_dir(&root),
+        )?;
+    }
+
     eprintln!(
-        "chart: {} values files checked, {} refusals checked, agent configs in {}/*/{AGENT_CONFIG_FILE} ({:.1} s)",
+        "chart: {} values files checked, {} refusals checked, {} agent configs load ({:.1} s)",
         files.len(),
         REFUSALS.len(),
-        out_dir.display(),
+        agent_configs.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
 /// Checks of the rendered manifests that no OpenAPI schema makes, and extraction of the config blocks.
-/// Arguments: manifests.yaml, output directory, expectations (JSON), release namespace. Prints a summary.
+/// Arguments: manifests.yaml, output directory, expectations (a JSON file), release namespace. Prints a
+/// summary.
 const CHECK_RENDERED: &str = r#####"
 import json, os, re, sys
 import yaml
 
-manifests, outdir, expect, namespace = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+manifests, outdir, expect, namespace = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
 docs = [d for d in yaml.safe_load_all(open(manifests)) if d]
 errors = []
 
