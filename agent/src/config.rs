@@ -21,7 +21,9 @@
 //!                                        // at /sys/fs/bpf when missing
 //!     "btf": "/sys/kernel/btf/vmlinux",
 //!     "driver_version_file": "/sys/module/nvidia/version",
-//!     "state_dir": "/var/lib/hami/agent" // attribution state saved across restarts
+//!     "state_dir": "/var/lib/hami/agent", // attribution state saved across restarts
+//!     "regions_dir": "/usr/local/vgpu/containers" // containers' shared regions: the agent writes the
+//!                                        // kernel-observed memory and SM utilisation into them
 //!   }
 //! }
 //! ```
@@ -58,6 +60,9 @@ pub struct HostPaths {
     pub driver_version_file: PathBuf,
     /// Directory for the saved attribution state.
     pub state_dir: PathBuf,
+    /// Where the containers' shared regions live (the device plugin's per-container directories);
+    /// the agent writes the kernel's view into them. Missing: nothing is published.
+    pub regions_dir: PathBuf,
 }
 
 impl Default for HostPaths {
@@ -71,6 +76,7 @@ impl Default for HostPaths {
             btf: "/sys/kernel/btf/vmlinux".into(),
             driver_version_file: "/sys/module/nvidia/version".into(),
             state_dir: "/var/lib/hami/agent".into(),
+            regions_dir: "/usr/local/vgpu/containers".into(),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;
+pub mod regions;
 pub mod service;
 pub mod snapshot;
 

@@ -40,6 +40,7 @@ pub struct Agent {
     terminated: HashMap<u64, Terminated>,
     gpus: Vec<GpuInfo>,
     nvml: Option<nvml_wrapper::Nvml>,
+    regions: crate::regions::RegionWriter,
     cgroup_root: PathBuf,
     state_file: PathBuf,
 }
@@ -128,6 +129,7 @@ impl Agent {
             index: CgroupIndex::new(cgroup_root.clone()),
             cgroup_root,
             nvml,
+            regions: crate::regions::RegionWriter::default(),
             cfg,
             probes,
             state,
@@ -227,6 +229,7 @@ impl Agent {
     pub fn housekeeping(&mut self) -> Result<()> {
         self.index.refresh();
         self.sample_utilization();
+        self.publish_regions();
         let retain = Duration::from_secs(self.cfg.retain_terminated_secs);
         let mut cgroups = self.state.cgroups();
         cgroups.extend(self.probes.calls().into_keys());
@@ -256,6 +259,15 @@ impl Agent {
             self.terminated.remove(&cg);
         }
         self.save_state()
+    }
+
+    /// Writes the kernel's view (device memory, SM utilisation) into the containers' shared regions.
+    /// Returns how many regions were updated.
+    pub fn publish_regions(&mut self) -> usize {
+        let now = monotonic_ns();
+        self.regions.scan(&self.cfg.paths.regions_dir);
+        let rows = self.state.rows(now);
+        self.regions.publish(&rows, now)
     }
 
     /// Writes the attribution state (atomically: temp file + rename).

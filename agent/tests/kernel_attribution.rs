@@ -406,3 +406,48 @@ fn a_wrong_driver_generation_counts_malformed_payloads_and_charges_nothing() {
     );
     w.finish();
 }
+
+#[test]
+fn the_kernel_view_in_the_region_holds_processes_that_bypass_the_interceptor() {
+    // The container's limit is 1 GiB. A tenant maps the region through libvgpu.so; another process of
+    // the same container allocates 800 MiB with raw RM ioctls, which no hook sees. Once the agent has
+    // written the kernel's view into the region, a 300 MiB cuMemAlloc through the interceptor is refused.
+    let Some(env) = Env::new("region", 1, 4096) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(13);
+    let regions = env.dir.join("regions/pod13_main");
+    std::fs::create_dir_all(&regions).unwrap();
+    let region = regions.join("vgpu.cache");
+    let vgpu = common::libvgpu();
+    let preload = [
+        ("LD_PRELOAD", vgpu.to_str().unwrap()),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap()),
+        ("CUDA_DEVICE_MEMORY_LIMIT_0", "1g"),
+    ];
+    let mut a = env.spawn(&c, &["--alloc", "1048576", "--hold"], &preload);
+    a.words("meminfo");
+    let mut raw = env.spawn(&c, &["--raw-alloc", "838860800", "--hold"], &[]);
+    raw.words("raw-allocated");
+    let three = (300 * MIB).to_string();
+    // Before the agent publishes, the interceptor only knows its own 1 MiB: 300 MiB fits.
+    let mut b = env.spawn(&c, &["--alloc", &three, "--free"], &preload);
+    b.words("freed");
+    b.finish();
+    settle(&mut agent);
+    assert_eq!(
+        agent.publish_regions(),
+        1,
+        "one region, tied to the container by its cgroup id"
+    );
+    let mut b = env.spawn(&c, &["--alloc", &three, "--hold"], &preload);
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.words("meminfo")));
+    assert!(
+        refused.is_err(),
+        "the 300 MiB allocation must fail against the kernel's 801 MiB"
+    );
+    b.finish();
+    raw.finish();
+    a.finish();
+}

@@ -47,6 +47,9 @@ pub struct Header {
     pub kernel_sm_percent: [AtomicU32; MAX_DEVICES],
     /// CLOCK_MONOTONIC ns of the agent's last write (0: never).
     pub kernel_updated_ns: AtomicU64,
+    /// cgroup v2 id of the container (the inode of its cgroup directory), written by the processes that
+    /// map the region, so the agent knows whose kernel-side usage to write here (0: unknown).
+    pub cgroup_id: AtomicU64,
 }
 
 /// One process slot.
@@ -75,7 +78,7 @@ pub struct Region {
 pub const REGION_SIZE: usize = std::mem::size_of::<Region>();
 
 const _: () = {
-    assert!(std::mem::size_of::<Header>() == 8 + 4 + 4 + 8 * 16 + 4 * 16 + 8 * 16 + 8 * 16 + 4 * 16 + 8);
+    assert!(std::mem::size_of::<Header>() == 8 + 4 + 4 + 8 * 16 + 4 * 16 + 8 * 16 + 8 * 16 + 4 * 16 + 8 + 8);
     assert!(std::mem::size_of::<Slot>() == 8 + 8 * MAX_DEVICES);
     assert!(REGION_SIZE == std::mem::size_of::<Header>() + MAX_PROCS * std::mem::size_of::<Slot>());
 };
@@ -308,6 +311,17 @@ impl Region {
             }
             s.pid.store(0, Ordering::Release);
         }
+    }
+
+    /// The container's cgroup id (0: not yet known).
+    #[must_use]
+    pub fn cgroup_id(&self) -> u64 {
+        self.header.cgroup_id.load(Ordering::Acquire)
+    }
+
+    /// Records the container's cgroup id.
+    pub fn set_cgroup_id(&self, id: u64) {
+        self.header.cgroup_id.store(id, Ordering::Release);
     }
 
     /// Written by the agent: the device memory the kernel attributed to the container, bytes.

@@ -236,6 +236,23 @@ fn map_region(path: &str, limits: &[u64], sm: &[u32]) -> Result<&'static Region,
     }
 }
 
+/// The calling process's cgroup v2 id: its `0::<path>` entry in `/proc/self/cgroup` resolved under the
+/// cgroup2 mount (in a container with a cgroup namespace, the path is `/` and the mount is the
+/// container's own cgroup).
+fn own_cgroup_id() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let root = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mnt, fstype) = (f.next(), f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| mnt.to_owned())
+    })?;
+    let path = std::path::Path::new(&root).join(rel.trim_start_matches('/'));
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
 extern "C" fn detach_at_exit() {
     if let Mode::On(e) = mode() {
         let cached = e.slot.load(Ordering::Acquire);
@@ -270,6 +287,9 @@ pub(crate) fn mode() -> &'static Mode {
         };
         match map_region(&path, &limits, &sm) {
             Ok(region) => {
+                if let Some(id) = own_cgroup_id() {
+                    region.set_cgroup_id(id);
+                }
                 // SAFETY: registering a plain extern "C" function with atexit.
                 unsafe { libc::atexit(detach_at_exit) };
                 Mode::On(Enforcer {

@@ -76,6 +76,25 @@ pub(crate) fn fake_nvml() -> PathBuf {
     find(&t).expect("libnvidia_ml.so after building hami-fake-nvml")
 }
 
+/// The interceptor library, built fresh (a cdylib is only a by-product of `cargo test`).
+pub(crate) fn libvgpu() -> PathBuf {
+    let t = target_dir();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "hami-interceptor"]);
+    if t.ends_with("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "cargo build -p hami-interceptor failed"
+    );
+    [t.join("libvgpu.so"), t.join("deps/libvgpu.so")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("libvgpu.so")
+}
+
 /// The cgroup2 mount of this machine.
 fn cgroup2_root() -> PathBuf {
     hami_agent::cgroup::cgroup2_mount(Path::new("/proc/self/mounts"))
@@ -155,6 +174,7 @@ impl Env {
                 dev_dir: node.dir().to_path_buf(),
                 bpffs: bpffs_mount.join("hami"),
                 state_dir: dir.join("state"),
+                regions_dir: dir.join("regions"),
                 ..HostPaths::default()
             },
         };
@@ -297,6 +317,17 @@ impl Tenant {
         let stdin = self.child.stdin.as_mut().expect("stdin");
         stdin.write_all(b"\n").expect("tenant stdin");
         stdin.flush().expect("tenant stdin");
+    }
+
+    /// Closes stdin, waits for the exit, and returns (success, stderr).
+    pub(crate) fn outcome(mut self) -> (bool, String) {
+        drop(self.child.stdin.take());
+        let ok = self.child.wait().is_ok_and(|s| s.success());
+        let mut e = String::new();
+        if let Some(mut s) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut s, &mut e);
+        }
+        (ok, e)
     }
 
     /// Closes stdin and waits for the exit.

@@ -1,0 +1,107 @@
+//! Publishes the kernel's view into the containers' shared regions (`hami_api::region`), so the
+//! interceptor enforces limits against what the kernel saw (context memory, chunk rounding, processes
+//! that bypass the interceptor) and throttles on the agent's utilisation figure.
+//!
+//! The regions are files under `paths.regions_dir` (the device plugin creates one per container; any
+//! depth up to 3, any name, exactly [`REGION_SIZE`] bytes). Each names its container by cgroup id
+//! (written by the processes that map it). Container device `i` is mapped to the `i`-th host GPU, by
+//! index, among those the container holds memory on: exact for single-GPU containers; multi-GPU
+//! containers need the device plugin to record host GPU identities in the region (not yet).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use hami_api::region::{REGION_SIZE, Region};
+use hami_ebpf_common::GPU_UNKNOWN;
+
+use crate::attribution::{MemoryKind, UsageRow};
+
+/// Mapped regions and the utilisation bookkeeping.
+#[derive(Default)]
+pub struct RegionWriter {
+    maps: HashMap<PathBuf, memmap2::MmapMut>,
+    /// (cgroup, GPU) → (SM-µs, CLOCK_MONOTONIC ns) at the previous publication.
+    last_sm: HashMap<(u64, u32), (u64, u64)>,
+}
+
+fn region_files(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() && depth > 0 {
+            region_files(&e.path(), depth - 1, out);
+        } else if t.is_file() && e.metadata().is_ok_and(|m| m.len() == REGION_SIZE as u64) {
+            out.push(e.path());
+        }
+    }
+}
+
+impl RegionWriter {
+    /// Maps new region files under `dir` and drops the mappings of removed ones.
+    pub fn scan(&mut self, dir: &Path) {
+        let mut files = Vec::new();
+        region_files(dir, 3, &mut files);
+        self.maps.retain(|p, _| files.contains(p));
+        for f in files {
+            if self.maps.contains_key(&f) {
+                continue;
+            }
+            let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&f) else {
+                continue;
+            };
+            #[allow(unsafe_code, reason = "a shared mapping of a region file")]
+            // SAFETY: a shared mapping of a file of REGION_SIZE bytes; other processes change it only
+            // through atomics.
+            if let Ok(m) = unsafe { memmap2::MmapOptions::new().len(REGION_SIZE).map_mut(&file) } {
+                self.maps.insert(f, m);
+            }
+        }
+    }
+
+    /// Writes each region's kernel-observed device memory (bytes) and SM utilisation (percent over the
+    /// time since the previous call). Returns how many regions were updated.
+    pub fn publish(&mut self, rows: &[UsageRow], now_ns: u64) -> usize {
+        let mut by_cgroup: BTreeMap<u64, Vec<&UsageRow>> = BTreeMap::new();
+        for r in rows
+            .iter()
+            .filter(|r| r.key.kind == MemoryKind::Device && r.key.gpu != GPU_UNKNOWN)
+        {
+            by_cgroup.entry(r.key.cgroup_id).or_default().push(r);
+        }
+        let mut n = 0;
+        for m in self.maps.values() {
+            #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+            // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region (integer atomics).
+            let region = unsafe { &*m.as_ptr().cast::<Region>() };
+            if region.validate().is_err() {
+                continue;
+            }
+            let cg = region.cgroup_id();
+            if cg == 0 {
+                continue;
+            }
+            let mut gpus = by_cgroup.get(&cg).cloned().unwrap_or_default();
+            gpus.sort_by_key(|r| r.key.gpu);
+            for dev in 0..region.device_count() {
+                let (bytes, sm) = match gpus.get(dev) {
+                    Some(r) => {
+                        let key = (cg, r.key.gpu);
+                        let pct = match self.last_sm.insert(key, (r.usage.sm_us, now_ns)) {
+                            Some((prev_us, prev_ns)) if now_ns > prev_ns => {
+                                let busy_ns = r.usage.sm_us.saturating_sub(prev_us) * 1000;
+                                u32::try_from((busy_ns * 100 / (now_ns - prev_ns)).min(100)).unwrap_or(100)
+                            }
+                            _ => 0,
+                        };
+                        (r.usage.bytes, pct)
+                    }
+                    None => (0, 0),
+                };
+                region.set_kernel_used(dev, bytes, now_ns);
+                region.header.kernel_sm_percent[dev].store(sm, std::sync::atomic::Ordering::Release);
+            }
+            n += 1;
+        }
+        n
+    }
+}
