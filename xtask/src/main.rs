@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod chart;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -104,6 +106,7 @@ fn ci() -> Result<()> {
     ebpf_toolchain()?;
     lint()?;
     check_metrics_doc()?;
+    chart::check()?;
     run(&cargo(), &["test", "--workspace", "--locked"])?;
     // A short end-to-end run of the main job on its embedded default.
     let out = root().join("target/xtask-ci-sim");
@@ -312,6 +315,7 @@ fn dispatch() -> Result<()> {
         }
         Some("ci") => ci(),
         Some("lint") => lint(),
+        Some("chart") => chart::check(),
         Some("metrics-doc") => {
             let out = Command::new(cargo())
                 .args([
@@ -334,6 +338,6 @@ fn dispatch() -> Result<()> {
             }
             std::fs::write(root().join("docs/metrics.md"), out.stdout).context("writing docs/metrics.md")
         }
-        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc> [args]"),
+        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc|chart> [args]"),
     }
 }
