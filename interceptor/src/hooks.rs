@@ -518,3 +518,118 @@ pub(crate) unsafe fn graph_launch(exec: *mut c_void, stream: *mut c_void) -> CUr
     // SAFETY: forwarding.
     unsafe { real(exec, stream) }
 }
+
+/// Explicit pools and their device (`cuMemPoolCreate` with a device location).
+static POOLS: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn pools() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>> {
+    POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) unsafe fn mem_pool_create(pool: *mut *mut c_void, props: *const c_void) -> CUresult {
+    let Some(f) = real::cuMemPoolCreate() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(pool, props) };
+    if rc == CUDA_SUCCESS && !pool.is_null() && !props.is_null() {
+        // SAFETY: `props` points to a CUmemPoolProps (location.type at 8, location.id at 12), and the
+        // driver wrote the pool handle.
+        let (location, id, handle) = unsafe {
+            let p = props.cast::<u8>();
+            (
+                p.add(PROP_LOCATION_TYPE).cast::<u32>().read_unaligned(),
+                p.add(PROP_LOCATION_ID).cast::<i32>().read_unaligned(),
+                *pool as usize,
+            )
+        };
+        if let (LOCATION_DEVICE, Ok(dev)) = (location, usize::try_from(id)) {
+            pools().insert(handle, dev);
+        }
+    }
+    rc
+}
+
+/// Pool allocations count like every other (peer case C11); `cuMemFreeAsync` returns them.
+pub(crate) unsafe fn mem_alloc_from_pool_async(
+    dptr: *mut u64,
+    bytesize: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> CUresult {
+    let Some(f) = real::cuMemAllocFromPoolAsync() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    if dptr.is_null() {
+        // SAFETY: the driver validates its own arguments.
+        return unsafe { f(dptr, bytesize, pool, stream) };
+    }
+    let pool_dev = pools().get(&(pool as usize)).copied();
+    match (mode(), pool_dev.or_else(current_device)) {
+        // SAFETY: forwarding.
+        (Mode::Off, _) | (Mode::On(_), None) => unsafe { f(dptr, bytesize, pool, stream) },
+        (Mode::Broken(_), _) => CUDA_ERROR_OUT_OF_MEMORY,
+        (Mode::On(e), Some(dev)) => reserved(
+            e,
+            dev,
+            bytesize as u64,
+            // SAFETY: forwarding.
+            || unsafe { f(dptr, bytesize, pool, stream) },
+            // SAFETY: written by the driver on success.
+            || unsafe { *dptr },
+        ),
+    }
+}
+
+/// Bytes of a `CUDA_ARRAY_DESCRIPTOR` (`Width` size_t at 0, `Height` at 8, `Format` u32 at 16,
+/// `NumChannels` u32 at 20; element sizes of `CUarray_format`, `cuda.h`).
+fn array_bytes(desc: *const c_void) -> Option<u64> {
+    // SAFETY: `desc` points to a CUDA_ARRAY_DESCRIPTOR (checked non-null by the caller).
+    let (w, h, format, ch) = unsafe {
+        let p = desc.cast::<u8>();
+        (
+            p.cast::<u64>().read_unaligned(),
+            p.add(8).cast::<u64>().read_unaligned(),
+            p.add(16).cast::<u32>().read_unaligned(),
+            p.add(20).cast::<u32>().read_unaligned(),
+        )
+    };
+    let elem = match format {
+        0x01 | 0x08 => 1,
+        0x02 | 0x09 | 0x10 => 2,
+        0x03 | 0x0a | 0x20 => 4,
+        _ => return None,
+    };
+    w.checked_mul(h.max(1))?.checked_mul(u64::from(ch) * elem)
+}
+
+pub(crate) unsafe fn array_create(handle: *mut *mut c_void, desc: *const c_void) -> CUresult {
+    let Some(f) = real::cuArrayCreate_v2() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    let bytes = if handle.is_null() || desc.is_null() {
+        None
+    } else {
+        array_bytes(desc)
+    };
+    match bytes {
+        Some(bytes) => on_current_device(
+            bytes,
+            // SAFETY: forwarding.
+            || unsafe { f(handle, desc) },
+            // SAFETY: written by the driver on success.
+            || unsafe { *handle as u64 },
+        ),
+        // SAFETY: the driver validates (and refuses) what cannot be sized.
+        None => unsafe { f(handle, desc) },
+    }
+}
+
+pub(crate) unsafe fn array_destroy(handle: *mut c_void) -> CUresult {
+    let Some(f) = real::cuArrayDestroy() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
+    // SAFETY: forwarding.
+    free_recorded(handle as u64, || unsafe { f(handle) })
+}

@@ -88,6 +88,10 @@ hooked_symbols! {
     cuMemMap(ptr: u64, size: usize, offset: usize, handle: c_ulonglong, flags: c_ulonglong) => hooks::mem_map;
     cuMemUnmap(ptr: u64, size: usize) => hooks::mem_unmap;
     cuMemFree_v2(dptr: u64) => hooks::mem_free;
+    cuMemPoolCreate(pool: *mut *mut c_void, props: *const c_void) => hooks::mem_pool_create;
+    cuMemAllocFromPoolAsync(dptr: *mut u64, bytesize: usize, pool: *mut c_void, stream: *mut c_void) => hooks::mem_alloc_from_pool_async;
+    cuArrayCreate_v2(handle: *mut *mut c_void, desc: *const c_void) => hooks::array_create;
+    cuArrayDestroy(handle: *mut c_void) => hooks::array_destroy;
     cuMemFreeAsync(dptr: u64, stream: *mut c_void) => hooks::mem_free_async;
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => hooks::mem_get_info;
     cuLaunchKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel;

@@ -436,3 +436,84 @@ fn the_sm_limit_holds_utilisation_near_the_target() {
         "utilisation {u:.1} % with a 30 % SM limit"
     );
 }
+
+#[test]
+fn pool_and_array_allocations_count_c11() {
+    let Some(env) = Env::new("pools", 4096) else {
+        return;
+    };
+    // C11: 768 MiB then 512 MiB from an explicit pool against 1 GiB: the second is refused.
+    let o = env.run(
+        &[
+            "--pool",
+            &(768 * MIB).to_string(),
+            "--pool",
+            &(512 * MIB).to_string(),
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuMemAllocFromPoolAsync"), "{}", text(&o));
+    // Within the limit both succeed and cuMemFreeAsync returns CUDA_SUCCESS for them.
+    let o = env.run(
+        &[
+            "--pool",
+            &(768 * MIB).to_string(),
+            "--pool",
+            &(128 * MIB).to_string(),
+            "--free",
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // Arrays are device memory too: 1000 MiB + a 4096 x 4096 float4 array (256 MiB) exceed 1 GiB.
+    let o = env.run(
+        &["--alloc", &(1000 * MIB).to_string(), "--array", "4096x4096"],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuArrayCreate_v2"), "{}", text(&o));
+    let o = env.run(
+        &[
+            "--alloc",
+            &(512 * MIB).to_string(),
+            "--array",
+            "4096x4096",
+            "--free",
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        env.node.ground_truth().gpus[0].used_bytes,
+        0,
+        "everything was freed"
+    );
+}
+
+#[test]
+fn threads_allocating_concurrently_never_exceed_the_limit() {
+    let Some(env) = Env::new("threads", 4096) else {
+        return;
+    };
+    // Eight threads, 100 alloc/free cycles each, then each holds 3 MiB blocks until refused: exactly 33
+    // blocks (99 MiB) fit in 100 MiB, whatever the interleaving.
+    let mut w = env.spawn(
+        &[
+            "--threads",
+            "8",
+            "--thread-bytes",
+            &(3 * MIB).to_string(),
+            "--hold",
+        ],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "100m")],
+        true,
+    );
+    let held = line(&mut w, "threads held");
+    assert_eq!(held, format!("threads held {}", 99 * MIB));
+    assert_eq!(
+        env.node.ground_truth().gpus[0].used_bytes,
+        99 * MIB,
+        "the driver holds what was reserved"
+    );
+    drop(w.stdin.take());
+    let _ = w.wait();
+}

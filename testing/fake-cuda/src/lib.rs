@@ -165,6 +165,12 @@ struct Driver {
     next_phys: CUmemGenericAllocationHandle,
     /// `cuMemMap`s: base address → mapping.
     mappings: BTreeMap<u64, Mapping>,
+    /// Explicit memory pools (`cuMemPoolCreate`): handle → GPU index.
+    pools: HashMap<usize, u32>,
+    /// `cuArrayCreate_v2` arrays: handle → (RM device handle, RM memory handle).
+    arrays: HashMap<usize, (u32, u32)>,
+    /// Next pool or array handle.
+    next_handle: usize,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -300,6 +306,9 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
             phys: HashMap::new(),
             next_phys: 1,
             mappings: BTreeMap::new(),
+            pools: HashMap::new(),
+            arrays: HashMap::new(),
+            next_handle: 1,
         });
         CUDA_SUCCESS
     })
@@ -709,6 +718,171 @@ pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, _stream: CUstream) ->
             free_mem(d, dptr, mem)
         }
         _ => CUDA_ERROR_INVALID_VALUE,
+    })
+}
+
+/// `cuMemPoolCreate`: an explicit pool on the device of `props->location` (`CUmemPoolProps`: `allocType`
+/// u32 at 0, `handleTypes` u32 at 4, `location {type u32 at 8, id i32 at 12}`). Only device locations.
+///
+/// # Safety
+/// `pool` is null or valid for a write; `props` is null or points to a `CUmemPoolProps`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut *mut c_void, props: *const c_void) -> CUresult {
+    if pool.is_null() || props.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: `props` points to a CUmemPoolProps (at least 16 bytes).
+    let (loc_type, id) = unsafe { (read_u32(props.cast(), 8), read_u32(props.cast(), 12)) };
+    if loc_type != CU_MEM_LOCATION_TYPE_DEVICE {
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    with_driver(|d| {
+        if usize::try_from(id).map_or(true, |i| i >= d.gpus.len()) {
+            return CUDA_ERROR_INVALID_DEVICE;
+        }
+        let h = d.next_handle;
+        d.next_handle += 1;
+        d.pools.insert(h, id);
+        // SAFETY: checked non-null above.
+        unsafe { pool.write(h as *mut c_void) };
+        CUDA_SUCCESS
+    })
+}
+
+/// `cuMemPoolDestroy`.
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPoolDestroy(pool: *mut c_void) -> CUresult {
+    with_driver(|d| match d.pools.remove(&(pool as usize)) {
+        Some(_) => CUDA_SUCCESS,
+        None => CUDA_ERROR_INVALID_VALUE,
+    })
+}
+
+/// `cuMemAllocFromPoolAsync`: one RM vidmem object on the pool's GPU, freed by `cuMemFreeAsync`.
+///
+/// # Safety
+/// `dptr` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: *mut c_void,
+    _stream: CUstream,
+) -> CUresult {
+    if dptr.is_null() || bytesize == 0 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        let Some(gpu) = d.pools.get(&(pool as usize)).copied() else {
+            return CUDA_ERROR_INVALID_VALUE;
+        };
+        let dev = match device_handle(d, gpu) {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        let bytes = bytesize as u64;
+        let h = match d.rm.alloc_vidmem(dev, bytes, d.via) {
+            Ok(h) => h,
+            Err(e) => return rm_to_cu(&e),
+        };
+        match take_va(d, bytes, VA_ALIGN) {
+            Ok(va) => {
+                d.allocs.insert(va, Mem::Async { dev, h });
+                // SAFETY: checked non-null above.
+                unsafe { dptr.write(va) };
+                CUDA_SUCCESS
+            }
+            Err(e) => {
+                let _ = d.rm.free(dev, h);
+                e
+            }
+        }
+    })
+}
+
+/// Bytes per element of a `CUarray_format` (`cuda.h`), `None` for unknown formats.
+fn array_format_bytes(format: u32) -> Option<u64> {
+    match format {
+        0x01 | 0x08 => Some(1),
+        0x02 | 0x09 | 0x10 => Some(2),
+        0x03 | 0x0a | 0x20 => Some(4),
+        _ => None,
+    }
+}
+
+/// `cuArrayCreate_v2`: one RM vidmem object of `Width × max(Height, 1) × NumChannels × element size`
+/// (`CUDA_ARRAY_DESCRIPTOR`: `Width` size_t at 0, `Height` size_t at 8, `Format` u32 at 16,
+/// `NumChannels` u32 at 20).
+///
+/// # Safety
+/// `handle` is null or valid for a write; `desc` is null or points to a `CUDA_ARRAY_DESCRIPTOR`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut *mut c_void, desc: *const c_void) -> CUresult {
+    if handle.is_null() || desc.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: `desc` points to a CUDA_ARRAY_DESCRIPTOR (24 bytes).
+    let (width, height, format, channels) = unsafe {
+        let p = desc.cast::<u8>();
+        (
+            p.cast::<u64>().read_unaligned(),
+            p.add(8).cast::<u64>().read_unaligned(),
+            read_u32(p, 16),
+            read_u32(p, 20),
+        )
+    };
+    let Some(elem) = array_format_bytes(format) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    if width == 0 || !matches!(channels, 1 | 2 | 4) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Some(bytes) = width
+        .checked_mul(height.max(1))
+        .and_then(|b| b.checked_mul(u64::from(channels) * elem))
+    else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    with_driver(|d| {
+        let gpu = match current_gpu(d) {
+            Ok(g) => g,
+            Err(e) => return e,
+        };
+        let dev = match device_handle(d, gpu) {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        match d.rm.alloc_vidmem(dev, bytes, d.via) {
+            Ok(h) => {
+                let a = d.next_handle;
+                d.next_handle += 1;
+                d.arrays.insert(a, (dev, h));
+                // SAFETY: checked non-null above.
+                unsafe { handle.write(a as *mut c_void) };
+                CUDA_SUCCESS
+            }
+            Err(e) => rm_to_cu(&e),
+        }
+    })
+}
+
+/// `cuArrayDestroy`.
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayDestroy(handle: *mut c_void) -> CUresult {
+    with_driver(|d| match d.arrays.remove(&(handle as usize)) {
+        Some((dev, h)) => {
+            d.rm.free(dev, h)
+                .map_err(|e| rm_to_cu(&e))
+                .err()
+                .unwrap_or(CUDA_SUCCESS)
+        }
+        None => CUDA_ERROR_INVALID_HANDLE,
     })
 }
 
@@ -1241,6 +1415,11 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuMemAllocPitch" | "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *mut c_void,
         "cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
         "cuMemAllocAsync" | "cuMemAllocAsync_ptsz" => cuMemAllocAsync as *mut c_void,
+        "cuMemAllocFromPoolAsync" | "cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync as *mut c_void,
+        "cuMemPoolCreate" => cuMemPoolCreate as *mut c_void,
+        "cuMemPoolDestroy" => cuMemPoolDestroy as *mut c_void,
+        "cuArrayCreate" | "cuArrayCreate_v2" => cuArrayCreate_v2 as *mut c_void,
+        "cuArrayDestroy" => cuArrayDestroy as *mut c_void,
         "cuMemFreeAsync" | "cuMemFreeAsync_ptsz" => cuMemFreeAsync as *mut c_void,
         "cuMemGetAllocationGranularity" => cuMemGetAllocationGranularity as *mut c_void,
         "cuMemCreate" => cuMemCreate as *mut c_void,

@@ -72,6 +72,21 @@ struct Args {
     /// cuMemAllocAsync of this many bytes on the default stream (repeatable).
     #[arg(long = "async")]
     async_alloc: Vec<usize>,
+    /// cuMemPoolCreate on the device, then cuMemAllocFromPoolAsync of this many bytes (repeatable;
+    /// freed with cuMemFreeAsync by `--free`).
+    #[arg(long)]
+    pool: Vec<usize>,
+    /// cuArrayCreate_v2 of WIDTHxHEIGHT float4 elements (16 bytes each; freed with cuArrayDestroy by
+    /// `--free`).
+    #[arg(long, value_parser = parse_pitch)]
+    array: Option<(usize, usize)>,
+    /// Start this many threads that each allocate `--thread-bytes` with cuMemAlloc_v2 and free it 100
+    /// times, then hold as many such allocations as they can; prints `threads held <bytes>`.
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
+    /// Allocation size of `--threads`, bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    thread_bytes: usize,
     /// Also allocate this many bytes with raw RM ioctls on `$HAMI_FAKE_GPU_DIR/nvidiactl`, bypassing
     /// libcuda (what an interceptor cannot see; repeatable).
     #[arg(long)]
@@ -560,6 +575,86 @@ fn main() -> Result<()> {
         }
         println!("async {}", hex_list(&asyncs));
     }
+    if !args.pool.is_empty() {
+        type FnPoolCreate = unsafe extern "C" fn(*mut *mut c_void, *const [u32; 22]) -> c_int;
+        type FnAllocFromPool = unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> c_int;
+        let create = unsafe { lib.func::<FnPoolCreate>("cuMemPoolCreate")? };
+        let alloc = unsafe { lib.func::<FnAllocFromPool>("cuMemAllocFromPoolAsync")? };
+        // CUmemPoolProps: allocType 1 (PINNED), handleTypes 0, location {DEVICE, dev}, then reserved.
+        let mut props = [0u32; 22];
+        props[0] = 1;
+        props[2] = 1;
+        props[3] = gpu;
+        let mut pool: *mut c_void = std::ptr::null_mut();
+        check("cuMemPoolCreate", unsafe {
+            create(&raw mut pool, &raw const props)
+        })?;
+        let mut pooled = Vec::new();
+        for &bytes in &args.pool {
+            let mut p = 0u64;
+            check("cuMemAllocFromPoolAsync", unsafe {
+                alloc(&raw mut p, bytes, pool, std::ptr::null_mut())
+            })?;
+            pooled.push(p);
+        }
+        println!("pool {}", hex_list(&pooled));
+        asyncs.extend(pooled);
+    }
+    let mut arrays = Vec::new();
+    if let Some((w, h)) = args.array {
+        type FnArrayCreate = unsafe extern "C" fn(*mut *mut c_void, *const [u32; 6]) -> c_int;
+        let create = unsafe { lib.func::<FnArrayCreate>("cuArrayCreate_v2")? };
+        // CUDA_ARRAY_DESCRIPTOR: Width, Height (size_t), Format FLOAT (0x20), NumChannels 4.
+        let mut desc = [0u32; 6];
+        desc[0] = u32::try_from(w).context("--array width")?;
+        desc[2] = u32::try_from(h).context("--array height")?;
+        desc[4] = 0x20;
+        desc[5] = 4;
+        let mut a: *mut c_void = std::ptr::null_mut();
+        check("cuArrayCreate_v2", unsafe { create(&raw mut a, &raw const desc) })?;
+        println!("array {:#x} bytes {}", a as usize, w * h.max(1) * 16);
+        arrays.push(a);
+    }
+    if args.threads > 0 {
+        let held = std::sync::atomic::AtomicU64::new(0);
+        let per = args.thread_bytes;
+        // The function pointers are plain C functions, safe to call from any thread.
+        let (alloc_fn, free_fn) = (mem_alloc as usize, mem_free as usize);
+        let ctx_addr = ctx as usize;
+        type FnCtxSet = unsafe extern "C" fn(*mut c_void) -> c_int;
+        let set_current = unsafe { lib.func::<FnCtxSet>("cuCtxSetCurrent")? } as usize;
+        std::thread::scope(|sc| {
+            for _ in 0..args.threads {
+                let held = &held;
+                sc.spawn(move || {
+                    // SAFETY: the addresses are the CUDA functions resolved above, with these signatures.
+                    let (alloc, free, set): (FnMemAlloc, FnMemFree, FnCtxSet) = unsafe {
+                        (
+                            std::mem::transmute::<usize, FnMemAlloc>(alloc_fn),
+                            std::mem::transmute::<usize, FnMemFree>(free_fn),
+                            std::mem::transmute::<usize, FnCtxSet>(set_current),
+                        )
+                    };
+                    // SAFETY (all calls): valid out-pointers; the context is the process's.
+                    unsafe { set(ctx_addr as *mut c_void) };
+                    for _ in 0..100 {
+                        let mut p = 0u64;
+                        if unsafe { alloc(&raw mut p, per) } == 0 {
+                            unsafe { free(p) };
+                        }
+                    }
+                    loop {
+                        let mut p = 0u64;
+                        if unsafe { alloc(&raw mut p, per) } != 0 {
+                            break;
+                        }
+                        held.fetch_add(per as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        println!("threads held {}", held.load(std::sync::atomic::Ordering::Relaxed));
+    }
     // Kept alive until exit: closing its nvidiactl frees what it still holds.
     let raw = raw(&args, args.raw_device.unwrap_or(gpu))?;
     if let Some(bytes) = args.fork_alloc {
@@ -615,6 +710,13 @@ fn main() -> Result<()> {
     if args.free {
         for p in ptrs {
             check("cuMemFree_v2", unsafe { mem_free(p) })?;
+        }
+        if !arrays.is_empty() {
+            type FnArrayDestroy = unsafe extern "C" fn(*mut c_void) -> c_int;
+            let destroy = unsafe { lib.func::<FnArrayDestroy>("cuArrayDestroy")? };
+            for a in arrays.drain(..) {
+                check("cuArrayDestroy", unsafe { destroy(a) })?;
+            }
         }
         if !asyncs.is_empty() {
             let f = unsafe { lib.func::<FnMemFreeAsync>("cuMemFreeAsync")? };
