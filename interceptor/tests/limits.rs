@@ -517,3 +517,30 @@ fn threads_allocating_concurrently_never_exceed_the_limit() {
     drop(w.stdin.take());
     let _ = w.wait();
 }
+
+#[test]
+fn fork_and_exec_keep_the_limit() {
+    let Some(env) = Env::new("fork-exec", 4096) else {
+        return;
+    };
+    // A tenant holds 600 MiB; a shell (fork + exec) started with the container's environment runs a
+    // second tenant, which still shares the 1 GiB limit.
+    let six = (600 * MIB).to_string();
+    let mut a = env.spawn(&["--alloc", &six, "--hold"], &[LIMIT_1G], true);
+    line(&mut a, "meminfo");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" --alloc \"$1\"; exit $?")
+        .arg(&env.workload)
+        .arg(&six)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+        .env("LD_PRELOAD", &env.libvgpu)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", env.region())
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "1g")
+        .output()
+        .expect("sh");
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+    drop(a.stdin.take());
+    let _ = a.wait();
+}
