@@ -3,10 +3,10 @@
 //! delay chosen by a controller fed by the container's measured utilisation.
 //!
 //! Control law (one controller thread per process, every [`PERIOD`]):
-//! - measure the container's SM utilisation `U` (percent) over the last period: the sum of the
-//!   per-process samples of NVML's `nvmlDeviceGetProcessUtilization` for the pids of the container's
-//!   process slots (HAMi's model; the agent's kernel-side figure in the region replaces it once the agent
-//!   writes regions);
+//! - measure the container's SM utilisation `U` (percent): the agent's figure in the region when it wrote
+//!   a new one within 3 s (it measures per container on host pids; each value is used once), else the sum
+//!   of NVML's `nvmlDeviceGetProcessUtilization` samples for the pids of the container's process slots
+//!   over the last period (HAMi's model; needs the container to see host pids);
 //! - a launch followed by a wait of `d` gives `U = k / (k + d)` for kernels of duration `k`, so the
 //!   measurement gives `k ≈ d·U / (100 − U)` and the delay that reaches the target `T` is
 //!   `d* = k · (100 − T) / T`; the controller moves halfway to `d*` each period (`d ← (d + d*) / 2`);
@@ -126,57 +126,99 @@ fn nvml_fn<T: Copy>(name: &std::ffi::CStr) -> Option<T> {
         .then(|| unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
 }
 
-fn controller() {
-    let pid = std::process::id();
-    let Mode::On(e) = mode() else { return };
-    // The container's utilisation is summed over the pids of the region's slots: take ours.
-    let _ = e.slot();
-    let (Some(init), Some(handle), Some(util)) = (
-        nvml_fn::<NvmlInit>(c"nvmlInit_v2"),
-        nvml_fn::<NvmlHandle>(c"nvmlDeviceGetHandleByIndex_v2"),
-        nvml_fn::<NvmlProcUtil>(c"nvmlDeviceGetProcessUtilization"),
-    ) else {
-        crate::log(|| "SM limit set but NVML is unavailable: launches are not throttled".to_owned());
-        return;
+/// Per-process NVML access for the fallback measurement.
+struct Nvml {
+    dev: *mut c_void,
+    util: NvmlProcUtil,
+    seen_us: u64,
+    buf: Vec<Sample>,
+}
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: plain NVML calls with valid out-pointers.
-    let mut dev: *mut c_void = std::ptr::null_mut();
-    if unsafe { init() } != 0 || unsafe { handle(0, &raw mut dev) } != 0 {
-        crate::log(|| "NVML init failed: launches are not throttled".to_owned());
-        return;
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+impl Nvml {
+    fn open() -> Option<Self> {
+        let init = nvml_fn::<NvmlInit>(c"nvmlInit_v2")?;
+        let handle = nvml_fn::<NvmlHandle>(c"nvmlDeviceGetHandleByIndex_v2")?;
+        let util = nvml_fn::<NvmlProcUtil>(c"nvmlDeviceGetProcessUtilization")?;
+        let mut dev: *mut c_void = std::ptr::null_mut();
+        // SAFETY: plain NVML calls with valid out-pointers.
+        if unsafe { init() } != 0 || unsafe { handle(0, &raw mut dev) } != 0 {
+            return None;
+        }
+        Some(Self {
+            dev,
+            util,
+            seen_us: wall_us(),
+            buf: vec![Sample::default(); 64],
+        })
     }
-    let target = f64::from(e.region.sm_limit(0));
-    let now_us = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(0))
-    };
-    let mut seen = now_us();
-    let mut buf = vec![Sample::default(); 64];
-    while CONTROLLER.load(Ordering::Acquire) == pid {
-        std::thread::sleep(PERIOD);
-        let mut n = u32::try_from(buf.len()).unwrap_or(0);
+
+    /// The summed SM utilisation of `pids` since the previous call, percent.
+    fn utilisation(&mut self, pids: &[u32]) -> f64 {
+        let mut n = u32::try_from(self.buf.len()).unwrap_or(0);
         // SAFETY: `buf` holds `n` samples.
-        let rc = unsafe { util(dev, buf.as_mut_ptr(), &raw mut n, seen) };
-        let pids: Vec<u32> = e.container_pids();
-        let (mut sum, mut newest) = (0.0, seen);
+        let rc = unsafe { (self.util)(self.dev, self.buf.as_mut_ptr(), &raw mut n, self.seen_us) };
+        let (mut sum, mut newest) = (0.0, self.seen_us);
         if rc == 0 {
-            for s in buf.iter().take(n as usize) {
-                if pids.contains(&s.pid) && s.time_stamp > seen {
+            for s in self.buf.iter().take(n as usize) {
+                if pids.contains(&s.pid) && s.time_stamp > self.seen_us {
                     sum += f64::from(s.sm_util);
                     newest = newest.max(s.time_stamp);
                 }
             }
         }
-        seen = if newest > seen { newest } else { now_us() };
-        let d = DELAY_NS.load(Ordering::Relaxed);
-        let next = next_delay(d, sum, target);
-        DELAY_NS.store(next, Ordering::Relaxed);
-        crate::log(|| {
-            format!(
-                "SM utilisation {sum:.0} % (target {target}; NVML {rc}, {n} samples, pids {pids:?}), delay {d} -> {next} ns"
+        self.seen_us = if newest > self.seen_us { newest } else { wall_us() };
+        sum
+    }
+}
+
+/// The agent's figure is used when it was written within this long.
+const AGENT_FRESH_NS: u64 = 3_000_000_000;
+
+fn controller() {
+    let pid = std::process::id();
+    let Mode::On(e) = mode() else { return };
+    // The container's utilisation is summed over the pids of the region's slots: take ours.
+    let _ = e.slot();
+    let mut nvml = Nvml::open();
+    let target = f64::from(e.region.sm_limit(0));
+    let mut agent_seen = 0u64;
+    while CONTROLLER.load(Ordering::Acquire) == pid {
+        std::thread::sleep(PERIOD);
+        // Preferred: the agent's measurement for the whole container (host pids, no NVML in the
+        // container); each new value is used once. Fallback: NVML samples of the region's pids.
+        let updated = e.region.header.kernel_updated_ns.load(Ordering::Acquire);
+        let (u, source) = if updated != agent_seen && monotonic_ns().saturating_sub(updated) < AGENT_FRESH_NS
+        {
+            agent_seen = updated;
+            (
+                f64::from(e.region.header.kernel_sm_percent[0].load(Ordering::Acquire)),
+                "agent",
             )
-        });
+        } else if let Some(n) = nvml.as_mut() {
+            (n.utilisation(&e.container_pids()), "nvml")
+        } else {
+            continue;
+        };
+        let d = DELAY_NS.load(Ordering::Relaxed);
+        let next = next_delay(d, u, target);
+        DELAY_NS.store(next, Ordering::Relaxed);
+        crate::log(|| format!("SM utilisation {u:.0} % ({source}; target {target}), delay {d} -> {next} ns"));
     }
 }
 

@@ -315,6 +315,12 @@ fn nvml_memory_queries_report_the_limit() {
 /// Creates the container's region as the device plugin will: limits written, and `kernel_used` as the
 /// agent would write it from the kernel's attribution.
 fn prepare_region(path: &Path, limit: u64, kernel_used: u64) {
+    let _map = map_region(path, limit, 0, kernel_used);
+}
+
+/// Creates and maps a region with `limit` bytes and `sm` percent on device 0; the mapping is returned
+/// so the test can go on writing into it as the agent does.
+fn map_region(path: &Path, limit: u64, sm: u32, kernel_used: u64) -> memmap2::MmapMut {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -337,8 +343,9 @@ fn prepare_region(path: &Path, limit: u64, kernel_used: u64) {
     #[allow(unsafe_code, reason = "viewing the mapping as the region")]
     // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; the mapping outlives `r`.
     let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
-    r.init(&[limit], &[0]);
+    r.init(&[limit], &[sm]);
     r.set_kernel_used(0, kernel_used, 1);
+    map
 }
 
 #[test]
@@ -543,4 +550,77 @@ fn fork_and_exec_keep_the_limit() {
     assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
     drop(a.stdin.take());
     let _ = a.wait();
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    #[allow(unsafe_code, reason = "clock_gettime with a valid out-pointer")]
+    // SAFETY: a valid out-pointer.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts)
+    };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[test]
+fn the_sm_limiter_follows_the_agents_utilisation_without_nvml() {
+    // No NVML in the container (the library is not on its path): the limiter must use what the agent
+    // writes into the region. This test plays the agent: every 250 ms it writes the tenant's measured
+    // utilisation (from the node's ground truth) with a fresh timestamp.
+    let Some(env) = Env::new("sm-agent", 4096) else {
+        return;
+    };
+    let region = env.dir.join("sm.cache");
+    let map = map_region(&region, GIB, 30, 0);
+    #[allow(unsafe_code, reason = "viewing the test's own mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, integer atomics only; `map` outlives the reference.
+    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
+    let mut cmd = Command::new(&env.workload);
+    cmd.args(["--launch-for-ms", "4000", "--grid", "132"])
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .env("HAMI_FAKE_CUDA_KERNEL_US", "5000")
+        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+        .env("LD_PRELOAD", &env.libvgpu)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &region)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("tenant");
+    let pid = child.id();
+    let sm = || {
+        env.node.ground_truth().gpus[0]
+            .sm_seconds_by_pid
+            .get(&pid)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let start = std::time::Instant::now();
+    let (mut last_t, mut last_s) = (std::time::Instant::now(), sm());
+    let mut window = Vec::new();
+    while start.elapsed() < std::time::Duration::from_millis(3800) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let (t, s) = (std::time::Instant::now(), sm());
+        let u = 100.0 * (s - last_s) / (t - last_t).as_secs_f64();
+        (last_t, last_s) = (t, s);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "0..=100")]
+        r.header.kernel_sm_percent[0].store(
+            u.round().clamp(0.0, 100.0) as u32,
+            std::sync::atomic::Ordering::Release,
+        );
+        r.header
+            .kernel_updated_ns
+            .store(monotonic_ns(), std::sync::atomic::Ordering::Release);
+        if start.elapsed() > std::time::Duration::from_millis(2300) {
+            window.push(u);
+        }
+    }
+    let out = child.wait_with_output().expect("tenant");
+    assert!(out.status.success(), "{}", text(&out));
+    let mean = window.iter().sum::<f64>() / window.len().max(1) as f64;
+    assert!(
+        (mean - 30.0).abs() <= 5.0,
+        "utilisation {mean:.1} % (windows {window:?}) with a 30 % limit fed by the agent"
+    );
 }
