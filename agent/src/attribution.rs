@@ -52,6 +52,9 @@ pub struct Usage {
     /// is the whole GPU's SMs busy for one second).
     #[serde(default)]
     pub sm_us: u64,
+    /// Processes killed by the kernel hard limit for an allocation on this GPU.
+    #[serde(default)]
+    pub hard_limit_kills: u64,
 }
 
 impl Usage {
@@ -343,6 +346,10 @@ impl Attribution {
                 cleanup.exited_tgid = Some(ev.tgid);
             }
             event_kind::FORK => {}
+            event_kind::HARD_LIMIT_KILL => {
+                self.entry(ev.cgroup_id, ev.gpu, MemoryKind::Device)
+                    .hard_limit_kills += 1;
+            }
             event_kind::MALFORMED => self.anomalies.malformed += 1,
             event_kind::MANAGED_ALLOC => {
                 let live = Live {
@@ -485,6 +492,18 @@ impl Attribution {
         let mut v: Vec<u64> = self.usage.keys().map(|k| k.cgroup_id).collect();
         v.dedup();
         v
+    }
+
+    /// Device memory a cgroup holds on `gpu` (`None`: on every GPU), bytes.
+    #[must_use]
+    pub fn device_bytes(&self, cgroup_id: u64, gpu: Option<u32>) -> u64 {
+        self.usage
+            .iter()
+            .filter(|(k, _)| {
+                k.cgroup_id == cgroup_id && k.kind == MemoryKind::Device && gpu.is_none_or(|g| k.gpu == g)
+            })
+            .map(|(_, u)| u.bytes)
+            .sum()
     }
 
     /// Whether the cgroup holds any live object.

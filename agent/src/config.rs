@@ -8,6 +8,8 @@
 //!   "retain_terminated_secs": 300,       // chargeback counters of finished containers stay this long
 //!   "syscall_hook": "auto",             // "tracepoint" (ioctl only; needs tracefs), "raw" (every
 //!                                        // syscall; no tracefs), "auto": tracepoint when tracefs is up
+//!   "hard_limit": false,                 // kill (SIGKILL from eBPF) a process that takes its container
+//!                                        // past the limit in its shared region
 //!   "driver_version": null,              // e.g. "595.45.04"; default: read paths.driver_version_file
 //!   "libcuda": ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"],  // uprobe targets (missing files skipped)
 //!   "nvml_lib": null,                    // NVML for discovery; default libnvidia-ml.so.1
@@ -110,6 +112,9 @@ pub struct AgentConfig {
     pub retain_terminated_secs: u64,
     /// How the ioctl syscall is hooked.
     pub syscall_hook: SyscallHook,
+    /// Kernel hard limit: a process whose device-memory allocation takes its container past the limit
+    /// in its shared region is killed from the eBPF program (SIGKILL; its memory is freed at exit).
+    pub hard_limit: bool,
     /// Driver version override.
     pub driver_version: Option<String>,
     /// libcuda files to attach the uprobes to.
@@ -128,6 +133,7 @@ impl Default for AgentConfig {
             interval_ms: 1000,
             retain_terminated_secs: 300,
             syscall_hook: SyscallHook::Auto,
+            hard_limit: false,
             driver_version: None,
             libcuda: vec!["/usr/lib/x86_64-linux-gnu/libcuda.so.1".into()],
             nvml_lib: None,

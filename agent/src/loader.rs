@@ -17,7 +17,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{RawTracePoint, TracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use hami_ebpf_common::{
-    AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, counter, file_kind, names,
+    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, counter, file_kind, names,
 };
 
 use crate::config::{AgentConfig, SyscallHook};
@@ -213,6 +213,8 @@ pub struct Probes {
     objects: HashMap<MapData, ObjectKey, u32>,
     tracked: HashMap<MapData, u32, u64>,
     calls: PerCpuHashMap<MapData, CallKey, u64>,
+    limits: HashMap<MapData, LimitKey, u64>,
+    limit_usage: HashMap<MapData, LimitKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     /// Whether pinned links of this build were adopted instead of attaching anew.
     pub adopted: bool,
@@ -396,6 +398,8 @@ impl Probes {
             objects: take(&mut ebpf, names::OBJECTS)?,
             tracked: take(&mut ebpf, names::TRACKED)?,
             calls: take(&mut ebpf, names::CALLS)?,
+            limits: take(&mut ebpf, names::LIMITS)?,
+            limit_usage: take(&mut ebpf, names::LIMIT_USAGE)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             _ebpf: ebpf,
             adopted,
@@ -474,6 +478,31 @@ impl Probes {
     #[must_use]
     pub fn cgroup_of_tgid(&self, tgid: u32) -> Option<u64> {
         self.tracked.get(&tgid, 0).ok()
+    }
+
+    /// Replaces the hard limits (bytes per container and GPU) the programs enforce.
+    pub fn set_limits(&mut self, limits: &[(LimitKey, u64)]) {
+        let stale: Vec<LimitKey> = self
+            .limits
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !limits.iter().any(|(l, _)| l == k))
+            .collect();
+        for k in stale {
+            let _ = self.limits.remove(&k);
+            let _ = self.limit_usage.remove(&k);
+        }
+        for (k, v) in limits {
+            let _ = self.limits.insert(k, v, 0);
+        }
+    }
+
+    /// Writes the exact device memory of limited containers (bytes), replacing the programs' running
+    /// additions.
+    pub fn publish_limit_usage(&mut self, usage: &[(LimitKey, u64)]) {
+        for (k, v) in usage {
+            let _ = self.limit_usage.insert(k, v, 0);
+        }
     }
 
     /// Deletes the call counters of a cgroup (after its final values were exported).

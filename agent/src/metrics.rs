@@ -54,6 +54,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Chargeback: SM time of the container on the GPU, SM-seconds (NVML per-process utilisation joined on host pid; 1 = all SMs busy for one second).",
     ),
     (
+        "hami_container_hard_limit_kills_total",
+        "counter",
+        "Processes of the container killed by the kernel hard limit (an allocation took the container past its limit).",
+    ),
+    (
         "hami_container_managed_memory_bytes",
         "gauge",
         "Managed (cuMemAllocManaged) memory reserved by the container now, bytes (seen by the libcuda uprobes).",
@@ -161,6 +166,7 @@ pub fn render(s: &Snapshot) -> Result<String> {
         &gpu_labels,
     )?;
     let sm = fcounter("hami_container_sm_seconds_total", &gpu_labels)?;
+    let kills = counter("hami_container_hard_limit_kills_total", &gpu_labels)?;
     let managed = gauge("hami_container_managed_memory_bytes", &ctr)?;
     let managed_bsec = fcounter("hami_container_managed_memory_byte_seconds_total", &ctr)?;
     let mut call_labels = ctr.to_vec();
@@ -196,6 +202,7 @@ pub fn render(s: &Snapshot) -> Result<String> {
             released.with_label_values(&l).inc_by(g.released);
             failed.with_label_values(&l).inc_by(g.failed_allocations);
             sm.with_label_values(&l).set(g.sm_seconds);
+            kills.with_label_values(&l).inc_by(g.hard_limit_kills);
         }
         if let Some(m) = &c.managed {
             if !c.terminated {
@@ -303,6 +310,7 @@ mod tests {
                     released: 0,
                     failed_allocations: 1,
                     sm_seconds: 0.5,
+                    hard_limit_kills: 0,
                 }],
                 managed: None,
                 cuda_calls: BTreeMap::from([("cuLaunchKernel".to_owned(), 7)]),

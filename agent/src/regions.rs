@@ -58,6 +58,23 @@ impl RegionWriter {
         }
     }
 
+    /// Hard limits from the regions: (cgroup id, per-device limits in bytes) of every valid region with
+    /// a known cgroup.
+    #[must_use]
+    pub fn limits(&self) -> Vec<(u64, Vec<u64>)> {
+        self.maps
+            .values()
+            .filter_map(|m| {
+                #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+                // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region.
+                let region = unsafe { &*m.as_ptr().cast::<Region>() };
+                let cg = region.cgroup_id();
+                (region.validate().is_ok() && cg != 0)
+                    .then(|| (cg, (0..region.device_count()).map(|d| region.limit(d)).collect()))
+            })
+            .collect()
+    }
+
     /// Writes each region's kernel-observed device memory (bytes) and SM utilisation (percent over the
     /// time since the previous call). Returns how many regions were updated.
     pub fn publish(&mut self, rows: &[UsageRow], now_ns: u64) -> usize {

@@ -41,6 +41,8 @@ pub struct Agent {
     gpus: Vec<GpuInfo>,
     nvml: Option<nvml_wrapper::Nvml>,
     regions: crate::regions::RegionWriter,
+    /// Hard-limit keys in force (cgroup, GPU or GPU_UNKNOWN for every GPU).
+    limit_keys: Vec<hami_ebpf_common::LimitKey>,
     cgroup_root: PathBuf,
     state_file: PathBuf,
 }
@@ -130,6 +132,7 @@ impl Agent {
             cgroup_root,
             nvml,
             regions: crate::regions::RegionWriter::default(),
+            limit_keys: Vec::new(),
             cfg,
             probes,
             state,
@@ -179,7 +182,23 @@ impl Agent {
         for c in cleanups {
             self.probes.cleanup(&c.allocs, c.exited_tgid);
         }
+        if n > 0 && !self.limit_keys.is_empty() {
+            self.publish_limit_usage();
+        }
         n
+    }
+
+    /// Writes the exact device memory of every limited container into the programs' map.
+    fn publish_limit_usage(&mut self) {
+        let usage: Vec<(hami_ebpf_common::LimitKey, u64)> = self
+            .limit_keys
+            .iter()
+            .map(|k| {
+                let gpu = (k.gpu != hami_ebpf_common::GPU_UNKNOWN).then_some(k.gpu);
+                (*k, self.state.device_bytes(k.cgroup_id, gpu))
+            })
+            .collect();
+        self.probes.publish_limit_usage(&usage);
     }
 
     /// Integrates NVML per-process utilisation samples of every GPU into per-container SM time.
@@ -267,7 +286,53 @@ impl Agent {
         let now = monotonic_ns();
         self.regions.scan(&self.cfg.paths.regions_dir);
         let rows = self.state.rows(now);
-        self.regions.publish(&rows, now)
+        let n = self.regions.publish(&rows, now);
+        if self.cfg.hard_limit {
+            let mut limits = Vec::new();
+            for (cg, per_dev) in self.regions.limits() {
+                match per_dev.as_slice() {
+                    // One device: the limit holds on whichever GPU it is.
+                    [l] if *l > 0 => limits.push((
+                        hami_ebpf_common::LimitKey {
+                            cgroup_id: cg,
+                            gpu: hami_ebpf_common::GPU_UNKNOWN,
+                            _pad: 0,
+                        },
+                        *l,
+                    )),
+                    // Several devices: container device i is the i-th host GPU the container uses
+                    // (see `regions`); GPUs not yet used get no limit until they are.
+                    many => {
+                        let mut gpus: Vec<u32> = rows
+                            .iter()
+                            .filter(|r| {
+                                r.key.cgroup_id == cg && r.key.kind == crate::attribution::MemoryKind::Device
+                            })
+                            .map(|r| r.key.gpu)
+                            .filter(|g| *g != hami_ebpf_common::GPU_UNKNOWN)
+                            .collect();
+                        gpus.sort_unstable();
+                        gpus.dedup();
+                        for (gpu, l) in gpus.iter().zip(many) {
+                            if *l > 0 {
+                                limits.push((
+                                    hami_ebpf_common::LimitKey {
+                                        cgroup_id: cg,
+                                        gpu: *gpu,
+                                        _pad: 0,
+                                    },
+                                    *l,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            self.limit_keys = limits.iter().map(|(k, _)| *k).collect();
+            self.probes.set_limits(&limits);
+            self.publish_limit_usage();
+        }
+        n
     }
 
     /// Writes the attribution state (atomically: temp file + rename).
@@ -334,6 +399,7 @@ impl Agent {
             ioctls: k[counter::IOCTLS as usize],
             unmatched_frees: self.state.anomalies.unmatched_frees,
             reconciled: self.state.anomalies.reconciled,
+            hard_limit_kills: k[counter::HARD_LIMIT_KILLS as usize],
         };
         snapshot::build(&self.node, now, &self.gpus, &rows, &calls, &facts, stats)
     }

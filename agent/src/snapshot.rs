@@ -45,6 +45,8 @@ pub struct GpuMemory {
     pub failed_allocations: u64,
     /// Cumulative SM time on this GPU from NVML per-process utilisation, SM-seconds (never decreases).
     pub sm_seconds: f64,
+    /// Processes killed by the kernel hard limit.
+    pub hard_limit_kills: u64,
 }
 
 /// Managed (`cuMemAllocManaged`) memory of one container.
@@ -98,6 +100,8 @@ pub struct AgentStats {
     pub unmatched_frees: u64,
     /// Objects fixed up by reconciliation with the kernel table.
     pub reconciled: u64,
+    /// Processes killed by the kernel hard limit (program counter).
+    pub hard_limit_kills: u64,
 }
 
 /// The snapshot.
@@ -171,6 +175,7 @@ pub fn build(
                     failed_allocations: r.usage.failed_allocations,
                     #[allow(clippy::cast_precision_loss, reason = "exact below 2^53 µs (285 years)")]
                     sm_seconds: r.usage.sm_us as f64 / 1e6,
+                    hard_limit_kills: r.usage.hard_limit_kills,
                 });
             }
             MemoryKind::Managed => {

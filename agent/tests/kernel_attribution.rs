@@ -451,3 +451,64 @@ fn the_kernel_view_in_the_region_holds_processes_that_bypass_the_interceptor() {
     raw.finish();
     a.finish();
 }
+
+#[test]
+fn hard_limit_kills_a_process_that_bypasses_the_interceptor() {
+    // The container's region says 1 GiB. A tenant holds 600 MiB; another process of the container,
+    // using raw RM ioctls (no interceptor), allocates 600 MiB more: the kernel kills it (SIGKILL from the
+    // eBPF program), the kill is counted, and its memory is released; the first tenant is untouched.
+    use std::os::unix::process::ExitStatusExt as _;
+    let Some(mut env) = Env::new("hard-limit", 1, 4096) else {
+        return;
+    };
+    env.cfg.hard_limit = true;
+    let mut agent = env.agent();
+    let c = env.container(14);
+    let dir = env.dir.join("regions/pod14_main");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join("vgpu.cache"))
+        .unwrap();
+    f.set_len(hami_api::region::REGION_SIZE as u64).unwrap();
+    #[allow(unsafe_code, reason = "mapping the region file as the device plugin would")]
+    // SAFETY: a shared mapping of a REGION_SIZE file; Region is made of integer atomics.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(hami_api::region::REGION_SIZE)
+            .map_mut(&f)
+    }
+    .unwrap();
+    #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; `map` outlives `r`.
+    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
+    r.init(&[1 << 30], &[0]);
+    r.set_cgroup_id(common::cgroup_id(&c));
+    assert_eq!(agent.publish_regions(), 1);
+
+    let six = (600 * MIB).to_string();
+    let mut a = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
+    a.words("raw-allocated");
+    settle(&mut agent);
+    let mut b = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
+    let b_pid = b.pid;
+    let status = b.status();
+    assert_eq!(status.signal(), Some(9), "killed by the hard limit: {status:?}");
+    eventually("the killed process's memory is released", || {
+        env.node.ground_truth().bytes(b_pid, 0) == 0
+    });
+    assert_eq!(env.node.ground_truth().bytes(a.pid, 0), 600 * MIB);
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 600 * MIB);
+    let kills: u64 = container(&s, &c).gpus.iter().map(|g| g.hard_limit_kills).sum();
+    assert_eq!((kills, s.agent.hard_limit_kills), (1, 1));
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hami_container_hard_limit_kills_total{") && l.ends_with(" 1")),
+        "{text}"
+    );
+    a.finish();
+}

@@ -167,6 +167,7 @@ impl Env {
             retain_terminated_secs: 0,
             // Explicit, so both hooks are always covered (one test sets Tracepoint).
             syscall_hook: hami_agent::config::SyscallHook::Raw,
+            hard_limit: false,
             driver_version: Some("595.45.04".into()),
             libcuda: vec![lib_dir.join("libcuda.so.1")],
             nvml_lib: None,
@@ -317,6 +318,11 @@ impl Tenant {
         let stdin = self.child.stdin.as_mut().expect("stdin");
         stdin.write_all(b"\n").expect("tenant stdin");
         stdin.flush().expect("tenant stdin");
+    }
+
+    /// Waits for the exit (stdin stays open) and returns its status.
+    pub(crate) fn status(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("waiting for the tenant")
     }
 
     /// Closes stdin, waits for the exit, and returns (success, stderr).

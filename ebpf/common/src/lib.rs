@@ -27,6 +27,12 @@ pub mod names {
     pub const CALLS: &str = "HAMI_CALLS";
     /// `HashMap<u64 pid_tgid, UprobePending>`: libcuda call between entry and return.
     pub const UPROBE_PENDING: &str = "HAMI_UPROBE_PENDING";
+    /// `HashMap<LimitKey, u64>`: hard device-memory limits per container and GPU, bytes (agent-filled;
+    /// `gpu == GPU_UNKNOWN` applies to every GPU).
+    pub const LIMITS: &str = "HAMI_LIMITS";
+    /// `HashMap<LimitKey, u64>`: device memory of limited containers, bytes (the agent writes the exact
+    /// value after each batch of events; the programs add each new allocation meanwhile).
+    pub const LIMIT_USAGE: &str = "HAMI_LIMIT_USAGE";
     /// `PerCpuArray<u64>` of [`super::counter`] slots: program-level counters (errors, drops).
     pub const COUNTERS: &str = "HAMI_COUNTERS";
 }
@@ -221,6 +227,18 @@ pub mod call {
     pub const COUNT: u32 = 13;
 }
 
+/// Key of the hard-limit maps.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LimitKey {
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// GPU index, or [`GPU_UNKNOWN`] for "every GPU".
+    pub gpu: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
 /// Key of the per-cgroup libcuda call counters.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -243,8 +261,10 @@ pub mod counter {
     pub const ALLOC_MAP_FULL: u32 = 2;
     /// Ioctls on NVIDIA files with an allocation, free, heap or XFER escape number, at syscall entry.
     pub const IOCTLS: u32 = 3;
+    /// Processes killed for taking their container past its hard limit.
+    pub const HARD_LIMIT_KILLS: u32 = 4;
     /// Number of slots.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// What an [`Event`] reports.
@@ -271,6 +291,9 @@ pub mod event_kind {
     pub const MANAGED_ALLOC: u32 = 8;
     /// `cuMemFree_v2` returned (`aux` = device pointer, `status` = CUresult).
     pub const CU_FREE: u32 = 9;
+    /// The allocating process was sent SIGKILL: the allocation (`bytes`, `gpu`) took its container past
+    /// its hard limit (`aux` = the limit, bytes). Its objects are released at its exit.
+    pub const HARD_LIMIT_KILL: u32 = 11;
 }
 
 /// One ring-buffer record.
@@ -384,13 +407,14 @@ const _: () = {
     assert!(core::mem::size_of::<Pending>() == 24);
     assert!(core::mem::size_of::<UprobePending>() == 24);
     assert!(core::mem::size_of::<CallKey>() == 16);
+    assert!(core::mem::size_of::<LimitKey>() == 16);
     assert!(core::mem::size_of::<Event>() == 72);
 };
 
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-    use super::{AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey};
+    use super::{AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey};
     // SAFETY: all are #[repr(C)], Copy, made only of integers, without padding (sizes asserted above).
     unsafe impl aya::Pod for FileKey {}
     // SAFETY: as above.
@@ -403,6 +427,8 @@ mod pod {
     unsafe impl aya::Pod for CallKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LimitKey {}
 }
 
 /// Decoding of the RM parameter structures, shared by the kernel programs (reading the caller's memory

@@ -28,15 +28,15 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_send_signal,
     },
     macros::{map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use hami_ebpf_common::{
-    AllocValue, CallKey, Event, FileKey, KernelConfig, ObjectKey, Pending, SYS_IOCTL, UprobePending, call,
-    counter,
+    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, Pending, SYS_IOCTL,
+    UprobePending, call, counter,
     decode::{self, Decoded},
     event_kind, file_kind, nv, pt_regs,
 };
@@ -61,6 +61,10 @@ static HAMI_CALLS: PerCpuHashMap<CallKey, u64> = PerCpuHashMap::pinned(16384, 0)
 static HAMI_UPROBE_PENDING: HashMap<u64, UprobePending> = HashMap::with_max_entries(16384, 0);
 #[map]
 static HAMI_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+#[map]
+static HAMI_LIMITS: HashMap<LimitKey, u64> = HashMap::pinned(4096, 0);
+#[map]
+static HAMI_LIMIT_USAGE: HashMap<LimitKey, u64> = HashMap::pinned(4096, 0);
 
 #[inline(always)]
 fn bump(slot: u32) {
@@ -327,7 +331,59 @@ fn record_alloc(client: u32, handle: u32, parent: u32, bytes: u64, class: u32, n
         bump(counter::ALLOC_MAP_FULL);
     }
     track(ev.tgid, ev.cgroup_id);
+    // Before the event: the agent, writing the exact usage after consuming events, may briefly miss
+    // this allocation (never count it twice), so a limit is never enforced early.
+    enforce_hard_limit(&ev);
     emit(&ev);
+}
+
+/// Hard limit (agent flag): when the container has a limit on this GPU (or on every GPU) and this
+/// allocation takes it past the limit, the caller gets SIGKILL, like the memory cgroup's OOM killer; its
+/// objects are released at exit. The usage compared is the agent's exact figure plus the allocations
+/// seen since (added here without atomics: concurrent allocations on two CPUs may be undercounted until
+/// the agent's next write, a few milliseconds later).
+#[inline(always)]
+fn enforce_hard_limit(ev: &Event) {
+    let exact = LimitKey {
+        cgroup_id: ev.cgroup_id,
+        gpu: ev.gpu,
+        _pad: 0,
+    };
+    let any = LimitKey {
+        cgroup_id: ev.cgroup_id,
+        gpu: hami_ebpf_common::GPU_UNKNOWN,
+        _pad: 0,
+    };
+    // SAFETY: plain map lookups.
+    let (key, limit) = match unsafe { HAMI_LIMITS.get(exact) } {
+        Some(l) => (exact, *l),
+        None => match unsafe { HAMI_LIMITS.get(any) } {
+            Some(l) => (any, *l),
+            None => return,
+        },
+    };
+    let used = match HAMI_LIMIT_USAGE.get_ptr_mut(key) {
+        Some(p) => {
+            // SAFETY: the map value lives while the program runs.
+            unsafe {
+                *p += ev.bytes;
+                *p
+            }
+        }
+        None => {
+            let _ = HAMI_LIMIT_USAGE.insert(key, ev.bytes, 0);
+            ev.bytes
+        }
+    };
+    if used > limit {
+        // SAFETY: signals the current task (the allocating thread's process).
+        unsafe { bpf_send_signal(9) };
+        bump(counter::HARD_LIMIT_KILLS);
+        let mut k = *ev;
+        k.kind = event_kind::HARD_LIMIT_KILL;
+        k.aux = limit;
+        emit(&k);
+    }
 }
 
 #[inline(always)]
