@@ -68,7 +68,7 @@ const CRD_KINDS: &[(&str, &str)] = &[
 
 /// The matrix entries that must exist, with what each must render (JSON read by `CHECK_RENDERED`):
 /// `present`/`absent` kinds, the scheduler Deployment's containers, whether the extender serves TLS,
-/// `agent_env` values and `objects` (`Kind/name`) that must be rendered. Other `ci/*.yaml` files get the
+/// `agent_env` values, `agent_config` fields and `objects` (`Kind/name`) that must be rendered. Other `ci/*.yaml` files get the
 /// generic checks only.
 const MATRIX: &[(&str, &str)] = &[
     (
@@ -76,7 +76,7 @@ const MATRIX: &[(&str, &str)] = &[
         r#"{"present": ["DaemonSet", "Deployment", "MutatingWebhookConfiguration", "Job"],
             "absent": ["ServiceMonitor", "Certificate", "Issuer"],
             "scheduler_containers": ["kube-scheduler", "extender"], "tls": true,
-            "agent_env_absent": ["HAMI_HARD_LIMIT"], "objects_absent": ["ClusterRole/hami-agent"]}"#,
+            "agent_config": {"hard_limit": null}, "objects_absent": ["ClusterRole/hami-agent"]}"#,
     ),
     (
         "extender-only-values",
@@ -94,7 +94,7 @@ const MATRIX: &[(&str, &str)] = &[
     (
         "hard-limit-values",
         r#"{"present": ["DaemonSet", "Deployment", "MutatingWebhookConfiguration"],
-            "agent_env": {"HAMI_HARD_LIMIT": "true"},
+            "agent_config": {"hard_limit": true},
             "objects": ["ClusterRole/hami-agent", "ClusterRoleBinding/hami-agent"],
             "agent_mounts": ["/var/lib/kubelet/device-plugins", "/usr/local/vgpu", "/sys/kernel/tracing"]}"#,
     ),
@@ -728,6 +728,9 @@ if agents:
         args = ctr.get("args", [])
         if args[:3] != ["run", "--config", "/etc/hami/agent/agent.json"] or mount_of("/etc/hami/agent/agent.json") is None:
             err(f"agent args {args}: not `run --config` on the mounted agent.json")
+        for k, v in expect.get("agent_config", {}).items():
+            if cfg.get(k) != v:
+                err(f"agent config {k} = {cfg.get(k)!r}, expected {v!r}")
         env = {e["name"]: e.get("value") for e in ctr.get("env", [])}
         for k, v in expect.get("agent_env", {}).items():
             if env.get(k) != v:
