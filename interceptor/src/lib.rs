@@ -6,7 +6,9 @@
 //! `libcuda.so.1` and looks symbols up at run time (as the CUDA runtime does) still reaches the hooks.
 //!
 //! Memory: every process of the container maps the container's shared region
-//! (`hami_api::region`, file named by `CUDA_DEVICE_MEMORY_SHARED_CACHE`); an allocation first reserves
+//! (`hami_api::region`): the one region file the device plugin mounted under `/usr/local/vgpu` when there
+//! is one (the tenant cannot point the library elsewhere then), else the file named by
+//! `CUDA_DEVICE_MEMORY_SHARED_CACHE`; an allocation first reserves
 //! its bytes there, atomically against every other process, and returns `CUDA_ERROR_OUT_OF_MEMORY`
 //! without calling the driver when the reservation would exceed the limit. `cuMemGetInfo_v2` and
 //! `cuDeviceTotalMem_v2` report the limit as the total, and so do NVML's `nvmlDeviceGetMemoryInfo` and

@@ -265,12 +265,32 @@ extern "C" fn detach_at_exit() {
 }
 
 /// The process's mode, set up on first use.
+/// Where the device plugin mounts the container's region directory (HAMi's container path). A region
+/// found there wins over the environment, which the tenant controls.
+pub(crate) const TRUSTED_REGION_DIR: &str = "/usr/local/vgpu";
+
+/// The region file in [`TRUSTED_REGION_DIR`], if the device plugin put exactly one there.
+fn trusted_region() -> Option<String> {
+    let rd = std::fs::read_dir(TRUSTED_REGION_DIR).ok()?;
+    let mut found: Vec<String> = rd
+        .flatten()
+        .filter(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.is_file() && m.len() == REGION_SIZE as u64)
+        })
+        .filter_map(|e| e.path().to_str().map(str::to_owned))
+        .collect();
+    (found.len() == 1).then(|| found.remove(0))
+}
+
 pub(crate) fn mode() -> &'static Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
     MODE.get_or_init(|| {
-        let path = std::env::var(hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE)
-            .ok()
-            .filter(|p| !p.is_empty());
+        let path = trusted_region().or_else(|| {
+            std::env::var(hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE)
+                .ok()
+                .filter(|p| !p.is_empty())
+        });
         let (limits, sm, any) = match env_limits() {
             Ok(l) => l,
             Err(e) => return Mode::Broken(e),

@@ -624,3 +624,38 @@ fn the_sm_limiter_follows_the_agents_utilisation_without_nvml() {
         "utilisation {mean:.1} % (windows {window:?}) with a 30 % limit fed by the agent"
     );
 }
+
+#[test]
+fn the_trusted_region_wins_over_the_tenants_environment() {
+    // The device plugin's region (1 GiB) is mounted at /usr/local/vgpu; the tenant points
+    // CUDA_DEVICE_MEMORY_SHARED_CACHE at a file of its own with a 100 GiB limit. The tenant runs in a
+    // private mount namespace where /usr/local is a tmpfs holding that mount (the host is not touched).
+    let Some(env) = Env::new("trusted", 4096) else {
+        return;
+    };
+    let trusted = env.dir.join("trusted");
+    std::fs::create_dir_all(&trusted).unwrap();
+    prepare_region(&trusted.join("vgpu.cache"), GIB, 0);
+    let evil = env.dir.join("evil.cache");
+    let script = format!(
+        "mount -t tmpfs none /usr/local && mkdir /usr/local/vgpu && mount --bind '{}' /usr/local/vgpu && exec \"$0\" --alloc {}",
+        trusted.display(),
+        2 * GIB
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .arg(&env.workload)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
+        .env("LD_PRELOAD", &env.libvgpu)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &evil)
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "100g")
+        .output()
+        .expect("unshare");
+    assert!(
+        oom(&o, "cuMemAlloc_v2"),
+        "the trusted 1 GiB limit holds: {}",
+        text(&o)
+    );
+    assert!(!evil.exists(), "the tenant's own region was never created");
+}
