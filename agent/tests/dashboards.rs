@@ -28,8 +28,10 @@ const DS_UID: &str = "${DS_PROMETHEUS}";
 /// Grafana's built-in variables the dashboards may use.
 const BUILTINS: &[&str] = &["__range", "__rate_interval"];
 
-/// Counters that stay at zero on a healthy agent: their queries must return a series, not a value.
+/// Counters that stay at zero here (a healthy agent; hard-limit mode off): their queries must return a
+/// series, not a non-zero value.
 const MAY_BE_ZERO: &[&str] = &[
+    "hami_container_hard_limit_kills_total",
     "hami_agent_malformed_ioctls_total",
     "hami_agent_ringbuf_dropped_total",
     "hami_agent_alloc_map_full_total",
@@ -497,10 +499,11 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let (ca, cb) = (env.container(1), env.container(2));
     let (pod_a, cid_a) = common::ids(1);
     let (_, cid_b) = common::ids(2);
-    let kernel = [("HAMI_FAKE_CUDA_KERNEL_US", "2000")];
+    // 20 ms kernels: the fake NVML's cost grows with the launches it keeps, so shorter ones slow the
+    // agent's /metrics down past the 1 s scrape interval within seconds.
+    let kernel = [("HAMI_FAKE_CUDA_KERNEL_US", "20000")];
     let s = |v: u64| v.to_string();
-    // Container A on GPU 0: device and managed memory, a steady full-GPU compute load, and an
-    // allocation the driver refuses (the OOM-denial panels).
+    // Container A on GPU 0: device and managed memory and a steady full-GPU compute load.
     let mut a = env.spawn(
         &ca,
         &[
@@ -512,8 +515,6 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
             &s(64 * MIB),
             "--managed",
             &s(32 * MIB),
-            "--raw-fail",
-            &s(1 << 40),
             "--launch-for-ms",
             "60000",
             "--grid",
@@ -542,8 +543,14 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     );
     a.words("meminfo");
     b.words("meminfo");
-    // Short-lived processes in container A: one frees what it allocated, one exits holding memory
-    // (released at exit): the churn panels.
+    // Once Prometheus has scraped A's series (a counter's first sample is its baseline), short-lived
+    // processes in A: an allocation the driver refuses (the OOM-denial panels), one that frees what it
+    // allocated and one that exits holding memory (released at exit): the churn panels.
+    std::thread::sleep(Duration::from_millis(2500));
+    ok(
+        env.spawn(&ca, &["--raw-fail", &s(1 << 40)], &[]),
+        "refused tenant",
+    );
     ok(
         env.spawn(&ca, &["--alloc", &s(MIB), "--free"], &[]),
         "freeing tenant",
@@ -571,8 +578,8 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
     let dashboards = dashboards();
     // Counters need a few scrapes after the tenants started before rate() and increase() see them;
     // everything is retried until it holds (a failure reports what still does not).
-    let deadline = Instant::now() + Duration::from_secs(25);
-    std::thread::sleep(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    std::thread::sleep(Duration::from_secs(3));
     let queries = loop {
         let mut failures = Vec::new();
         let end = now_s();
@@ -618,11 +625,15 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         if failures.is_empty() {
             break queries;
         }
-        assert!(
-            Instant::now() < deadline,
-            "dashboard queries without data:\n{}",
-            failures.join("\n")
-        );
+        if Instant::now() >= deadline {
+            // What the scrapes looked like (a slow or failing /metrics leaves gauges stale).
+            let up = stack.range("up", stack.first_scrape, end);
+            let took = stack.range("scrape_duration_seconds", stack.first_scrape, end);
+            panic!(
+                "dashboard queries without data:\n{}\nup: {up:?}\nscrape_duration_seconds: {took:?}",
+                failures.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_secs(1));
     };
     eprintln!("{queries} dashboard queries returned data");
@@ -668,7 +679,8 @@ fn plot_scenario() {
     let start = stack.first_scrape;
     let t0 = Instant::now();
     let gib = |g: u64| (g << 30).to_string();
-    let kernel = [("HAMI_FAKE_CUDA_KERNEL_US", "20000")];
+    // 100 ms kernels: few launches, so the simulated node's cost stays flat over the minute.
+    let kernel = [("HAMI_FAKE_CUDA_KERNEL_US", "100000")];
     let (train, infer, batch) = (env.container(1), env.container(2), env.container(3));
     // t = 2 s: "train" (GPU 0) holds 24 GiB and 2 GiB managed, 75 % of the SMs for 40 s.
     at(t0, 2);
@@ -690,6 +702,7 @@ fn plot_scenario() {
         &kernel,
     );
     a.words("meminfo");
+    let a_pid = a.pid;
     // t = 12 s: "infer" (GPU 1) holds 8 GiB, 50 % of the SMs for 45 s.
     at(t0, 12);
     let mut b = env.spawn(
@@ -708,6 +721,7 @@ fn plot_scenario() {
         &kernel,
     );
     b.words("meminfo");
+    let b_pid = b.pid;
     // t = 22 s: "batch" shares GPU 0 with "train": 12 GiB, 25 % of the SMs for 25 s.
     at(t0, 22);
     let mut c = env.spawn(
@@ -726,9 +740,10 @@ fn plot_scenario() {
         &kernel,
     );
     c.words("meminfo");
-    // t = 32 s: a second process of "infer" adds 16 GiB (no compute).
+    let c_pid = c.pid;
+    // t = 32 s: a second process of "infer" adds 8 GiB (no compute).
     at(t0, 32);
-    let mut b2 = env.spawn(&infer, &["--device", "1", "--alloc", &gib(16), "--hold"], &[]);
+    let mut b2 = env.spawn(&infer, &["--device", "1", "--alloc", &gib(8), "--hold"], &[]);
     b2.words("meminfo");
     // "train" and "batch" finish their kernels by t = 47 s and exit at t = 52 s; "infer" at 64 s.
     a.words("launched-for");
@@ -742,6 +757,33 @@ fn plot_scenario() {
     b2.finish();
     at(t0, 68);
     let end = now_s();
+    // What the chargeback plot shows matches the node's ground truth: each container's SM-seconds
+    // (the counter's last value in Prometheus) against the model's per-process SM time.
+    let truth = env.node.ground_truth();
+    let charged = stack.range(
+        "sum by (container_id) (hami_container_sm_seconds_total)",
+        start,
+        end,
+    );
+    for (n, gpu, pid) in [(1, 0, a_pid), (2, 1, b_pid), (3, 0, c_pid)] {
+        let want = truth.gpus[gpu]
+            .sm_seconds_by_pid
+            .get(&pid)
+            .copied()
+            .unwrap_or(0.0);
+        let cid = common::ids(n).1;
+        let got = max_value(
+            &charged
+                .iter()
+                .filter(|s| s["metric"]["container_id"] == cid.as_str())
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            want > 1.0 && (got - want).abs() <= 0.05 * want,
+            "container {n}: {got} SM-s charged, ground truth {want}"
+        );
+    }
     // The data is complete: the rate of every container's SM-seconds was seen.
     let seen = stack.range("hami_container_sm_seconds_total", start, end);
     assert!(seen.len() >= 3, "SM series: {seen:?}");
