@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod chart;
+mod plots;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -316,6 +317,7 @@ fn dispatch() -> Result<()> {
         Some("ci") => ci(),
         Some("lint") => lint(),
         Some("chart") => chart::check(),
+        Some("plots") => plots::plots(&rest),
         Some("metrics-doc") => {
             let out = Command::new(cargo())
                 .args([
@@ -338,6 +340,6 @@ fn dispatch() -> Result<()> {
             }
             std::fs::write(root().join("docs/metrics.md"), out.stdout).context("writing docs/metrics.md")
         }
-        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc|chart> [args]"),
+        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc|chart|plots> [args]"),
     }
 }
