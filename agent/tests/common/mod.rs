@@ -263,7 +263,16 @@ impl Drop for Env {
     fn drop(&mut self) {
         let _ = hami_agent::loader::detach(&self.cfg.paths.bpffs);
         let _ = Command::new("umount").arg(&self.bpffs_mount).status();
-        // Remove the cgroup tree bottom-up (tenants have exited by now).
+        // Stop whatever still runs in the test's cgroups (a tenant a test did not finish), then remove
+        // the tree bottom-up.
+        let _ = std::fs::write(self.cg_root.join("cgroup.kill"), "1");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(self.cg_root.join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut dirs = Vec::new();
         let mut stack = vec![self.cg_root.clone()];
         while let Some(d) = stack.pop() {
@@ -281,6 +290,16 @@ impl Drop for Env {
         }
         // The node (a FUSE mount inside the scratch directory) is unmounted when its field drops, and
         // the directory is removed after it (`_scratch`).
+    }
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        // A tenant left running would keep its cgroup (and the node's files) busy.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
