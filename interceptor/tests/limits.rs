@@ -426,7 +426,7 @@ fn the_sm_limit_holds_utilisation_near_the_target() {
         std::time::Duration::from_millis(1500),
     );
     let _ = free_run.wait();
-    assert!(u > 90.0, "unthrottled utilisation {u:.1} %");
+    assert!(u > 80.0, "unthrottled utilisation {u:.1} %");
     // With gpucores 30, the controller brings it to 30 ± 5 after converging.
     let limited = env.spawn(&load, &[kernel, LIMIT_1G, ("CUDA_DEVICE_SM_LIMIT", "30")], true);
     let pid = limited.id();

@@ -130,12 +130,13 @@ struct Managed {
     address: u64,
 }
 
-/// How far back, at least, each GPU's launch history reaches: 120 s, in nanoseconds of the model
-/// clock. The history is trimmed back to this when it spans twice as much.
-pub const SM_HISTORY_NS: u64 = 120 * 1_000_000_000;
+/// How far back, at least, each GPU's launch history reaches: 10 s, in nanoseconds of the model
+/// clock (NVML callers poll every second or faster). The history is trimmed back to this when it spans
+/// twice as much. Kept short because every ground-truth read serialises the history.
+pub const SM_HISTORY_NS: u64 = 10 * 1_000_000_000;
 /// The most finished launches a GPU's history keeps: past this, the oldest-ending are folded into
 /// the accumulators until half of it is left (running launches are always kept).
-pub const SM_HISTORY_MAX_LAUNCHES: usize = 10_000;
+pub const SM_HISTORY_MAX_LAUNCHES: usize = 2_000;
 
 /// One kernel launch: `pid` asked for `sm_percent` of the GPU's SMs over `[start_ns, end_ns)` (model
 /// clock, nanoseconds since the node's clock epoch). `end_ns` lies in the future while it runs; it is
@@ -1029,7 +1030,8 @@ mod tests {
         // Under 100 % together nothing is scaled; other GPUs are apart.
         m.launch(7, 1, 30, S).unwrap();
         m.launch(8, 1, 20, S).unwrap();
-        m.tick(20 * S);
+        // (Within twice SM_HISTORY_NS of the start, so nothing is trimmed from the windows below.)
+        m.tick(15 * S);
         assert!(close(sm(&m, 1, 7), 0.3));
         assert!(close(sm(&m, 1, 8), 0.2));
         assert!(close(sm(&m, 0, 7), 1.375), "GPU 0 unchanged");
@@ -1085,7 +1087,7 @@ mod tests {
         let want = n as f64 * 0.1 * 0.001;
         assert!((sm(&m, 0, 1) - want).abs() < 1e-9, "{} vs {want}", sm(&m, 0, 1));
 
-        // Past the time bound: a launch 120 s old goes, its seconds stay, bit for bit.
+        // Past the time bound: an old launch goes, its seconds stay, bit for bit.
         let mut m = DeviceModel::uniform(1, 1024);
         m.launch(2, 0, 50, S).unwrap();
         m.tick(100 * S);
@@ -1097,7 +1099,7 @@ mod tests {
         assert_eq!(
             h.settled_ns,
             100 * S,
-            "cut at the last launch edge before now - 120 s"
+            "cut at the last launch edge before now - SM_HISTORY_NS"
         );
         assert_eq!(h.launches.len(), 1, "only the running launch is left");
         let after = m.snapshot().gpus[0].sm_seconds_by_pid.clone();

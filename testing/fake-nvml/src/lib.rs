@@ -34,7 +34,7 @@
 //!   average over the node's whole life, taken over the window `(epoch, now]` — not over
 //!   `(0, now]`, which a caller integrating from 0 would assume; such a caller should use the first
 //!   call only to learn a timestamp;
-//! - a window reaching back past the retained history (at least 120 s of it) counts only the
+//! - a window reaching back past the retained history (at least 10 s of it) counts only the
 //!   retained part (still divided by the whole window): poll more often than that to be exact;
 //! - a window with no SM time in it (or `lastSeenTimeStamp` at or after `now`) gives
 //!   `NVML_ERROR_NOT_FOUND`.
