@@ -82,22 +82,23 @@ fn resolve_hook(hook: SyscallHook) -> Result<SyscallHook> {
     }
 }
 
-/// libcuda uprobes: (program, symbol, return probe).
-const UPROBES: [(&str, &str, bool); 14] = [
-    ("hami_cu_mem_release", "cuMemRelease", false),
-    ("hami_cu_mem_free_async", "cuMemFreeAsync", false),
-    ("hami_cu_mem_alloc", "cuMemAlloc_v2", false),
-    ("hami_cu_mem_alloc_pitch", "cuMemAllocPitch_v2", false),
-    ("hami_cu_mem_create", "cuMemCreate", false),
-    ("hami_cu_mem_alloc_async", "cuMemAllocAsync", false),
-    ("hami_cu_mem_alloc_managed", "cuMemAllocManaged", false),
-    ("hami_cu_mem_free", "cuMemFree_v2", false),
-    ("hami_cu_ret", "cuMemAllocManaged", true),
-    ("hami_cu_ret", "cuMemFree_v2", true),
-    ("hami_cu_launch_kernel", "cuLaunchKernel", false),
-    ("hami_cu_launch_kernel_ex", "cuLaunchKernelEx", false),
-    ("hami_cu_launch_cooperative", "cuLaunchCooperativeKernel", false),
-    ("hami_cu_graph_launch", "cuGraphLaunch", false),
+/// libcuda uprobes: (program, symbol); whether a program is an entry or a return probe is its own
+/// (`#[uprobe]` / `#[uretprobe]` in the eBPF crate).
+const UPROBES: [(&str, &str); 14] = [
+    ("hami_cu_mem_release", "cuMemRelease"),
+    ("hami_cu_mem_free_async", "cuMemFreeAsync"),
+    ("hami_cu_mem_alloc", "cuMemAlloc_v2"),
+    ("hami_cu_mem_alloc_pitch", "cuMemAllocPitch_v2"),
+    ("hami_cu_mem_create", "cuMemCreate"),
+    ("hami_cu_mem_alloc_async", "cuMemAllocAsync"),
+    ("hami_cu_mem_alloc_managed", "cuMemAllocManaged"),
+    ("hami_cu_mem_free", "cuMemFree_v2"),
+    ("hami_cu_ret", "cuMemAllocManaged"),
+    ("hami_cu_ret", "cuMemFree_v2"),
+    ("hami_cu_launch_kernel", "cuLaunchKernel"),
+    ("hami_cu_launch_kernel_ex", "cuLaunchKernelEx"),
+    ("hami_cu_launch_cooperative", "cuLaunchCooperativeKernel"),
+    ("hami_cu_graph_launch", "cuGraphLaunch"),
 ];
 
 /// Call names of [`hami_ebpf_common::call`] ids, as exported in metric labels.
@@ -204,6 +205,62 @@ pub fn detach(bpffs: &Path) -> Result<()> {
     std::fs::remove_dir_all(bpffs).map_err(|e| AgentError::io(bpffs, e))
 }
 
+/// The program `name` of the object as type `T`, loaded into the kernel (once).
+fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    T: 'a,
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    T: LoadOnce,
+{
+    let p: &mut T = ebpf
+        .program_mut(name)
+        .ok_or_else(|| AgentError::ebpf("program", format!("{name} missing")))?
+        .try_into()
+        .map_err(|e| AgentError::ebpf(format!("program {name}"), e))?;
+    p.load_once()
+        .map_err(|e| AgentError::ebpf(format!("load {name}"), e))?;
+    Ok(p)
+}
+
+/// Loads a program unless it is loaded already (one uprobe program serves several attachments).
+trait LoadOnce {
+    fn load_once(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! load_once {
+    ($($t:ty),*) => {$(
+        impl LoadOnce for $t {
+            fn load_once(&mut self) -> Result<(), aya::programs::ProgramError> {
+                if self.fd().is_ok() { Ok(()) } else { self.load() }
+            }
+        }
+    )*};
+}
+load_once!(TracePoint, RawTracePoint, UProbe);
+
+/// Pins attachments as `<dir>/<n>-<program>`, numbered in attachment order.
+struct Pins<'a> {
+    dir: &'a Path,
+    n: usize,
+}
+
+impl Pins<'_> {
+    fn pin<L>(&mut self, prog: &str, link: Result<L, aya::programs::ProgramError>) -> Result<()>
+    where
+        L: TryInto<FdLink>,
+        L::Error: std::fmt::Display,
+    {
+        let link = link.map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
+        fd.pin(self.dir.join(format!("{}-{prog}", self.n)))
+            .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
+        self.n += 1;
+        Ok(())
+    }
+}
+
 /// The loaded (or adopted) programs and the agent's handles on their maps.
 pub struct Probes {
     /// Keeps programs and unpinned links alive.
@@ -303,7 +360,12 @@ impl Probes {
             .map_err(|e| AgentError::ebpf("config map", e))?;
 
         let libs: Vec<&PathBuf> = cfg.libcuda.iter().filter(|p| p.exists()).collect();
-        let expected_links = RAW_TRACEPOINTS.len() + 2 + UPROBES.len() * libs.len();
+        let ioctl_links = if hook == SyscallHook::Raw {
+            RAW_SYSCALL.len()
+        } else {
+            IOCTL_TRACEPOINTS.len()
+        };
+        let expected_links = RAW_TRACEPOINTS.len() + ioctl_links + UPROBES.len() * libs.len();
         let pinned_links = std::fs::read_dir(&links_dir).map(|d| d.count()).unwrap_or(0);
         let adopted = pinned_links == expected_links;
         let mut uprobes_attached = 0;
@@ -317,77 +379,38 @@ impl Probes {
                 }
             }
             std::fs::create_dir_all(&links_dir).map_err(|e| AgentError::io(&links_dir, e))?;
-            let mut n = 0usize;
+            let mut pins = Pins {
+                dir: &links_dir,
+                n: 0,
+            };
             let mut raw: Vec<(&str, &str)> = RAW_TRACEPOINTS.to_vec();
             if hook == SyscallHook::Raw {
                 raw.extend(RAW_SYSCALL);
             } else {
                 for (prog, category, name) in IOCTL_TRACEPOINTS {
-                    let p: &mut TracePoint = ebpf
-                        .program_mut(prog)
-                        .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
-                        .try_into()
-                        .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
-                    p.load()
-                        .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
+                    let p: &mut TracePoint = loaded(&mut ebpf, prog)?;
                     let id = p
                         .attach(category, name)
                         .map_err(|e| AgentError::ebpf(format!("attach {prog} to {category}:{name}"), e))?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
-                    let fd: FdLink = link
-                        .try_into()
-                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
-                    fd.pin(links_dir.join(format!("{n}-{prog}")))
-                        .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
-                    n += 1;
+                    pins.pin(prog, p.take_link(id))?;
                 }
             }
             for (prog, tp) in raw {
-                let p: &mut RawTracePoint = ebpf
-                    .program_mut(prog)
-                    .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
-                    .try_into()
-                    .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
-                p.load()
-                    .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
+                let p: &mut RawTracePoint = loaded(&mut ebpf, prog)?;
                 let id = p
                     .attach(tp)
                     .map_err(|e| AgentError::ebpf(format!("attach {prog} to {tp}"), e))?;
-                let link = p
-                    .take_link(id)
-                    .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
-                let fd: FdLink = link.into();
-                fd.pin(links_dir.join(format!("{n}-{prog}")))
-                    .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
-                n += 1;
+                pins.pin(prog, p.take_link(id))?;
             }
             for lib in &libs {
-                for (prog, symbol, _ret) in UPROBES {
-                    let p: &mut UProbe = ebpf
-                        .program_mut(prog)
-                        .ok_or_else(|| AgentError::ebpf("program", format!("{prog} missing")))?
-                        .try_into()
-                        .map_err(|e| AgentError::ebpf(format!("program {prog}"), e))?;
-                    if p.fd().is_err() {
-                        p.load()
-                            .map_err(|e| AgentError::ebpf(format!("load {prog}"), e))?;
-                    }
+                for (prog, symbol) in UPROBES {
+                    let p: &mut UProbe = loaded(&mut ebpf, prog)?;
                     let id = p
                         .attach(symbol, lib.as_path(), UProbeScope::AllProcesses)
                         .map_err(|e| {
                             AgentError::ebpf(format!("attach {prog} to {symbol} in {}", lib.display()), e)
                         })?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
-                    let fd: FdLink = link
-                        .try_into()
-                        .map_err(|e| AgentError::ebpf(format!("link {prog}"), e))?;
-                    fd.pin(links_dir.join(format!("{n}-{prog}")))
-                        .map_err(|e| AgentError::ebpf(format!("pin {prog}"), e))?;
-                    n += 1;
+                    pins.pin(prog, p.take_link(id))?;
                     uprobes_attached += 1;
                 }
             }

@@ -12,9 +12,36 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use hami_api::region::{REGION_SIZE, Region};
-use hami_ebpf_common::GPU_UNKNOWN;
+use hami_ebpf_common::{GPU_UNKNOWN, LimitKey};
 
 use crate::attribution::{MemoryKind, UsageRow};
+
+/// Host GPUs the container holds device memory on, ascending: container device `i` is the `i`-th.
+#[must_use]
+pub fn container_gpus(rows: &[UsageRow], cgroup_id: u64) -> Vec<u32> {
+    let mut gpus: Vec<u32> = rows
+        .iter()
+        .filter(|r| {
+            r.key.cgroup_id == cgroup_id && r.key.kind == MemoryKind::Device && r.key.gpu != GPU_UNKNOWN
+        })
+        .map(|r| r.key.gpu)
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    gpus
+}
+
+/// The valid regions among `maps` that name their container, with its cgroup id.
+fn valid_regions(maps: &HashMap<PathBuf, memmap2::MmapMut>) -> impl Iterator<Item = (u64, &Region)> {
+    maps.values().filter_map(|m| {
+        #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+        // SAFETY: page-aligned, REGION_SIZE long, lives as long as `maps`; any bytes are a valid Region
+        // (integer atomics only).
+        let region = unsafe { &*m.as_ptr().cast::<Region>() };
+        let cg = region.cgroup_id();
+        (region.validate().is_ok() && cg != 0).then_some((cg, region))
+    })
+}
 
 /// Mapped regions and the utilisation bookkeeping.
 #[derive(Default)]
@@ -58,47 +85,47 @@ impl RegionWriter {
         }
     }
 
-    /// Hard limits from the regions: (cgroup id, per-device limits in bytes) of every valid region with
-    /// a known cgroup.
+    /// The hard limits the regions give, as keys of the programs' limit map: a single-device container's
+    /// limit holds on whichever GPU it uses (`gpu == GPU_UNKNOWN`); for several devices, container
+    /// device `i` is the `i`-th GPU of [`container_gpus`] (GPUs not used yet get no limit until they are).
     #[must_use]
-    pub fn limits(&self) -> Vec<(u64, Vec<u64>)> {
-        self.maps
-            .values()
-            .filter_map(|m| {
-                #[allow(unsafe_code, reason = "viewing the mapping as the region")]
-                // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region.
-                let region = unsafe { &*m.as_ptr().cast::<Region>() };
-                let cg = region.cgroup_id();
-                (region.validate().is_ok() && cg != 0)
-                    .then(|| (cg, (0..region.device_count()).map(|d| region.limit(d)).collect()))
-            })
-            .collect()
+    pub fn hard_limits(&self, rows: &[UsageRow]) -> Vec<(LimitKey, u64)> {
+        let key = |cgroup_id, gpu| LimitKey {
+            cgroup_id,
+            gpu,
+            _pad: 0,
+        };
+        let mut out = Vec::new();
+        for (cg, region) in valid_regions(&self.maps) {
+            let limits: Vec<u64> = (0..region.device_count()).map(|d| region.limit(d)).collect();
+            match limits.as_slice() {
+                [l] => out.push((key(cg, GPU_UNKNOWN), *l)),
+                many => out.extend(
+                    container_gpus(rows, cg)
+                        .into_iter()
+                        .zip(many)
+                        .map(|(gpu, l)| (key(cg, gpu), *l)),
+                ),
+            }
+        }
+        out.retain(|(_, l)| *l > 0);
+        out
     }
 
     /// Writes each region's kernel-observed device memory (bytes) and SM utilisation (percent over the
     /// time since the previous call). Returns how many regions were updated.
     pub fn publish(&mut self, rows: &[UsageRow], now_ns: u64) -> usize {
-        let mut by_cgroup: BTreeMap<u64, Vec<&UsageRow>> = BTreeMap::new();
-        for r in rows
+        let by_key: BTreeMap<(u64, u32), &UsageRow> = rows
             .iter()
-            .filter(|r| r.key.kind == MemoryKind::Device && r.key.gpu != GPU_UNKNOWN)
-        {
-            by_cgroup.entry(r.key.cgroup_id).or_default().push(r);
-        }
+            .filter(|r| r.key.kind == MemoryKind::Device)
+            .map(|r| ((r.key.cgroup_id, r.key.gpu), r))
+            .collect();
         let mut n = 0;
-        for m in self.maps.values() {
-            #[allow(unsafe_code, reason = "viewing the mapping as the region")]
-            // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region (integer atomics).
-            let region = unsafe { &*m.as_ptr().cast::<Region>() };
-            if region.validate().is_err() {
-                continue;
-            }
-            let cg = region.cgroup_id();
-            if cg == 0 {
-                continue;
-            }
-            let mut gpus = by_cgroup.get(&cg).cloned().unwrap_or_default();
-            gpus.sort_by_key(|r| r.key.gpu);
+        for (cg, region) in valid_regions(&self.maps) {
+            let gpus: Vec<&UsageRow> = container_gpus(rows, cg)
+                .iter()
+                .filter_map(|g| by_key.get(&(cg, *g)).copied())
+                .collect();
             for dev in 0..region.device_count() {
                 let (bytes, sm) = match gpus.get(dev) {
                     Some(r) => {

@@ -288,46 +288,7 @@ impl Agent {
         let rows = self.state.rows(now);
         let n = self.regions.publish(&rows, now);
         if self.cfg.hard_limit {
-            let mut limits = Vec::new();
-            for (cg, per_dev) in self.regions.limits() {
-                match per_dev.as_slice() {
-                    // One device: the limit holds on whichever GPU it is.
-                    [l] if *l > 0 => limits.push((
-                        hami_ebpf_common::LimitKey {
-                            cgroup_id: cg,
-                            gpu: hami_ebpf_common::GPU_UNKNOWN,
-                            _pad: 0,
-                        },
-                        *l,
-                    )),
-                    // Several devices: container device i is the i-th host GPU the container uses
-                    // (see `regions`); GPUs not yet used get no limit until they are.
-                    many => {
-                        let mut gpus: Vec<u32> = rows
-                            .iter()
-                            .filter(|r| {
-                                r.key.cgroup_id == cg && r.key.kind == crate::attribution::MemoryKind::Device
-                            })
-                            .map(|r| r.key.gpu)
-                            .filter(|g| *g != hami_ebpf_common::GPU_UNKNOWN)
-                            .collect();
-                        gpus.sort_unstable();
-                        gpus.dedup();
-                        for (gpu, l) in gpus.iter().zip(many) {
-                            if *l > 0 {
-                                limits.push((
-                                    hami_ebpf_common::LimitKey {
-                                        cgroup_id: cg,
-                                        gpu: *gpu,
-                                        _pad: 0,
-                                    },
-                                    *l,
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
+            let limits = self.regions.hard_limits(&rows);
             self.limit_keys = limits.iter().map(|(k, _)| *k).collect();
             self.probes.set_limits(&limits);
             self.publish_limit_usage();

@@ -47,19 +47,35 @@ fn reserved(
     rc
 }
 
-/// Calls `alloc` under the process's mode: pass-through, enforced on the current device, or refused.
-fn on_current_device(bytes: u64, alloc: impl FnOnce() -> CUresult, key: impl FnOnce() -> u64) -> CUresult {
+/// Calls `alloc` under the process's mode: pass-through, enforced on device `dev()` (when known), or
+/// refused.
+fn on_device(
+    dev: impl FnOnce() -> Option<usize>,
+    bytes: u64,
+    alloc: impl FnOnce() -> CUresult,
+    key: impl FnOnce() -> u64,
+) -> CUresult {
     match mode() {
         Mode::Off => alloc(),
         Mode::Broken(why) => {
             crate::log(|| format!("refusing an allocation: {why}"));
             CUDA_ERROR_OUT_OF_MEMORY
         }
-        Mode::On(e) => match current_device() {
+        Mode::On(e) => match dev() {
             Some(dev) => reserved(e, dev, bytes, alloc, key),
             None => alloc(),
         },
     }
+}
+
+/// An allocation that writes a device pointer to `dptr`, on the current device.
+fn alloc_ptr(dptr: *mut u64, bytes: u64, alloc: impl FnOnce() -> CUresult) -> CUresult {
+    if dptr.is_null() {
+        // The driver validates (and refuses) its own arguments.
+        return alloc();
+    }
+    // SAFETY: written by the driver on success.
+    on_device(current_device, bytes, alloc, || unsafe { *dptr })
 }
 
 fn free_recorded(key: u64, free: impl FnOnce() -> CUresult) -> CUresult {
@@ -139,17 +155,8 @@ pub(crate) unsafe fn mem_alloc(dptr: *mut u64, bytesize: usize) -> CUresult {
     let Some(f) = real::cuMemAlloc_v2() else {
         return CUDA_ERROR_NOT_FOUND;
     };
-    if dptr.is_null() {
-        // SAFETY: the driver validates its own arguments.
-        return unsafe { f(dptr, bytesize) };
-    }
-    on_current_device(
-        bytesize as u64,
-        // SAFETY: forwarding.
-        || unsafe { f(dptr, bytesize) },
-        // SAFETY: written by the driver on success.
-        || unsafe { *dptr },
-    )
+    // SAFETY: forwarding.
+    alloc_ptr(dptr, bytesize as u64, || unsafe { f(dptr, bytesize) })
 }
 
 pub(crate) unsafe fn mem_alloc_pitch(
@@ -169,24 +176,27 @@ pub(crate) unsafe fn mem_alloc_pitch(
     // Rows are padded; reserve a 512-byte-aligned pitch (the usual texture alignment) and settle to
     // the driver's pitch afterwards.
     let estimate = (width.div_ceil(512) * 512) as u64 * height as u64;
-    let rc = on_current_device(
-        estimate,
-        // SAFETY: forwarding.
-        || unsafe { f(dptr, pitch, width, height, elem) },
-        // SAFETY: written by the driver on success.
-        || unsafe { *dptr },
-    );
+    // SAFETY: forwarding.
+    let rc = alloc_ptr(dptr, estimate, || unsafe { f(dptr, pitch, width, height, elem) });
+    // Settle the reservation to the driver's pitch (the device is the one the allocation was
+    // recorded on).
     if rc == CUDA_SUCCESS
-        && let (Mode::On(e), Some(dev)) = (mode(), current_device())
-    {
+        && let Mode::On(e) = mode()
         // SAFETY: written by the driver on success.
-        let (p, actual) = unsafe { (*dptr, (*pitch) as u64 * height as u64) };
-        if actual > estimate && e.reserve(dev, actual - estimate) {
-            e.record(p, dev, actual);
-        } else if actual < estimate {
-            e.unreserve(dev, estimate - actual);
-            e.record(p, dev, actual);
-        }
+        && let (p, actual) = unsafe { (*dptr, (*pitch) as u64 * height as u64) }
+        && let Some((dev, held)) = e.forget(p)
+    {
+        let settled = if actual > held && !e.reserve(dev, actual - held) {
+            // Over the limit by the padding alone: keep what was reserved (the driver holds a little
+            // more than accounted, until the free).
+            held
+        } else {
+            if actual < held {
+                e.unreserve(dev, held - actual);
+            }
+            actual
+        };
+        e.record(p, dev, settled);
     }
     rc
 }
@@ -195,34 +205,16 @@ pub(crate) unsafe fn mem_alloc_managed(dptr: *mut u64, bytesize: usize, flags: c
     let Some(f) = real::cuMemAllocManaged() else {
         return CUDA_ERROR_NOT_FOUND;
     };
-    if dptr.is_null() {
-        // SAFETY: the driver validates its own arguments.
-        return unsafe { f(dptr, bytesize, flags) };
-    }
-    on_current_device(
-        bytesize as u64,
-        // SAFETY: forwarding.
-        || unsafe { f(dptr, bytesize, flags) },
-        // SAFETY: written by the driver on success.
-        || unsafe { *dptr },
-    )
+    // SAFETY: forwarding.
+    alloc_ptr(dptr, bytesize as u64, || unsafe { f(dptr, bytesize, flags) })
 }
 
 pub(crate) unsafe fn mem_alloc_async(dptr: *mut u64, bytesize: usize, stream: *mut c_void) -> CUresult {
     let Some(f) = real::cuMemAllocAsync() else {
         return CUDA_ERROR_NOT_FOUND;
     };
-    if dptr.is_null() {
-        // SAFETY: the driver validates its own arguments.
-        return unsafe { f(dptr, bytesize, stream) };
-    }
-    on_current_device(
-        bytesize as u64,
-        // SAFETY: forwarding.
-        || unsafe { f(dptr, bytesize, stream) },
-        // SAFETY: written by the driver on success.
-        || unsafe { *dptr },
-    )
+    // SAFETY: forwarding.
+    alloc_ptr(dptr, bytesize as u64, || unsafe { f(dptr, bytesize, stream) })
 }
 
 pub(crate) unsafe fn mem_create(
@@ -255,21 +247,14 @@ pub(crate) unsafe fn mem_create(
     let Ok(dev) = usize::try_from(dev) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
-    crate::log(|| format!("cuMemCreate {size} bytes on device {dev}"));
-    match mode() {
+    on_device(
+        || Some(dev),
+        size as u64,
         // SAFETY: forwarding.
-        Mode::Off => unsafe { f(handle, size, prop, flags) },
-        Mode::Broken(_) => CUDA_ERROR_OUT_OF_MEMORY,
-        Mode::On(e) => reserved(
-            e,
-            dev,
-            size as u64,
-            // SAFETY: forwarding.
-            || unsafe { f(handle, size, prop, flags) },
-            // SAFETY: written by the driver on success.
-            || unsafe { *handle },
-        ),
-    }
+        || unsafe { f(handle, size, prop, flags) },
+        // SAFETY: written by the driver on success.
+        || unsafe { *handle },
+    )
 }
 
 pub(crate) unsafe fn mem_release(handle: c_ulonglong) -> CUresult {
@@ -561,25 +546,14 @@ pub(crate) unsafe fn mem_alloc_from_pool_async(
     let Some(f) = real::cuMemAllocFromPoolAsync() else {
         return CUDA_ERROR_NOT_FOUND;
     };
+    // SAFETY: forwarding.
+    let alloc = || unsafe { f(dptr, bytesize, pool, stream) };
     if dptr.is_null() {
-        // SAFETY: the driver validates its own arguments.
-        return unsafe { f(dptr, bytesize, pool, stream) };
+        return alloc();
     }
-    let pool_dev = pools().get(&(pool as usize)).copied();
-    match (mode(), pool_dev.or_else(current_device)) {
-        // SAFETY: forwarding.
-        (Mode::Off, _) | (Mode::On(_), None) => unsafe { f(dptr, bytesize, pool, stream) },
-        (Mode::Broken(_), _) => CUDA_ERROR_OUT_OF_MEMORY,
-        (Mode::On(e), Some(dev)) => reserved(
-            e,
-            dev,
-            bytesize as u64,
-            // SAFETY: forwarding.
-            || unsafe { f(dptr, bytesize, pool, stream) },
-            // SAFETY: written by the driver on success.
-            || unsafe { *dptr },
-        ),
-    }
+    let dev = || pools().get(&(pool as usize)).copied().or_else(current_device);
+    // SAFETY: written by the driver on success.
+    on_device(dev, bytesize as u64, alloc, || unsafe { *dptr })
 }
 
 /// Bytes of a `CUDA_ARRAY_DESCRIPTOR` (`Width` size_t at 0, `Height` at 8, `Format` u32 at 16,
@@ -614,7 +588,8 @@ pub(crate) unsafe fn array_create(handle: *mut *mut c_void, desc: *const c_void)
         array_bytes(desc)
     };
     match bytes {
-        Some(bytes) => on_current_device(
+        Some(bytes) => on_device(
+            current_device,
             bytes,
             // SAFETY: forwarding.
             || unsafe { f(handle, desc) },
