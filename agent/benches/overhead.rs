@@ -21,8 +21,6 @@
 mod common;
 
 use std::ffi::{CString, c_int, c_uint, c_void};
-use std::io::{Read as _, Write as _};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hami_agent::config::SyscallHook;
@@ -149,16 +147,6 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn http_ok(port: u16, path: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
-    let mut b = String::new();
-    let _ = s.read_to_string(&mut b);
-    b.starts_with("HTTP/1.1 200") || b.starts_with("HTTP/1.0 200")
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -218,38 +206,8 @@ fn main() {
     }
 
     // The agent binary under load.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
-    let agent = Command::new(env!("CARGO_BIN_EXE_hami-agent"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(env.dir.join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    // Stops the agent however this function ends (a panic included).
-    struct Stop(std::process::Child);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-            let _ = self.0.wait();
-        }
-    }
-    let agent = Stop(agent);
+    let (agent, _port) = common::start_agent(&env, std::path::Path::new(env!("CARGO_BIN_EXE_hami-agent")));
     let pid = agent.0.id();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !http_ok(port, "/healthz") {
-        assert!(
-            Instant::now() < deadline,
-            "agent did not start: {}",
-            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let window = Duration::from_secs(10);
     // Idle baseline.
     let c0 = proc_cpu_ns(pid);

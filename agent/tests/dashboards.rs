@@ -13,13 +13,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Env, Tenant};
+use common::{Env, Stopped, Tenant, encode, http_get};
 use serde_json::Value;
 
 /// The datasource every panel and target must use (the dashboards' datasource variable).
@@ -291,61 +289,11 @@ fn dashboards_take_their_datasource_from_a_variable_and_are_well_formed() {
 // ---------------------------------------------------------------------------------------------------
 // The simulated node, the agent binary and a real Prometheus.
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// GET over HTTP/1.0; `None` while the server is not up or answers other than 200.
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let (head, rest) = body.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?;
-    (status == "200").then(|| rest.to_owned())
-}
-
-/// Percent-encodes a query parameter value.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn now_s() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default()
-}
-
-/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The agent binary and Prometheus on a simulated node. Fields drop in order: Prometheus, the agent,
@@ -363,67 +311,12 @@ impl Stack {
     /// `None` when the test is skipped (no privileges, or no Prometheus and privileges not required).
     fn start(test: &str, gpus: u32, memory_mib: u64, tsdb: Option<&Path>) -> Option<Self> {
         let mut env = Env::new(test, gpus, memory_mib)?;
-        let installed = Command::new("prometheus")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                std::env::var_os("HAMI_REQUIRE_PRIVILEGED").is_none_or(|v| v != "1"),
-                "prometheus is not installed (apt-get install prometheus; cargo xtask ci does it)"
-            );
-            eprintln!("skipped {test}: prometheus is not installed");
+        if !common::prometheus_or_skip(test) {
             return None;
         }
         env.cfg.nvml_lib = Some(common::fake_nvml());
-        let agent_port = free_port();
-        let cfg = env.config_file(&format!("127.0.0.1:{agent_port}"));
-        let agent = Stopped(
-            Command::new(env!("CARGO_BIN_EXE_hami-agent"))
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("starting hami-agent"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while get(agent_port, "/healthz").is_none() {
-            assert!(Instant::now() < deadline, "the agent did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let prom_dir = env.dir.join("prometheus");
-        std::fs::create_dir_all(&prom_dir).expect("prometheus dir");
-        let data = tsdb.map_or_else(|| prom_dir.join("data"), Path::to_path_buf);
-        let _ = std::fs::remove_dir_all(&data);
-        let prom_cfg = prom_dir.join("prometheus.yml");
-        std::fs::write(
-            &prom_cfg,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: hami-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
-            ),
-        )
-        .expect("prometheus.yml");
-        let prom_port = free_port();
-        let prom = Stopped(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", prom_cfg.display()))
-                .arg(format!("--storage.tsdb.path={}", data.display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting prometheus"),
-        );
-        let up = format!("/api/v1/query?query={}", encode("up{job=\"hami-agent\"} == 1"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !get(prom_port, &up).is_some_and(|b| b.contains("\"value\"")) {
-            assert!(Instant::now() < deadline, "prometheus never scraped the agent");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let (agent, agent_port) = common::start_agent(&env, Path::new(env!("CARGO_BIN_EXE_hami-agent")));
+        let (prom, prom_port) = common::start_prometheus(&env, agent_port, tsdb);
         Some(Self {
             _prom: prom,
             prom_port,
@@ -435,7 +328,7 @@ impl Stack {
 
     /// A Prometheus API call; panics on a non-success answer.
     fn api(&self, path: &str) -> Value {
-        let body = get(self.prom_port, path).unwrap_or_else(|| panic!("prometheus: GET {path} failed"));
+        let body = http_get(self.prom_port, path).unwrap_or_else(|| panic!("prometheus: GET {path} failed"));
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
         assert_eq!(v["status"], "success", "{path}: {v}");
         v

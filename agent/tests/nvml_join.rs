@@ -4,39 +4,10 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Env;
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let (head, rest) = body.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| rest.to_owned())
-}
-
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Env, http_get};
 
 fn sm_seconds(snapshot: &serde_json::Value, container_id: &str, gpu: u64) -> Option<f64> {
     snapshot["containers"]
@@ -55,25 +26,7 @@ fn sm_seconds_and_gpu_uuids_per_container_match_ground_truth() {
         return;
     };
     env.cfg.nvml_lib = Some(common::fake_nvml());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
-    let _agent = Stopped(
-        Command::new(env!("CARGO_BIN_EXE_hami-agent"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting hami-agent"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(port, "/healthz").is_none() {
-        assert!(Instant::now() < deadline, "the agent did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_agent, port) = common::start_agent(&env, Path::new(env!("CARGO_BIN_EXE_hami-agent")));
     // One pod, two containers, one GPU each. A: three full-GPU kernels of 0.3 s at once (capped at
     // 100 %: 0.3 SM-s). B: one half-GPU kernel of 0.4 s (0.2 SM-s).
     let a = env.container_in(9, 9);
@@ -114,7 +67,7 @@ fn sm_seconds_and_gpu_uuids_per_container_match_ground_truth() {
     let close = |got: f64, want: f64| (got - want).abs() <= 0.01 + 0.02 * want;
     let deadline = Instant::now() + Duration::from_secs(20);
     let snap = loop {
-        let snap: serde_json::Value = get(port, "/snapshot")
+        let snap: serde_json::Value = http_get(port, "/snapshot")
             .and_then(|b| serde_json::from_str(&b).ok())
             .unwrap_or_default();
         let (ga, gb) = (sm_seconds(&snap, &cid_a, 0), sm_seconds(&snap, &cid_b, 1));
@@ -128,7 +81,7 @@ fn sm_seconds_and_gpu_uuids_per_container_match_ground_truth() {
         std::thread::sleep(Duration::from_millis(200));
     };
     // Each container's series carries its own GPU's UUID (from discovery through NVML).
-    let metrics = get(port, "/metrics").expect("metrics");
+    let metrics = http_get(port, "/metrics").expect("metrics");
     for (cid, gpu, bytes) in [(&cid_a, 0usize, 1_048_576u64), (&cid_b, 1, 2_097_152)] {
         let uuid = &truth.gpus[gpu].uuid;
         let line = metrics

@@ -409,3 +409,141 @@ pub(crate) fn attributed(s: &Snapshot, cg: &Path, gpu: u32) -> u64 {
         .map(|g| g.memory_bytes)
         .sum()
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The agent binary and a real Prometheus, over HTTP.
+
+/// A free TCP port on the loopback interface.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET over HTTP/1.0 on the loopback; the body, or `None` while the server is not up or answers other
+/// than 200.
+pub(crate) fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (head, rest) = body.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    (status == "200").then(|| rest.to_owned())
+}
+
+/// Percent-encodes a query parameter value.
+pub(crate) fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A child process stopped with SIGTERM (the agent then saves its state), then SIGKILL, when dropped.
+pub(crate) struct Stopped(pub(crate) Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the agent binary on `env` (HTTP on a free loopback port) and waits for `/healthz`. Returns
+/// the process and its port.
+pub(crate) fn start_agent(env: &Env, agent_binary: &Path) -> (Stopped, u16) {
+    let port = free_port();
+    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
+    let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
+    let agent = Stopped(
+        Command::new(agent_binary)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting hami-agent"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(port, "/healthz").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not come up: {}",
+            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (agent, port)
+}
+
+/// Whether the `prometheus` binary is installed; when it is not, fails under
+/// `HAMI_REQUIRE_PRIVILEGED=1` and otherwise says the test is skipped.
+pub(crate) fn prometheus_or_skip(test: &str) -> bool {
+    let installed = Command::new("prometheus")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        assert!(
+            std::env::var_os("HAMI_REQUIRE_PRIVILEGED").is_none_or(|v| v != "1"),
+            "prometheus is not installed (apt-get install prometheus; cargo xtask ci does it)"
+        );
+        eprintln!("skipped {test}: prometheus is not installed");
+    }
+    installed
+}
+
+/// Starts a real Prometheus scraping the agent on `agent_port` every second (data in `tsdb`, default
+/// under the scratch directory) and waits for its first sample. Returns the process and its port.
+pub(crate) fn start_prometheus(env: &Env, agent_port: u16, tsdb: Option<&Path>) -> (Stopped, u16) {
+    let dir = env.dir.join("prometheus");
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    let data = tsdb.map_or_else(|| dir.join("data"), Path::to_path_buf);
+    let _ = std::fs::remove_dir_all(&data);
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: hami-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
+        ),
+    )
+    .expect("prometheus.yml");
+    let port = free_port();
+    let prom = Stopped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting prometheus"),
+    );
+    let up = format!("/api/v1/query?query={}", encode("up{job=\"hami-agent\"} == 1"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(port, &up).is_some_and(|b| b.contains("\"value\"")) {
+        assert!(Instant::now() < deadline, "prometheus never scraped the agent");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (prom, port)
+}
