@@ -193,8 +193,8 @@ fn ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
-/// `docs/metrics.md` must equal what the agent generates from its metric registry list.
-fn check_metrics_doc() -> Result<()> {
+/// The metrics reference as the agent generates it from its metric list.
+fn metrics_doc() -> Result<Vec<u8>> {
     let out = Command::new(cargo())
         .args([
             "run",
@@ -214,9 +214,14 @@ fn check_metrics_doc() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    Ok(out.stdout)
+}
+
+/// `docs/metrics.md` must equal what the agent generates from its metric list.
+fn check_metrics_doc() -> Result<()> {
     let path = root().join("docs/metrics.md");
     let current = std::fs::read(&path).unwrap_or_default();
-    if current != out.stdout {
+    if current != metrics_doc()? {
         bail!(
             "{} is not current: run `cargo xtask metrics-doc` and commit it",
             path.display()
@@ -319,26 +324,7 @@ fn dispatch() -> Result<()> {
         Some("chart") => chart::check(),
         Some("plots") => plots::plots(&rest),
         Some("metrics-doc") => {
-            let out = Command::new(cargo())
-                .args([
-                    "run",
-                    "--quiet",
-                    "--locked",
-                    "-p",
-                    "hami-agent",
-                    "--",
-                    "metrics-doc",
-                ])
-                .current_dir(root())
-                .output()
-                .context("running hami-agent metrics-doc")?;
-            if !out.status.success() {
-                bail!(
-                    "hami-agent metrics-doc failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::fs::write(root().join("docs/metrics.md"), out.stdout).context("writing docs/metrics.md")
+            std::fs::write(root().join("docs/metrics.md"), metrics_doc()?).context("writing docs/metrics.md")
         }
         _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc|chart|plots> [args]"),
     }
