@@ -103,20 +103,30 @@ impl Env {
         self.dir.join("container.cache")
     }
 
+    /// `program` on the simulated node (its fake libcuda on the library path), with libvgpu.so
+    /// preloaded when `preload`, and `region` as `CUDA_DEVICE_MEMORY_SHARED_CACHE` when given.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>, preload: bool, region: Option<&Path>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("HAMI_FAKE_GPU_DIR", self.node.dir())
+            .env("LD_LIBRARY_PATH", self.dir.join("lib"))
+            .env("RUST_BACKTRACE", "0");
+        if preload {
+            cmd.env("LD_PRELOAD", &self.libvgpu);
+        }
+        if let Some(r) = region {
+            cmd.env("CUDA_DEVICE_MEMORY_SHARED_CACHE", r);
+        }
+        cmd
+    }
+
     /// A tenant with the library preloaded and the container's variables plus `env`.
     fn spawn(&self, args: &[&str], env: &[(&str, &str)], preload: bool) -> Child {
-        let mut cmd = Command::new(&self.workload);
+        let region = self.region();
+        let mut cmd = self.command(&self.workload, preload, preload.then_some(region.as_path()));
         cmd.args(args)
-            .env("HAMI_FAKE_GPU_DIR", self.node.dir())
-            .env("LD_LIBRARY_PATH", self.dir.join("lib"))
-            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if preload {
-            cmd.env("LD_PRELOAD", &self.libvgpu)
-                .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", self.region());
-        }
         cmd.envs(env.iter().copied());
         cmd.spawn().expect("spawning the tenant")
     }
@@ -264,13 +274,11 @@ fn bad_limits_fail_closed_and_no_configuration_passes_through() {
     let mut cmd_out = String::new();
     let _ = std::io::Read::read_to_string(c.stdout.as_mut().expect("stdout"), &mut cmd_out);
     assert!(c.wait().expect("wait").success(), "{cmd_out}");
-    let mut plain = Command::new(&env.workload);
-    plain
+    let o = env
+        .command(&env.workload, true, None)
         .args(["--alloc", &(2 * GIB).to_string(), "--free"])
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-        .env("LD_PRELOAD", &env.libvgpu);
-    let o = plain.output().expect("tenant");
+        .output()
+        .expect("tenant");
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("total {}", 4096 * MIB)));
     let _ = std::io::stdout().flush();
@@ -291,13 +299,10 @@ fn nvml_memory_queries_report_the_limit() {
         true,
     );
     line(&mut a, "meminfo");
-    let o = Command::new(&probe)
+    let o = env
+        .command(&probe, true, Some(&env.region()))
         .arg("probe")
         .arg(&lib)
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-        .env("LD_PRELOAD", &env.libvgpu)
-        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", env.region())
         .output()
         .expect("probe");
     let out = String::from_utf8_lossy(&o.stdout);
@@ -365,13 +370,10 @@ fn meminfo_never_fails_or_wraps_when_usage_exceeds_the_limit_c10() {
     let region = env.dir.join("c10.cache");
     prepare_region(&region, 400 * MIB, 500 * MIB);
     let run = |args: &[&str]| {
-        let mut cmd = Command::new(&env.workload);
-        cmd.args(args)
-            .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-            .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-            .env("LD_PRELOAD", &env.libvgpu)
-            .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &region);
-        cmd.output().expect("tenant")
+        env.command(&env.workload, true, Some(&region))
+            .args(args)
+            .output()
+            .expect("tenant")
     };
     let o = run(&[]);
     let out = String::from_utf8_lossy(&o.stdout);
@@ -535,15 +537,12 @@ fn fork_and_exec_keep_the_limit() {
     let six = (600 * MIB).to_string();
     let mut a = env.spawn(&["--alloc", &six, "--hold"], &[LIMIT_1G], true);
     line(&mut a, "meminfo");
-    let o = Command::new("sh")
+    let o = env
+        .command("sh", true, Some(&env.region()))
         .arg("-c")
         .arg("\"$0\" --alloc \"$1\"; exit $?")
         .arg(&env.workload)
         .arg(&six)
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-        .env("LD_PRELOAD", &env.libvgpu)
-        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", env.region())
         .env("CUDA_DEVICE_MEMORY_LIMIT_0", "1g")
         .output()
         .expect("sh");
@@ -578,13 +577,9 @@ fn the_sm_limiter_follows_the_agents_utilisation_without_nvml() {
     #[allow(unsafe_code, reason = "viewing the test's own mapping as the region")]
     // SAFETY: page-aligned, REGION_SIZE long, integer atomics only; `map` outlives the reference.
     let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
-    let mut cmd = Command::new(&env.workload);
+    let mut cmd = env.command(&env.workload, true, Some(&region));
     cmd.args(["--launch-for-ms", "4000", "--grid", "132"])
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
         .env("HAMI_FAKE_CUDA_KERNEL_US", "5000")
-        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-        .env("LD_PRELOAD", &env.libvgpu)
-        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &region)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = cmd.spawn().expect("tenant");
@@ -642,13 +637,10 @@ fn the_trusted_region_wins_over_the_tenants_environment() {
         trusted.display(),
         2 * GIB
     );
-    let o = Command::new("unshare")
+    let o = env
+        .command("unshare", true, Some(&evil))
         .args(["-m", "--propagation", "private", "sh", "-c", &script])
         .arg(&env.workload)
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .env("LD_LIBRARY_PATH", env.dir.join("lib"))
-        .env("LD_PRELOAD", &env.libvgpu)
-        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", &evil)
         .env("CUDA_DEVICE_MEMORY_LIMIT_0", "100g")
         .output()
         .expect("unshare");
