@@ -2,10 +2,17 @@
 //!
 //! - `cargo xtask sim [hami-sim args]`: the trace simulator, built in release mode (the main job).
 //! - `cargo xtask ci`: everything CI checks, in order: formatting, clippy (warnings denied), every
-//!   workspace member inheriting the workspace lints, the test suite, and a short simulator smoke run.
-//!   It installs what it needs first (the toolchain components named in `rust-toolchain.toml`).
-//! - `cargo xtask bench [criterion args]`: the placement benchmarks (`cargo bench -p hami-policy`).
+//!   workspace member inheriting the workspace lints, docs/metrics.md being current, the Helm chart
+//!   check, the test suite, and a short simulator smoke run. It installs what it needs first: rustfmt
+//!   and clippy, a nightly toolchain with rust-src and bpf-linker 0.10.4 (the eBPF programs), and, as
+//!   root, the Debian packages fuse3, prometheus, npm, python3-venv and gcc when missing (network
+//!   access to the Rust, Debian, npm and PyPI servers is assumed).
+//! - `cargo xtask bench [criterion args]`: the placement benchmarks (`cargo bench -p hami-policy`);
+//!   `cargo xtask bench agent` / `bench interceptor` (root): the telemetry and interceptor overheads.
 //! - `cargo xtask lint`: formatting and clippy only.
+//! - `cargo xtask metrics-doc`: regenerate docs/metrics.md.
+//! - `cargo xtask chart`: the Helm chart check alone.
+//! - `cargo xtask plots [--reuse]` (root): PNG plots of the agent's series from Prometheus (docs/img).
 
 use std::{
     path::{Path, PathBuf},
@@ -93,10 +100,24 @@ fn ci() -> Result<()> {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let missing: Vec<&str> = [("fusermount3", "fuse3"), ("prometheus", "prometheus")]
+    // (package, command whose success shows it is there)
+    let wanted: [(&str, &[&str]); 5] = [
+        ("fuse3", &["fusermount3", "--version"]),
+        ("prometheus", &["prometheus", "--version"]),
+        // Helm comes from an npm package, kubernetes-validate from PyPI into a venv (chart check).
+        ("npm", &["npm", "--version"]),
+        ("python3-venv", &["python3", "-c", "import ensurepip"]),
+        ("gcc", &["cc", "--version"]),
+    ];
+    let missing: Vec<&str> = wanted
         .into_iter()
-        .filter(|(bin, _)| Command::new(bin).arg("--version").output().is_err())
-        .map(|(_, pkg)| pkg)
+        .filter(|(_, check)| {
+            !Command::new(check[0])
+                .args(&check[1..])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(pkg, _)| pkg)
         .collect();
     if is_root && !missing.is_empty() {
         run("apt-get", &["update"])?;
@@ -144,7 +165,7 @@ fn ci() -> Result<()> {
     check_fidelity(&root().join("target/xtask-ci-sim/summary.csv"))
 }
 
-/// The pinned BPF linker (`reference/ebpf-toolchain.md`: 0.10.x uses the LLVM of the Rust toolchain,
+/// The pinned BPF linker (0.10.x uses the LLVM of the Rust toolchain,
 /// newer releases need a separately installed libLLVM).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
