@@ -88,6 +88,27 @@ pub enum Error {
         detail: &'static str,
     },
 
+    /// A container's resource request or limit (`nvidia.com/gpumem`, `cpu`, …) has a value the scheduler
+    /// does not accept (negative, fractional, out of range).
+    #[error("container {container:?}: resource {resource} = {value:?}: {detail}")]
+    InvalidResource {
+        /// The container name.
+        container: String,
+        /// The resource name.
+        resource: String,
+        /// The value as written.
+        value: String,
+        /// What is wrong with it.
+        detail: &'static str,
+    },
+
+    /// A Kubernetes object lacks a field the conversion needs (`metadata.uid`, `spec`, …).
+    #[error("object has no {what}")]
+    MissingField {
+        /// The field path.
+        what: &'static str,
+    },
+
     /// A value cannot be encoded into a HAMi wire format without becoming ambiguous or unreadable by
     /// HAMi (e.g. a UUID containing a `,`, `:` or `;` separator, a non-finite scaling factor, a number
     /// beyond HAMi's `int32`).
@@ -115,6 +136,8 @@ impl Error {
             Self::InvalidPodDevices { .. } => "invalid_pod_devices",
             Self::InvalidAnnotation { .. } => "invalid_annotation",
             Self::Unencodable { .. } => "unencodable",
+            Self::InvalidResource { .. } => "invalid_resource",
+            Self::MissingField { .. } => "missing_field",
         }
     }
 }

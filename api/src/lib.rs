@@ -13,11 +13,14 @@
 //! | [`env`](mod@env) | env var names that carry limits into containers |
 //! | [`device`] | a node's GPUs |
 //! | [`request`] | pod device requests |
+//! | `k8s` | (feature `k8s`) Kubernetes `Pod`/`Node` to requests and inventory |
 
 pub mod annotations;
 pub mod device;
 pub mod env;
 pub mod error;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod quantity;
 pub mod region;
 pub mod request;

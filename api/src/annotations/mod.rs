@@ -9,10 +9,12 @@
 //! - [`pod_devices`]: the scheduler's per-container decision (`hami.io/vgpu-devices-allocated` /
 //!   `-to-allocate`).
 //! - [`pod`]: selection and policy annotations a user puts on a pod.
+//! - [`usage`]: the agent's measured-usage summary and heartbeat (`hami.io/node-nvidia-usage`, ours).
 
 pub mod node;
 pub mod pod;
 pub mod pod_devices;
+pub mod usage;
 
 // ---- Node annotations ----
 
@@ -113,6 +115,7 @@ pub use pod::{
     parse_node_policy, parse_numa_bind, parse_vgpu_mode,
 };
 pub use pod_devices::{ContainerDevice, ContainerDevices, PodDevices};
+pub use usage::{GpuUsageSample, NODE_NVIDIA_USAGE, NodeUsage};
 
 /// Why `s` cannot be a device UUID (`no_whitespace`) or vendor type token in HAMi's text formats, if it
 /// cannot: empty, a `,` `:` `;` separator, a control character, whitespace (UUIDs) or surrounding

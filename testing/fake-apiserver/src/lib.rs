@@ -1,0 +1,1 @@
+//! Test double: an in-memory Kubernetes API server on loopback.
