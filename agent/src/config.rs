@@ -123,6 +123,10 @@ pub struct AgentConfig {
     pub nvml_lib: Option<PathBuf>,
     /// Host paths.
     pub paths: HostPaths,
+    /// Kubelet device plugin.
+    pub device_plugin: crate::deviceplugin::DevicePluginConfig,
+    /// Node registration (inventory and usage annotations).
+    pub registration: crate::registration::RegistrationConfig,
 }
 
 impl Default for AgentConfig {
@@ -138,6 +142,8 @@ impl Default for AgentConfig {
             libcuda: vec!["/usr/lib/x86_64-linux-gnu/libcuda.so.1".into()],
             nvml_lib: None,
             paths: HostPaths::default(),
+            device_plugin: crate::deviceplugin::DevicePluginConfig::default(),
+            registration: crate::registration::RegistrationConfig::default(),
         }
     }
 }

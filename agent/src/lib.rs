@@ -9,11 +9,13 @@
 pub mod attribution;
 pub mod cgroup;
 pub mod config;
+pub mod deviceplugin;
 pub mod error;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;
 pub mod regions;
+pub mod registration;
 pub mod service;
 pub mod snapshot;
 
