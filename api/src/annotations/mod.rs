@@ -9,11 +9,13 @@
 //! - [`pod_devices`]: the scheduler's per-container decision (`hami.io/vgpu-devices-allocated` /
 //!   `-to-allocate`).
 //! - [`pod`]: selection and policy annotations a user puts on a pod.
+//! - [`signature`]: the scheduler's HMAC over a pod's decision (`hami.io/vgpu-decision-signature`, ours).
 //! - [`usage`]: the agent's measured-usage summary and heartbeat (`hami.io/node-nvidia-usage`, ours).
 
 pub mod node;
 pub mod pod;
 pub mod pod_devices;
+pub mod signature;
 pub mod usage;
 
 // ---- Node annotations ----
@@ -115,6 +117,7 @@ pub use pod::{
     parse_node_policy, parse_numa_bind, parse_vgpu_mode,
 };
 pub use pod_devices::{ContainerDevice, ContainerDevices, PodDevices};
+pub use signature::{DECISION_SIGNATURE, sign_decision, verify_decision};
 pub use usage::{GpuUsageSample, NODE_NVIDIA_USAGE, NodeUsage};
 
 /// Why `s` cannot be a device UUID (`no_whitespace`) or vendor type token in HAMi's text formats, if it
