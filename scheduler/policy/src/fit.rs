@@ -48,6 +48,9 @@ pub enum Reason {
     NodeInsufficientCpu,
     /// Not enough free host memory.
     NodeInsufficientMemory,
+    /// The GPU's measured memory use plus the safety margin plus the request would exceed its physical
+    /// memory (usage-aware policy, [`crate::usage`]).
+    MeasuredMemoryPressure,
 }
 
 impl Reason {
@@ -67,6 +70,7 @@ impl Reason {
             Self::InsufficientDevices => "AllocatedCardsInsufficientRequest",
             Self::NodeInsufficientCpu => "NodeInsufficientCPU",
             Self::NodeInsufficientMemory => "NodeInsufficientMemory",
+            Self::MeasuredMemoryPressure => "MeasuredMemoryPressure",
         }
     }
 }

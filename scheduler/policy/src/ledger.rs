@@ -68,6 +68,35 @@ impl Ledger {
         Ok(())
     }
 
+    /// Records an allocation that already exists (read back from the API) under `pod.uid`, committing it
+    /// with [`crate::state::NodeState::commit_unchecked`]: it is accounted even if it no longer fits (a
+    /// GPU turned unhealthy, capacity shrank), so nothing running is ever lost from the books. On error
+    /// neither the cluster nor the ledger changes.
+    ///
+    /// # Errors
+    /// [`Error::PlacementShape`] when `pod.uid` already holds an allocation or the placement does not
+    /// match the pod; [`Error::NoSuchNode`] for a node index outside the cluster.
+    pub fn restore(&mut self, cluster: &mut Cluster, pod: &PodRequest, decision: &Decision) -> Result<()> {
+        let btree_map::Entry::Vacant(slot) = self.entries.entry(pod.uid.clone()) else {
+            return Err(Error::PlacementShape {
+                pod: pod.name.clone(),
+                why: "pod UID already holds an allocation",
+            });
+        };
+        let len = cluster.nodes.len();
+        let node = cluster.nodes.get_mut(decision.node).ok_or(Error::NoSuchNode {
+            index: decision.node,
+            len,
+        })?;
+        node.commit_unchecked(pod, &decision.placement)?;
+        slot.insert(LedgerEntry {
+            node: decision.node,
+            pod: pod.clone(),
+            placement: decision.placement.clone(),
+        });
+        Ok(())
+    }
+
     /// Releases everything the pod with `uid` holds and drops its record. Returns whether anything was
     /// held; an unknown UID is a no-op returning `false`, so repeated or stale deletes are harmless. Only
     /// the entry with exactly this UID is touched, never another pod with the same name.

@@ -6,6 +6,7 @@
 //! - [`frag`]: FGD's fragmentation measure over a workload model.
 //! - [`policies`]: node scoring policies (HAMi binpack/spread, the FGD paper's baselines, FGD, ours).
 //! - [`cluster`]: one decision over many nodes, with random tie-breaking and a score cache.
+//! - [`usage`]: the usage-aware policy (packs on measured use with a safety margin).
 
 pub mod cluster;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod ledger;
 pub mod policies;
 pub mod quota;
 pub mod state;
+pub mod usage;
 
 pub use cluster::{Cluster, Decision, ScoreCache};
 pub use error::{Error, Result};
@@ -24,3 +26,4 @@ pub use ledger::{Ledger, LedgerEntry};
 pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
 pub use quota::{NamespaceQuota, QuotaExceeded, QuotaUsage, check_quota};
 pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};
+pub use usage::{MeasuredGpu, UsageAwarePolicy};

@@ -195,6 +195,13 @@ impl HamiPolicy {
             weights: ScoringWeights::default(),
         }
     }
+
+    /// The same policy with these device scoring weights (`hami.io/device-scoring-weights`).
+    #[must_use]
+    pub fn with_weights(mut self, weights: ScoringWeights) -> Self {
+        self.weights = weights;
+        self
+    }
 }
 
 impl Policy for HamiPolicy {

@@ -14,6 +14,7 @@ use hami_api::{
 use crate::{
     error::{Error, Result},
     fit::Reason,
+    usage::MeasuredGpu,
 };
 
 /// What is committed on one GPU.
@@ -198,6 +199,9 @@ pub struct NodeState {
     pub memory_mib: u64,
     /// Bumped on every commit or release; lets callers cache per-node results.
     pub generation: u64,
+    /// Measured use per GPU from the agent's telemetry (same order as `inventory.gpus`; `None` for a GPU
+    /// without a sample). Empty when the node publishes no usage: only the usage-aware policy reads it.
+    pub measured: Vec<Option<MeasuredGpu>>,
 }
 
 impl NodeState {
@@ -211,6 +215,7 @@ impl NodeState {
             cpu_milli: 0,
             memory_mib: 0,
             generation: 0,
+            measured: Vec::new(),
         }
     }
 
@@ -275,6 +280,24 @@ impl NodeState {
         }
         self.cpu_milli = self.cpu_milli.saturating_add(cpu);
         self.memory_mib = self.memory_mib.saturating_add(mem);
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Records a placement that already exists (rebuilt from the API after a restart, or on a GPU that has
+    /// since turned unhealthy) **without** the capacity checks of [`Self::commit`]: what is running is
+    /// accounted even when it no longer fits. The placement's shape is still checked.
+    ///
+    /// # Errors
+    /// [`Error::PlacementShape`] when the placement does not match the pod or names a GPU the node lacks.
+    pub fn commit_unchecked(&mut self, pod: &PodRequest, placement: &NodePlacement) -> Result<()> {
+        self.check_shape(pod, placement)?;
+        let charge = placement.charge(pod, self.gpus.len());
+        for (u, c) in self.gpus.iter_mut().zip(&charge) {
+            u.add(*c);
+        }
+        self.cpu_milli = self.cpu_milli.saturating_add(pod.effective_cpu_milli());
+        self.memory_mib = self.memory_mib.saturating_add(pod.effective_memory_mib());
         self.generation += 1;
         Ok(())
     }

@@ -93,3 +93,31 @@ fn to_pod_devices_skips_grants_outside_the_inventory() {
     let devices = placement.to_pod_devices(&inv, "NVIDIA");
     assert_eq!(devices.encode().expect("encodable"), "GPU-A,NVIDIA,100,1:;;");
 }
+
+/// An allocation read back from the API is restored even where it no longer fits (its GPU turned
+/// unhealthy, or it exceeds capacity), so nothing running is lost from the books; forgetting it releases
+/// exactly that charge, and a second restore under the same UID is refused.
+#[test]
+fn restore_accounts_what_no_longer_fits() {
+    let mut c = cluster(vec![node("n", gpus("", 1, 16 * GIB))]);
+    let p = single("p", mib(1, 10 * GIB, 60));
+    let d = decide(&c, policy("binpack", &c).as_ref(), &p).expect("fits");
+    let mut sick = c.nodes[0].inventory.as_ref().clone();
+    sick.gpus[0].healthy = false;
+    c.nodes[0] = hami_policy::NodeState::new(std::sync::Arc::new(sick));
+    let mut ledger = Ledger::new();
+    assert!(ledger.assume(&mut c, &p, &d).is_err(), "a new commit is checked");
+    ledger.restore(&mut c, &p, &d).expect("restore is not");
+    assert_eq!(c.nodes[0].gpus[0].memory_mib, 10 * GIB);
+    // A second copy over capacity is still accounted under its own UID.
+    let q = single("q", mib(1, 10 * GIB, 60));
+    ledger.restore(&mut c, &q, &d).expect("restore");
+    assert_eq!(c.nodes[0].gpus[0].memory_mib, 20 * GIB);
+    assert!(matches!(
+        ledger.restore(&mut c, &q, &d),
+        Err(Error::PlacementShape { .. })
+    ));
+    assert!(ledger.forget(&mut c, "uid-q"));
+    assert_eq!(c.nodes[0].gpus[0].memory_mib, 10 * GIB);
+    assert_eq!(c.nodes[0].gpus[0].slots, 1);
+}
