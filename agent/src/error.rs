@@ -49,6 +49,51 @@ pub enum AgentError {
     /// Building or encoding metrics failed.
     #[error("metrics: {0}")]
     Metrics(String),
+    /// Device plugin: a replica device ID the kubelet sent is not one this plugin advertises
+    /// (`<GPU-uuid>-<n>`, `n < split_count`, a GPU of this node).
+    #[error("device plugin: unknown device ID `{id}`")]
+    UnknownDevice {
+        /// The ID as the kubelet sent it.
+        id: String,
+    },
+    /// Device plugin: no pod bound to this node has a pending, signed decision for the requested devices.
+    #[error("device plugin: no pending decision on node {node} for devices [{devices}] (GPUs {gpus})")]
+    DecisionNotFound {
+        /// The node.
+        node: String,
+        /// The replica IDs requested, comma-joined.
+        devices: String,
+        /// Their physical GPU UUIDs, comma-joined.
+        gpus: String,
+    },
+    /// Device plugin: several pods have different pending decisions for the requested devices; the
+    /// plugin does not guess (peer case C19). Retryable.
+    #[error("device plugin: ambiguous decision for devices [{devices}]: pods {pods} differ; retry")]
+    AmbiguousDecision {
+        /// The replica IDs requested, comma-joined.
+        devices: String,
+        /// The candidate pods (`namespace/name`), comma-joined.
+        pods: String,
+    },
+    /// Device plugin: the only decisions for the requested devices are on pods whose decision signature
+    /// does not verify (not written by the scheduler for that pod and node; peer case C18).
+    #[error("device plugin: refused the decision of pod(s) {pods} for devices [{devices}]: {reason}")]
+    DecisionRefused {
+        /// The refused pods (`namespace/name`), comma-joined.
+        pods: String,
+        /// The replica IDs requested, comma-joined.
+        devices: String,
+        /// Why (missing or invalid signature, unreadable key).
+        reason: String,
+    },
+    /// Device plugin: talking to the kubelet or the API server, or serving the plugin socket, failed.
+    #[error("device plugin: {what}: {message}")]
+    DevicePlugin {
+        /// The operation.
+        what: String,
+        /// The underlying error.
+        message: String,
+    },
 }
 
 impl AgentError {
@@ -57,6 +102,14 @@ impl AgentError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An [`AgentError::DevicePlugin`].
+    pub fn plugin(what: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Self::DevicePlugin {
+            what: what.into(),
+            message: message.to_string(),
         }
     }
 
