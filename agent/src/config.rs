@@ -164,6 +164,10 @@ impl AgentConfig {
                 message: "interval_ms must be at least 1".into(),
             });
         }
+        c.registration.validate().map_err(|message| AgentError::Config {
+            path: path.into(),
+            message,
+        })?;
         Ok(c)
     }
 

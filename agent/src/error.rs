@@ -94,6 +94,14 @@ pub enum AgentError {
         /// The underlying error.
         message: String,
     },
+    /// Node registration: building the annotations or publishing them on the Node failed.
+    #[error("node registration: {what}: {message}")]
+    Registration {
+        /// The operation.
+        what: String,
+        /// The underlying error.
+        message: String,
+    },
 }
 
 impl AgentError {
@@ -108,6 +116,14 @@ impl AgentError {
     /// An [`AgentError::DevicePlugin`].
     pub fn plugin(what: impl Into<String>, message: impl std::fmt::Display) -> Self {
         Self::DevicePlugin {
+            what: what.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// An [`AgentError::Registration`].
+    pub fn registration(what: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Self::Registration {
             what: what.into(),
             message: message.to_string(),
         }
