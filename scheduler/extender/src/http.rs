@@ -1,0 +1,350 @@
+//! The extender's HTTP server (axum): `POST /filter`, `POST /prioritize`, `POST /bind`,
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`.
+//!
+//! Bodies are limited to 1 MiB (413 beyond, as HAMi's limit). A body that is not the expected wire
+//! type gets 400 with `{"Error": "<decoder message>"}`, never a panic. A pod that asks for no managed
+//! resource passes the filter untouched. Errors that concern the pod (invalid HAMi resources) or the
+//! bind are answered 200 with the wire type's `Error` field, which kube-scheduler reports on the pod.
+//! Every request runs in a tracing span named after its verb.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use k8s_openapi::{List, api::core::v1::Node};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::{Instrument, info_span, warn};
+
+use crate::{
+    error::Error,
+    metrics::Metrics,
+    state::{SchedulerState, Settings, pod_key, scale_scores},
+    wire::{
+        ExtenderArgs, ExtenderBindingArgs, ExtenderBindingResult, ExtenderFilterResult, HostPriority,
+        HostPriorityList,
+    },
+};
+
+/// Largest accepted request body, bytes (HAMi's limit).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// A clock: Unix seconds.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+#[must_use]
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
+/// Everything the handlers share.
+pub struct App {
+    state: RwLock<SchedulerState>,
+    /// API client (binding needs one; filter and prioritize do not).
+    pub client: Option<kube::Client>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// HMAC key for `hami.io/vgpu-decision-signature`.
+    pub decision_key: Vec<u8>,
+    /// The Node reflector finished its first list.
+    pub nodes_synced: AtomicBool,
+    /// The Pod reflector finished its first list.
+    pub pods_synced: AtomicBool,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// An app over an empty state.
+    #[must_use]
+    pub fn new(
+        settings: Settings,
+        client: Option<kube::Client>,
+        decision_key: Vec<u8>,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            state: RwLock::new(SchedulerState::new(settings)),
+            client,
+            metrics: Metrics::new(),
+            decision_key,
+            nodes_synced: AtomicBool::new(false),
+            pods_synced: AtomicBool::new(false),
+            clock,
+        }
+    }
+
+    /// Unix seconds now.
+    #[must_use]
+    pub fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Shared access to the state (a poisoned lock is recovered: the state is only changed through
+    /// methods that leave it consistent).
+    pub fn read_state(&self) -> RwLockReadGuard<'_, SchedulerState> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Exclusive access to the state.
+    pub fn write_state(&self) -> RwLockWriteGuard<'_, SchedulerState> {
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether both reflectors have synced (always true without an API client).
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.client.is_none()
+            || (self.nodes_synced.load(Ordering::Acquire) && self.pods_synced.load(Ordering::Acquire))
+    }
+}
+
+/// The webhook sees the extender's allocations: a namespace's quota use is what its pods hold now.
+impl crate::webhook::ClusterView for App {
+    fn quota_used(&self, namespace: &str) -> hami_policy::QuotaUsage {
+        self.read_state().quota_used(namespace)
+    }
+}
+
+/// The extender's routes over `app`.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/filter", post(filter))
+        .route("/prioritize", post(prioritize))
+        .route("/bind", post(bind))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+/// A metrics-only router (for a separate metrics port).
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(app)
+}
+
+fn bad_request(e: &Error) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "Error": e.to_string() }))).into_response()
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::BadRequest {
+        what,
+        message: e.to_string(),
+    })
+}
+
+fn finish(app: &App, verb: &str, result: &str, started: Instant) {
+    app.metrics.requests.with_label_values(&[verb, result]).inc();
+    app.metrics
+        .latency
+        .with_label_values(&[verb])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// The filter verdict for one request, without HTTP (also what the bench drives).
+#[must_use]
+pub fn filter_args(app: &App, args: &ExtenderArgs) -> ExtenderFilterResult {
+    let (names, objects): (Vec<String>, HashMap<String, &Node>) = match (&args.node_names, &args.nodes) {
+        (Some(names), _) => (names.clone(), HashMap::new()),
+        (None, Some(list)) => {
+            let objects: HashMap<String, &Node> = list
+                .items
+                .iter()
+                .filter_map(|n| n.metadata.name.clone().map(|name| (name, n)))
+                .collect();
+            let names = list
+                .items
+                .iter()
+                .filter_map(|n| n.metadata.name.clone())
+                .collect();
+            (names, objects)
+        }
+        (None, None) => (Vec::new(), HashMap::new()),
+    };
+    let verdicts = app
+        .read_state()
+        .evaluate_nodes(&args.pod, &names, &objects, app.now());
+    let mut out = ExtenderFilterResult::default();
+    let fits: Vec<String> = match verdicts {
+        Err(e) => {
+            out.error = e.to_string();
+            return out;
+        }
+        Ok(None) => names,
+        Ok(Some(v)) => {
+            out.failed_nodes = v.failed;
+            out.failed_and_unresolvable_nodes = v.unresolvable;
+            v.fits.into_iter().map(|(n, _)| n).collect()
+        }
+    };
+    match (&args.node_names, &args.nodes) {
+        (Some(_), _) | (None, None) => out.node_names = Some(fits),
+        (None, Some(list)) => {
+            let keep: std::collections::HashSet<&str> = fits.iter().map(String::as_str).collect();
+            out.nodes = Some(List {
+                items: list
+                    .items
+                    .iter()
+                    .filter(|n| n.metadata.name.as_deref().is_some_and(|x| keep.contains(x)))
+                    .cloned()
+                    .collect(),
+                metadata: list.metadata.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The prioritize scores for one request, without HTTP: feasible nodes 0..=10 by the policy, the rest
+/// 0; a pod without GPUs scores 0 everywhere.
+///
+/// # Errors
+/// [`Error::InvalidPod`] for a pod whose HAMi request is invalid.
+pub fn prioritize_args(app: &App, args: &ExtenderArgs) -> Result<HostPriorityList, Error> {
+    let names: Vec<String> = match (&args.node_names, &args.nodes) {
+        (Some(n), _) => n.clone(),
+        (None, Some(list)) => list
+            .items
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    let objects: HashMap<String, &Node> = args
+        .nodes
+        .iter()
+        .flat_map(|l| &l.items)
+        .filter_map(|n| n.metadata.name.clone().map(|name| (name, n)))
+        .collect();
+    let verdicts = app
+        .read_state()
+        .evaluate_nodes(&args.pod, &names, &objects, app.now())?;
+    let scores: HashMap<String, i64> = verdicts
+        .map(|v| scale_scores(&v.fits).into_iter().collect())
+        .unwrap_or_default();
+    Ok(names
+        .into_iter()
+        .map(|host| HostPriority {
+            score: scores.get(&host).copied().unwrap_or(0),
+            host,
+        })
+        .collect())
+}
+
+async fn filter(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let args: ExtenderArgs = match decode("ExtenderArgs", &body) {
+        Ok(a) => a,
+        Err(e) => {
+            finish(&app, "filter", "bad_request", started);
+            return bad_request(&e);
+        }
+    };
+    let span = info_span!("filter", pod = %pod_key(&args.pod));
+    let _enter = span.enter();
+    let out = filter_args(&app, &args);
+    let result = if out.error.is_empty() { "ok" } else { "error" };
+    if !out.error.is_empty() {
+        warn!(error = %out.error, "filter");
+    }
+    finish(&app, "filter", result, started);
+    Json(out).into_response()
+}
+
+async fn prioritize(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let args: ExtenderArgs = match decode("ExtenderArgs", &body) {
+        Ok(a) => a,
+        Err(e) => {
+            finish(&app, "prioritize", "bad_request", started);
+            return bad_request(&e);
+        }
+    };
+    let span = info_span!("prioritize", pod = %pod_key(&args.pod));
+    let _enter = span.enter();
+    match prioritize_args(&app, &args) {
+        Ok(list) => {
+            finish(&app, "prioritize", "ok", started);
+            Json(list).into_response()
+        }
+        Err(e) => {
+            // HostPriorityList has no error field: an invalid pod is a client error.
+            finish(&app, "prioritize", "error", started);
+            bad_request(&e)
+        }
+    }
+}
+
+async fn bind(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let args: ExtenderBindingArgs = match decode("ExtenderBindingArgs", &body) {
+        Ok(a) => a,
+        Err(e) => {
+            finish(&app, "bind", "bad_request", started);
+            return bad_request(&e);
+        }
+    };
+    let span =
+        info_span!("bind", pod = %format!("{}/{}", args.pod_namespace, args.pod_name), node = %args.node);
+    let result = crate::apiserver::bind(&app, &args).instrument(span).await;
+    let out = match result {
+        Ok(()) => {
+            finish(&app, "bind", "ok", started);
+            ExtenderBindingResult::default()
+        }
+        Err(e) => {
+            if matches!(e, Error::Placement { .. }) {
+                app.metrics.bind_conflicts.inc();
+            }
+            warn!(pod = %args.pod_name, node = %args.node, error = %e, "bind failed");
+            finish(&app, "bind", "error", started);
+            ExtenderBindingResult { error: e.to_string() }
+        }
+    };
+    Json(out).into_response()
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.ready() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "reflectors not synced").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = {
+        let st = app.read_state();
+        app.metrics.render(&st, app.now())
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
