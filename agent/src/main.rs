@@ -67,9 +67,21 @@ fn lock(a: &Shared) -> MutexGuard<'_, Agent> {
     a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn metrics_handler(axum::extract::State(a): axum::extract::State<Shared>) -> impl IntoResponse {
+/// The device plugin's metrics, when it runs.
+type PluginMetrics = Option<hami_agent::deviceplugin::metrics::PluginMetrics>;
+
+async fn metrics_handler(
+    axum::extract::State(a): axum::extract::State<Shared>,
+    axum::Extension(plugin): axum::Extension<PluginMetrics>,
+) -> impl IntoResponse {
     let snap = lock(&a).snapshot(true);
-    match metrics::render(&snap) {
+    let text = metrics::render(&snap).and_then(|mut t| {
+        if let Some(p) = &plugin {
+            t.push_str(&p.render()?);
+        }
+        Ok(t)
+    });
+    match text {
         Ok(text) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -91,6 +103,7 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
     }
     let interval = Duration::from_millis(cfg.interval_ms);
     let addr = cfg.listen.clone();
+    let plugin_cfg = cfg.device_plugin.enabled.then(|| cfg.clone());
     let agent: Shared = Arc::new(Mutex::new(Agent::start(cfg)?));
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -126,10 +139,21 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
         .enable_all()
         .build()?;
     let served = rt.block_on(async {
+        // The kubelet device plugin runs beside the telemetry when enabled.
+        let plugin = match &plugin_cfg {
+            Some(c) => Some(
+                hami_agent::deviceplugin::health::start_for_agent(c)
+                    .await
+                    .context("starting the device plugin")?,
+            ),
+            None => None,
+        };
+        let plugin_metrics: PluginMetrics = plugin.as_ref().map(|p| p.metrics().clone());
         let app = axum::Router::new()
             .route("/metrics", get(metrics_handler))
             .route("/snapshot", get(snapshot_handler))
             .route("/healthz", get(|| async { "ok" }))
+            .layer(axum::Extension(plugin_metrics))
             .with_state(agent.clone());
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -142,10 +166,14 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
             }
         };
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
-            .context("HTTP server")
+            .context("HTTP server");
+        if let Some(p) = plugin {
+            p.stop().await;
+        }
+        served
     });
     stop.store(true, Ordering::Relaxed);
     let pumped = pump
@@ -180,7 +208,11 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }),
         Cmd::MetricsDoc => {
-            print!("{}", metrics::reference_markdown());
+            print!(
+                "{}{}",
+                metrics::reference_markdown(),
+                hami_agent::deviceplugin::metrics::reference_markdown()
+            );
             Ok(())
         }
     };

@@ -26,6 +26,9 @@ use crate::error::{AgentError, Result};
 /// How long one Register call may take.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a replaced server may take to close its connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// Everything the plugin is configured with.
 #[derive(Debug, Clone)]
 pub struct PluginSettings {
@@ -87,8 +90,12 @@ pub async fn unix_channel(path: &Path) -> Result<Channel> {
         .map_err(|e| AgentError::plugin(format!("connecting to {shown}"), e))
 }
 
-fn inode(p: &Path) -> Option<u64> {
-    std::fs::metadata(p).ok().map(|m| m.ino())
+/// The identity of a file: inode and change time (a socket deleted and created again may get the
+/// same inode number back).
+fn inode(p: &Path) -> Option<(u64, i64, i64)> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl DevicePlugin {
@@ -137,6 +144,7 @@ impl DevicePlugin {
             cfg.decision_key_file.clone(),
             settings.host.clone(),
             Duration::from_millis(cfg.cache_wait_ms),
+            cfg.consistent_allocate,
             inventory,
             pods,
             metrics,
@@ -192,7 +200,7 @@ async fn supervise(ctx: Arc<Context>, settings: PluginSettings, mut stop: watch:
                 continue;
             }
         };
-        let mut registered: Option<Option<u64>> = None;
+        let mut registered: Option<Option<(u64, i64, i64)>> = None;
         let restart = loop {
             if registered.is_none() {
                 match register(&kubelet, &cfg.socket_name, &cfg.resource_name).await {
@@ -221,7 +229,12 @@ async fn supervise(ctx: Arc<Context>, settings: PluginSettings, mut stop: watch:
             }
         };
         let _ = gen_stop.send(true);
-        let _ = server.await;
+        // Graceful shutdown waits for the clients to hang up; a stale kubelet connection must not
+        // hold the next registration back.
+        let abort = server.abort_handle();
+        if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+            abort.abort();
+        }
         if !restart {
             if inode(&socket) == Some(ours) {
                 let _ = std::fs::remove_file(&socket);
@@ -232,12 +245,12 @@ async fn supervise(ctx: Arc<Context>, settings: PluginSettings, mut stop: watch:
 }
 
 /// Binds the plugin socket (replacing a stale file) and serves it. Returns the server task and the
-/// socket's inode.
+/// socket's identity.
 fn serve(
     socket: &Path,
     ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
-) -> Result<(tokio::task::JoinHandle<()>, u64)> {
+) -> Result<(tokio::task::JoinHandle<()>, (u64, i64, i64))> {
     match std::fs::remove_file(socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -21,9 +21,14 @@
 //! and its peers that skip the lock guess the pod by age (peer case C19). Here:
 //!
 //! 1. The plugin keeps a watch-backed cache (kube-rs reflector, field selector
-//!    `spec.nodeName=<node>`) of the pods bound to this node, so Allocate lists nothing. When the
-//!    cache has no candidate yet (a watch event still in flight) it waits up to `cache_wait_ms` for it,
-//!    then lists once.
+//!    `spec.nodeName=<node>`) of the pods bound to this node. GetPreferredAllocation reads only the
+//!    cache. Allocate, by default (`consistent_allocate`), decides on one fresh list of the node's pods
+//!    (a consistent read): the kubelet calls Allocate for a pod *it* has seen, and the plugin's watch
+//!    may not have delivered that pod yet; deciding on a cache that lacks the second of two
+//!    different candidates would hand the first pod's decision to the second pod's container (the C19
+//!    outcome; `tests/device_plugin.rs` caught it). With `consistent_allocate: false` Allocate reads
+//!    the cache only (no API list; when it has no candidate yet it waits up to `cache_wait_ms` for a
+//!    watch event, then lists once), accepting that window.
 //! 2. Candidates for a container request with replica IDs `R` are the pods on this node with
 //!    `hami.io/bind-phase: allocating`, a decision signature that verifies
 //!    ([`hami_api::annotations::verify_decision`] over the pod UID, this node and
@@ -94,7 +99,8 @@ pub use kubelet::{DevicePlugin, PluginSettings};
 ///   "decision_key_file": "/etc/hami/decision-key/key",  // HMAC key (mounted Secret)
 ///   "watch_interval_ms": 1000,                          // kubelet restart check
 ///   "health_interval_ms": 5000,                         // NVML health poll
-///   "cache_wait_ms": 2000                               // Allocate waits this long for the pod cache
+///   "cache_wait_ms": 2000,                              // cache mode: wait this long for the cache
+///   "consistent_allocate": true                         // Allocate decides on a fresh list
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +131,9 @@ pub struct DevicePluginConfig {
     pub health_interval_ms: u64,
     /// How long Allocate waits for the pod cache to show a decision before listing once, milliseconds.
     pub cache_wait_ms: u64,
+    /// Allocate decides on a fresh list of the node's pods (one API list per Allocate) rather than on
+    /// the watch cache, which may lag behind the kubelet's view (see the module docs).
+    pub consistent_allocate: bool,
 }
 
 impl Default for DevicePluginConfig {
@@ -141,6 +150,7 @@ impl Default for DevicePluginConfig {
             watch_interval_ms: 1000,
             health_interval_ms: 5000,
             cache_wait_ms: 2000,
+            consistent_allocate: true,
         }
     }
 }

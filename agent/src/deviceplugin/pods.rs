@@ -30,6 +30,8 @@ pub struct PodCache {
     store: reflector::Store<Pod>,
     /// UID → (the resource version the cache may still show, the newer pod to show instead).
     overlay: Mutex<HashMap<String, (String, Arc<Pod>)>>,
+    /// Woken on every watch event.
+    changed: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -52,6 +54,8 @@ impl PodCache {
         let api: Api<Pod> = Api::all(client.clone());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let node_name = node.to_owned();
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
         let task = tokio::spawn(async move {
             let mut events = std::pin::pin!(
                 watcher(api, config)
@@ -60,6 +64,7 @@ impl PodCache {
                     .applied_objects()
             );
             while let Some(ev) = events.next().await {
+                notify.notify_waiters();
                 if let Err(e) = ev {
                     tracing::warn!(node = %node_name, error = %e, "device plugin pod watch");
                 }
@@ -70,8 +75,15 @@ impl PodCache {
             node: node.to_owned(),
             store,
             overlay: Mutex::new(HashMap::new()),
+            changed,
             task,
         }
+    }
+
+    /// A future that completes at the next watch event (enable it before reading the cache so that
+    /// no event is missed in between).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     fn overlay(&self) -> MutexGuard<'_, HashMap<String, (String, Arc<Pod>)>> {

@@ -22,8 +22,9 @@ use crate::deviceplugin::proto::{self, device_plugin_server::DevicePlugin as Dev
 use crate::deviceplugin::response::{self, HostLayout};
 use crate::error::{AgentError, Result};
 
-/// How often Allocate re-reads the cache while waiting for a decision to show up.
-const CACHE_POLL: Duration = Duration::from_millis(20);
+/// Longest wait between two reads of the cache while Allocate waits for a decision to show up (it
+/// also wakes on every watch event).
+const CACHE_POLL: Duration = Duration::from_millis(100);
 
 /// Conflicting patches (the pod changed under us) retried before giving up.
 const PATCH_ATTEMPTS: usize = 5;
@@ -40,6 +41,8 @@ pub struct Context {
     pub host: HostLayout,
     /// How long Allocate waits for the cache before listing once.
     pub cache_wait: Duration,
+    /// Allocate decides on a fresh (consistent) list of the node's pods instead of the cache.
+    pub consistent: bool,
     /// The GPUs and their health.
     pub inventory: watch::Receiver<Vec<Gpu>>,
     /// This node's pods.
@@ -67,6 +70,7 @@ impl Context {
         key_file: PathBuf,
         host: HostLayout,
         cache_wait: Duration,
+        consistent: bool,
         inventory: watch::Receiver<Vec<Gpu>>,
         pods: PodCache,
         metrics: PluginMetrics,
@@ -77,6 +81,7 @@ impl Context {
             key_file,
             host,
             cache_wait,
+            consistent,
             inventory,
             pods,
             metrics,
@@ -130,10 +135,17 @@ impl Context {
         let req = ReplicaRequest::resolve(ids, &gpus, self.split_count)?;
         let key = self.key()?;
         let deadline = Instant::now() + self.cache_wait;
-        let _ = self.pods.wait_ready(self.cache_wait).await;
-        let mut listed: Option<Vec<Arc<Pod>>> = None;
+        let mut listed: Option<Vec<Arc<Pod>>> = if self.consistent {
+            Some(self.pods.list().await?)
+        } else {
+            let _ = self.pods.wait_ready(self.cache_wait).await;
+            None
+        };
         let mut conflicts = 0;
         loop {
+            let changed = self.pods.changed();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
             let pods = listed.clone().unwrap_or_else(|| self.pods.pods());
             let pending = self.pending(&pods, &key);
             let reused = locked(&self.reused_by).clone();
@@ -143,8 +155,9 @@ impl Context {
                 Err(AgentError::DecisionNotFound { .. } | AgentError::DecisionRefused { .. })
                     if listed.is_none() =>
                 {
-                    if Instant::now() < deadline {
-                        tokio::time::sleep(CACHE_POLL).await;
+                    let now = Instant::now();
+                    if now < deadline {
+                        let _ = tokio::time::timeout((deadline - now).min(CACHE_POLL), changed).await;
                     } else {
                         listed = Some(self.pods.list().await?);
                     }

@@ -1,0 +1,753 @@
+//! The kubelet device plugin against a test kubelet (a tonic `Registration` server on `kubelet.sock`
+//! in a temporary directory, and a `DevicePlugin` client over the plugin's own socket) and the fake API
+//! server holding the scheduler's decisions (`reference/kubernetes-testing.md` §4).
+//!
+//! The plugin runs in-process ([`DevicePlugin::start`]) with an inventory channel the tests drive.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hami_agent::deviceplugin::devices::Gpu;
+use hami_agent::deviceplugin::kubelet::unix_channel;
+use hami_agent::deviceplugin::proto::{
+    self, device_plugin_client::DevicePluginClient, registration_server::Registration,
+    registration_server::RegistrationServer,
+};
+use hami_agent::deviceplugin::response::HostLayout;
+use hami_agent::deviceplugin::{DevicePlugin, DevicePluginConfig, PluginSettings};
+use hami_api::annotations::{self as ann, sign_decision};
+use hami_fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Channel;
+
+const NODE: &str = "node-1";
+const KEY: &[u8] = b"decision-key";
+const SPLIT: u32 = 4;
+const GPU_A: &str = "GPU-aaaaaaaa-1111-2222-3333-444444444444";
+const GPU_B: &str = "GPU-bbbbbbbb-1111-2222-3333-444444444444";
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test kubelet's registration service: records every request.
+struct Kubelet {
+    tx: mpsc::UnboundedSender<proto::RegisterRequest>,
+}
+
+#[tonic::async_trait]
+impl Registration for Kubelet {
+    async fn register(
+        &self,
+        r: tonic::Request<proto::RegisterRequest>,
+    ) -> Result<tonic::Response<proto::Empty>, tonic::Status> {
+        let _ = self.tx.send(r.into_inner());
+        Ok(tonic::Response::new(proto::Empty {}))
+    }
+}
+
+/// A running test kubelet on `<dir>/kubelet.sock`.
+struct TestKubelet {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    registered: mpsc::UnboundedReceiver<proto::RegisterRequest>,
+}
+
+impl TestKubelet {
+    fn start(dir: &Path) -> Self {
+        let sock = dir.join("kubelet.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let (tx, registered) = mpsc::unbounded_channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(Kubelet { tx }))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Self {
+            stop: Some(stop),
+            task,
+            registered,
+        }
+    }
+
+    async fn next_registration(&mut self) -> proto::RegisterRequest {
+        tokio::time::timeout(Duration::from_secs(10), self.registered.recv())
+            .await
+            .expect("a registration within 10 s")
+            .expect("registration channel open")
+    }
+
+    /// Stops serving (as a kubelet going down does).
+    async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// One test's plugin, kubelet and API server.
+struct Rig {
+    api: FakeApiServer,
+    kubelet: TestKubelet,
+    inventory: watch::Sender<Vec<Gpu>>,
+    plugin: DevicePlugin,
+    plugin_dir: PathBuf,
+    regions_dir: PathBuf,
+    dev_dir: PathBuf,
+    config: DevicePluginConfig,
+    _scratch: Scratch,
+}
+
+fn gpus() -> Vec<Gpu> {
+    vec![
+        Gpu {
+            uuid: GPU_A.into(),
+            minor: 0,
+            numa: Some(0),
+            healthy: true,
+        },
+        Gpu {
+            uuid: GPU_B.into(),
+            minor: 1,
+            numa: Some(1),
+            healthy: true,
+        },
+    ]
+}
+
+impl Rig {
+    async fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("hami-dp-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plugin_dir = dir.join("device-plugins");
+        std::fs::create_dir_all(&plugin_dir).unwrap();
+        let key_file = dir.join("key");
+        // A mounted Secret may end with a newline.
+        std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+        let config = DevicePluginConfig {
+            enabled: true,
+            plugin_dir: plugin_dir.clone(),
+            socket_name: "hami-test.sock".into(),
+            resource_name: "nvidia.com/gpu".into(),
+            split_count: SPLIT,
+            libvgpu_host_path: dir.join("lib/libvgpu.so"),
+            ld_so_preload_host_path: Some(dir.join("lib/ld.so.preload")),
+            decision_key_file: key_file,
+            watch_interval_ms: 50,
+            health_interval_ms: 50,
+            cache_wait_ms: 300,
+            consistent_allocate: true,
+        };
+        let regions_dir = dir.join("regions");
+        let dev_dir = dir.join("dev");
+        let settings = PluginSettings {
+            node: NODE.into(),
+            config: config.clone(),
+            host: HostLayout {
+                libvgpu: config.libvgpu_host_path.clone(),
+                ld_so_preload: config.ld_so_preload_host_path.clone(),
+                regions_dir: regions_dir.clone(),
+                dev_dir: dev_dir.clone(),
+            },
+        };
+        let api = FakeApiServer::start().await.unwrap();
+        let kubelet = TestKubelet::start(&plugin_dir);
+        let (inventory, rx) = watch::channel(gpus());
+        let plugin = DevicePlugin::start(settings, rx, api.client()).unwrap();
+        Self {
+            api,
+            kubelet,
+            inventory,
+            plugin,
+            plugin_dir,
+            regions_dir,
+            dev_dir,
+            config,
+            _scratch: Scratch(dir),
+        }
+    }
+
+    /// Waits for the registration and connects to the plugin socket it names.
+    async fn connect(&mut self) -> (proto::RegisterRequest, DevicePluginClient<Channel>) {
+        let r = self.kubelet.next_registration().await;
+        let ch = unix_channel(&self.plugin_dir.join(&r.endpoint)).await.unwrap();
+        (r, DevicePluginClient::new(ch))
+    }
+}
+
+/// A pod bound to `NODE` with these init and app containers and annotations.
+fn pod(name: &str, init: &[&str], app: &[&str], annotations: &[(&str, String)]) -> Pod {
+    let ctr = |n: &&str| serde_json::json!({"name": n, "image": "cuda"});
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name, "namespace": "ml", "uid": format!("uid-{name}"),
+            "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<BTreeMap<_, _>>(),
+        },
+        "spec": {
+            "nodeName": NODE, "schedulerName": "hami-scheduler",
+            "initContainers": init.iter().map(ctr).collect::<Vec<_>>(),
+            "containers": app.iter().map(ctr).collect::<Vec<_>>(),
+        }
+    }))
+    .unwrap()
+}
+
+/// The annotations the scheduler writes at bind, signed with `key` for `uid`.
+fn decision(value: &str, bind_time: u64, key: &[u8], uid: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (ann::VGPU_NODE, NODE.into()),
+        (ann::VGPU_TIME, bind_time.to_string()),
+        (ann::DEVICES_TO_ALLOCATE, value.into()),
+        (ann::DEVICES_ALLOCATED, value.into()),
+        (ann::BIND_PHASE, "allocating".into()),
+        (ann::BIND_TIME, bind_time.to_string()),
+        (ann::DECISION_SIGNATURE, sign_decision(key, uid, NODE, value)),
+    ]
+}
+
+/// A single-container pod with a signed decision.
+fn signed_pod(name: &str, value: &str, bind_time: u64) -> Pod {
+    pod(
+        name,
+        &[],
+        &["main"],
+        &decision(value, bind_time, KEY, &format!("uid-{name}")),
+    )
+}
+
+fn annotation(api: &FakeApiServer, name: &str, key: &str) -> Option<String> {
+    api.pod("ml", name)
+        .and_then(|p| p.metadata.annotations)
+        .and_then(|a| a.get(key).cloned())
+}
+
+async fn next(s: &mut tonic::Streaming<proto::ListAndWatchResponse>) -> proto::ListAndWatchResponse {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("a ListAndWatch message")
+        .unwrap()
+        .expect("stream open")
+}
+
+async fn allocate(
+    c: &mut DevicePluginClient<Channel>,
+    ids: &[String],
+) -> Result<proto::ContainerAllocateResponse, tonic::Status> {
+    let r = c
+        .allocate(proto::AllocateRequest {
+            container_requests: vec![proto::ContainerAllocateRequest {
+                devices_ids: ids.to_vec(),
+            }],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.container_responses.len(), 1);
+    Ok(r.container_responses.into_iter().next().unwrap())
+}
+
+async fn preferred(
+    c: &mut DevicePluginClient<Channel>,
+    available: &[String],
+    must: &[String],
+    size: i32,
+) -> Vec<String> {
+    let r = c
+        .get_preferred_allocation(proto::PreferredAllocationRequest {
+            container_requests: vec![proto::ContainerPreferredAllocationRequest {
+                available_device_i_ds: available.to_vec(),
+                must_include_device_i_ds: must.to_vec(),
+                allocation_size: size,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.container_responses[0].device_i_ds.clone()
+}
+
+fn all_ids() -> Vec<String> {
+    [GPU_A, GPU_B]
+        .iter()
+        .flat_map(|u| (0..SPLIT).map(move |n| format!("{u}-{n}")))
+        .collect()
+}
+
+fn id(uuid: &str, n: u32) -> String {
+    format!("{uuid}-{n}")
+}
+
+/// (container path, host path, read-only) of the mounts.
+fn mounts(r: &proto::ContainerAllocateResponse) -> Vec<(String, String, bool)> {
+    r.mounts
+        .iter()
+        .map(|m| (m.container_path.clone(), m.host_path.clone(), m.read_only))
+        .collect()
+}
+
+fn devices(r: &proto::ContainerAllocateResponse) -> Vec<(String, String, String)> {
+    r.devices
+        .iter()
+        .map(|d| {
+            (
+                d.container_path.clone(),
+                d.host_path.clone(),
+                d.permissions.clone(),
+            )
+        })
+        .collect()
+}
+
+fn env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn registers_and_advertises_replicas_with_health_and_numa() {
+    let mut rig = Rig::new("register").await;
+    let (reg, mut c) = rig.connect().await;
+    assert_eq!(
+        reg,
+        proto::RegisterRequest {
+            version: "v1beta1".into(),
+            endpoint: "hami-test.sock".into(),
+            resource_name: "nvidia.com/gpu".into(),
+            options: Some(proto::DevicePluginOptions {
+                pre_start_required: true,
+                get_preferred_allocation_available: true,
+            }),
+        }
+    );
+    assert_eq!(rig.plugin.socket(), rig.plugin_dir.join("hami-test.sock"));
+    let opts = c
+        .get_device_plugin_options(proto::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(opts.pre_start_required && opts.get_preferred_allocation_available);
+
+    let mut stream = c.list_and_watch(proto::Empty {}).await.unwrap().into_inner();
+    let health = |m: &proto::ListAndWatchResponse| -> Vec<(String, String, Vec<i64>)> {
+        m.devices
+            .iter()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    d.health.clone(),
+                    d.topology
+                        .iter()
+                        .flat_map(|t| t.nodes.iter().map(|n| n.id))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let expect = |b_health: &str| -> Vec<(String, String, Vec<i64>)> {
+        all_ids()
+            .into_iter()
+            .map(|i| {
+                let on_b = i.starts_with(GPU_B);
+                (
+                    i,
+                    if on_b { b_health } else { "Healthy" }.to_owned(),
+                    vec![i64::from(on_b)],
+                )
+            })
+            .collect()
+    };
+    assert_eq!(health(&next(&mut stream).await), expect("Healthy"));
+
+    // C05: GPU B fails and comes back; both changes are pushed, no restart.
+    rig.inventory.send_modify(|g| g[1].healthy = false);
+    assert_eq!(health(&next(&mut stream).await), expect("Unhealthy"));
+    rig.inventory.send_modify(|g| g[1].healthy = true);
+    assert_eq!(health(&next(&mut stream).await), expect("Healthy"));
+
+    let pre = c
+        .pre_start_container(proto::PreStartContainerRequest {
+            devices_ids: vec![id(GPU_A, 0)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pre, proto::PreStartContainerResponse {});
+    assert_eq!(rig.plugin.metrics().registrations.get(), 1);
+}
+
+#[tokio::test]
+async fn allocates_a_multi_container_pod_in_kubelet_order() {
+    let mut rig = Rig::new("multi").await;
+    let (_, mut c) = rig.connect().await;
+    // Init container: 1000 MiB, 10 % of A. App `train`: A and B. App `sidecar`: no GPU.
+    let value = format!("{GPU_A},NVIDIA,1000,10:;{GPU_A},NVIDIA,2000,30:{GPU_B},NVIDIA,3000,0:;;");
+    rig.api.insert_pod(pod(
+        "job",
+        &["warmup"],
+        &["train", "sidecar"],
+        &decision(&value, 100, KEY, "uid-job"),
+    ));
+
+    // The kubelet: the init container first (preference, then Allocate).
+    let init_ids = preferred(&mut c, &all_ids(), &[], 1).await;
+    assert_eq!(init_ids.len(), 1);
+    assert!(init_ids[0].starts_with(GPU_A), "{init_ids:?}");
+    let init = allocate(&mut c, &init_ids).await.unwrap();
+    let lib = rig.config.libvgpu_host_path.to_string_lossy().into_owned();
+    let preload = rig
+        .config
+        .ld_so_preload_host_path
+        .as_ref()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let dev = |n: &str| {
+        (
+            format!("/dev/{n}"),
+            rig.dev_dir.join(n).to_string_lossy().into_owned(),
+            "rw".to_owned(),
+        )
+    };
+    let region = |ctr: &str| rig.regions_dir.join(format!("uid-job_{ctr}"));
+    assert_eq!(
+        init.envs,
+        env(&[
+            ("NVIDIA_VISIBLE_DEVICES", GPU_A),
+            ("CUDA_DEVICE_MEMORY_LIMIT_0", "1000m"),
+            ("CUDA_DEVICE_SM_LIMIT", "10"),
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
+        ])
+    );
+    assert_eq!(
+        mounts(&init),
+        [
+            (
+                "/usr/local/vgpu".to_owned(),
+                region("warmup").to_string_lossy().into_owned(),
+                false
+            ),
+            ("/usr/local/vgpu/libvgpu.so".to_owned(), lib.clone(), true),
+            ("/etc/ld.so.preload".to_owned(), preload.clone(), true),
+        ]
+    );
+    assert_eq!(
+        devices(&init),
+        [dev("nvidiactl"), dev("nvidia-uvm"), dev("nvidia0")]
+    );
+    assert_eq!(
+        annotation(&rig.api, "job", ann::DEVICES_TO_ALLOCATE).as_deref(),
+        Some(format!(";{GPU_A},NVIDIA,2000,30:{GPU_B},NVIDIA,3000,0:;;").as_str())
+    );
+    assert_eq!(
+        annotation(&rig.api, "job", ann::BIND_PHASE).as_deref(),
+        Some("allocating")
+    );
+
+    // App `train`: the kubelet reuses the init container's device and asks for one more.
+    let train_ids = preferred(&mut c, &all_ids(), &init_ids, 2).await;
+    assert_eq!(train_ids[0], init_ids[0]);
+    assert!(train_ids[1].starts_with(GPU_B), "{train_ids:?}");
+    let train = allocate(&mut c, &train_ids).await.unwrap();
+    assert_eq!(
+        train.envs,
+        env(&[
+            ("NVIDIA_VISIBLE_DEVICES", &format!("{GPU_A},{GPU_B}")),
+            ("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "3000m"),
+            ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
+        ])
+    );
+    assert_eq!(
+        mounts(&train)[0],
+        (
+            "/usr/local/vgpu".to_owned(),
+            region("train").to_string_lossy().into_owned(),
+            false
+        )
+    );
+    assert_eq!(
+        devices(&train),
+        [
+            dev("nvidiactl"),
+            dev("nvidia-uvm"),
+            dev("nvidia0"),
+            dev("nvidia1")
+        ]
+    );
+    // Every entry handed out: emptied, and the bind succeeded. `sidecar` never reached Allocate.
+    assert_eq!(
+        annotation(&rig.api, "job", ann::DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";;;")
+    );
+    assert_eq!(
+        annotation(&rig.api, "job", ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&rig.api, "job", ann::DEVICES_ALLOCATED).as_deref(),
+        Some(value.as_str()),
+        "the durable record is untouched"
+    );
+    assert!(region("warmup").is_dir() && region("train").is_dir());
+    assert!(!region("sidecar").exists());
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(region("train")).unwrap().permissions().mode() & 0o777,
+        0o777
+    );
+    // The patches carried the resourceVersion precondition.
+    let patches: Vec<serde_json::Value> = rig
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .filter_map(|r| r.body_json())
+        .collect();
+    assert_eq!(patches.len(), 2);
+    assert!(
+        patches
+            .iter()
+            .all(|p| p["metadata"]["resourceVersion"].is_string()),
+        "{patches:?}"
+    );
+    // Nothing is left to allocate for this pod.
+    let e = allocate(&mut c, &[id(GPU_A, 3)]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert_eq!(rig.plugin.metrics().allocations("ok"), 2);
+    assert_eq!(rig.plugin.metrics().allocations("not_found"), 1);
+}
+
+#[tokio::test]
+async fn c19_allocate_for_b_gets_bs_decision_and_leaves_as_region_alone() {
+    let mut rig = Rig::new("c19").await;
+    let (_, mut c) = rig.connect().await;
+    // A was bound first (GPU A), B later (GPU B); both pending.
+    rig.api
+        .insert_pod(signed_pod("a", &format!("{GPU_A},NVIDIA,1000,10:;"), 100));
+    rig.api
+        .insert_pod(signed_pod("b", &format!("{GPU_B},NVIDIA,2000,20:;"), 200));
+    // A's region directory already holds a running container's region file.
+    let a_dir = rig.regions_dir.join("uid-a_main");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::write(a_dir.join("vgpu.cache"), b"A's region").unwrap();
+
+    let pref = preferred(&mut c, &all_ids()[SPLIT as usize..], &[], 1).await;
+    assert!(pref[0].starts_with(GPU_B), "{pref:?}");
+    let r = allocate(&mut c, &[id(GPU_B, 2)]).await.unwrap();
+    assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], GPU_B);
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m");
+    assert_eq!(
+        r.mounts[0].host_path,
+        rig.regions_dir.join("uid-b_main").to_string_lossy()
+    );
+    assert_eq!(
+        annotation(&rig.api, "b", ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&rig.api, "a", ann::BIND_PHASE).as_deref(),
+        Some("allocating"),
+        "A is untouched"
+    );
+    assert_eq!(std::fs::read(a_dir.join("vgpu.cache")).unwrap(), b"A's region");
+
+    // A's own Allocate then gets A's decision, and its existing directory is kept as it is.
+    let r = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap();
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+    assert_eq!(r.mounts[0].host_path, a_dir.to_string_lossy());
+    assert_eq!(std::fs::read(a_dir.join("vgpu.cache")).unwrap(), b"A's region");
+}
+
+#[tokio::test]
+async fn different_pending_decisions_on_one_gpu_are_ambiguous_and_retryable() {
+    let mut rig = Rig::new("ambiguous").await;
+    let (_, mut c) = rig.connect().await;
+    rig.api
+        .insert_pod(signed_pod("a", &format!("{GPU_A},NVIDIA,1000,10:;"), 100));
+    rig.api
+        .insert_pod(signed_pod("b", &format!("{GPU_A},NVIDIA,4000,50:;"), 200));
+    let e = allocate(&mut c, &[id(GPU_A, 1)]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("ml/a") && e.message().contains("ml/b") && e.message().contains("retry"),
+        "{}",
+        e.message()
+    );
+    for p in ["a", "b"] {
+        assert_eq!(
+            annotation(&rig.api, p, ann::BIND_PHASE).as_deref(),
+            Some("allocating")
+        );
+    }
+    assert!(!rig.regions_dir.join("uid-a_main").exists());
+    assert_eq!(rig.plugin.metrics().allocations("ambiguous"), 1);
+    // Once B is gone, the retry is unambiguous.
+    rig.api.delete_pod("ml", "b");
+    let mut r = allocate(&mut c, &[id(GPU_A, 1)]).await;
+    for _ in 0..50 {
+        if r.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = allocate(&mut c, &[id(GPU_A, 1)]).await;
+    }
+    assert_eq!(r.unwrap().envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+}
+
+#[tokio::test]
+async fn identical_pending_decisions_are_handed_out_one_each() {
+    let mut rig = Rig::new("identical").await;
+    let (_, mut c) = rig.connect().await;
+    let v = format!("{GPU_A},NVIDIA,1000,10:;");
+    rig.api.insert_pod(signed_pod("late", &v, 300));
+    rig.api.insert_pod(signed_pod("early", &v, 100));
+    let first = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap();
+    let second = allocate(&mut c, &[id(GPU_A, 1)]).await.unwrap();
+    assert_eq!(first.envs, second.envs);
+    assert_eq!(
+        first.mounts[0].host_path,
+        rig.regions_dir.join("uid-early_main").to_string_lossy(),
+        "the one bound first"
+    );
+    assert_eq!(
+        second.mounts[0].host_path,
+        rig.regions_dir.join("uid-late_main").to_string_lossy()
+    );
+    for p in ["early", "late"] {
+        assert_eq!(
+            annotation(&rig.api, p, ann::BIND_PHASE).as_deref(),
+            Some("success")
+        );
+    }
+}
+
+#[tokio::test]
+async fn c18_forged_decisions_are_refused() {
+    let mut rig = Rig::new("c18").await;
+    let (_, mut c) = rig.connect().await;
+    let v = format!("{GPU_A},NVIDIA,20000,100:;");
+    // Unsigned (a pod of another scheduler with hand-written annotations).
+    let mut unsigned = decision(&v, 100, KEY, "uid-unsigned");
+    unsigned.retain(|(k, _)| *k != ann::DECISION_SIGNATURE);
+    rig.api.insert_pod(pod("unsigned", &[], &["main"], &unsigned));
+    // Signed with another key.
+    rig.api.insert_pod(pod(
+        "wrongkey",
+        &[],
+        &["main"],
+        &decision(&v, 100, b"guess", "uid-wrongkey"),
+    ));
+    // A valid signature copied from another pod.
+    rig.api.insert_pod(pod(
+        "copied",
+        &[],
+        &["main"],
+        &decision(&v, 100, KEY, "uid-victim"),
+    ));
+
+    // Every forged pod matching the request is refused (and marked failed) on the first call.
+    let e = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    for forged in ["ml/unsigned", "ml/wrongkey", "ml/copied"] {
+        assert!(e.message().contains(forged), "{}", e.message());
+    }
+    // Marked failed, they are no longer candidates at all.
+    let e = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    for forged in ["unsigned", "wrongkey", "copied"] {
+        assert_eq!(
+            annotation(&rig.api, forged, ann::BIND_PHASE).as_deref(),
+            Some("failed"),
+            "{forged}"
+        );
+        assert_eq!(
+            annotation(&rig.api, forged, ann::DEVICES_TO_ALLOCATE).as_deref(),
+            Some(v.as_str()),
+            "{forged}: nothing handed out"
+        );
+    }
+    assert_eq!(rig.plugin.metrics().refused.get(), 3);
+    assert!(!rig.regions_dir.exists(), "no region directory for a forged pod");
+    // A legitimate pod on the same GPU is still served.
+    rig.api
+        .insert_pod(signed_pod("legit", &format!("{GPU_A},NVIDIA,1000,10:;"), 500));
+    let r = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap();
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+}
+
+#[tokio::test]
+async fn a_conflicting_update_is_reread_and_retried() {
+    let mut rig = Rig::new("conflict").await;
+    let (_, mut c) = rig.connect().await;
+    rig.api
+        .insert_pod(signed_pod("a", &format!("{GPU_A},NVIDIA,1000,10:;"), 100));
+    rig.api.fail_next("PATCH", "/pods/a", 409, 2);
+    let r = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap();
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+    assert_eq!(
+        annotation(&rig.api, "a", ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    let methods: Vec<String> = rig
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.contains("/pods/a"))
+        .map(|r| r.method)
+        .collect();
+    assert_eq!(methods, ["PATCH", "GET", "PATCH", "GET", "PATCH"]);
+}
+
+#[tokio::test]
+async fn kubelet_restart_re_registers_and_serves_again() {
+    let mut rig = Rig::new("restart").await;
+    let (first, _) = rig.connect().await;
+    // The kubelet goes down; on start it removes the plugin sockets and recreates kubelet.sock.
+    rig.kubelet.stop().await;
+    let _ = std::fs::remove_file(rig.plugin_dir.join("kubelet.sock"));
+    let _ = std::fs::remove_file(rig.plugin_dir.join(&first.endpoint));
+    rig.kubelet = TestKubelet::start(&rig.plugin_dir);
+    let (second, mut c) = rig.connect().await;
+    assert_eq!(second, first);
+    let mut stream = c.list_and_watch(proto::Empty {}).await.unwrap().into_inner();
+    let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.devices.len(), 2 * SPLIT as usize);
+    assert_eq!(rig.plugin.metrics().registrations.get(), 2);
+
+    // A kubelet that only recreates its socket (ours left in place) is registered with again too.
+    rig.kubelet.stop().await;
+    let _ = std::fs::remove_file(rig.plugin_dir.join("kubelet.sock"));
+    rig.kubelet = TestKubelet::start(&rig.plugin_dir);
+    let (third, _) = rig.connect().await;
+    assert_eq!(third, first);
+    assert_eq!(rig.plugin.metrics().registrations.get(), 3);
+
+    // Stopping the plugin ends the old stream and removes its socket.
+    let sock = rig.plugin.socket().to_path_buf();
+    assert!(sock.exists());
+    let Rig { plugin, _scratch, .. } = rig;
+    plugin.stop().await;
+    assert!(!sock.exists());
+}
