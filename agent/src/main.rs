@@ -19,7 +19,7 @@ use axum::routing::get;
 use clap::{Parser, Subcommand};
 use hami_agent::config::AgentConfig;
 use hami_agent::service::Agent;
-use hami_agent::{loader, metrics};
+use hami_agent::{loader, metrics, registration};
 
 #[derive(Parser)]
 #[command(about = "hami node agent: eBPF attribution of GPU memory and compute per container")]
@@ -73,11 +73,15 @@ type PluginMetrics = Option<hami_agent::deviceplugin::metrics::PluginMetrics>;
 async fn metrics_handler(
     axum::extract::State(a): axum::extract::State<Shared>,
     axum::Extension(plugin): axum::Extension<PluginMetrics>,
+    axum::Extension(reg): axum::Extension<Option<registration::RegistrationMetrics>>,
 ) -> impl IntoResponse {
     let snap = lock(&a).snapshot(true);
     let text = metrics::render(&snap).and_then(|mut t| {
         if let Some(p) = &plugin {
             t.push_str(&p.render()?);
+        }
+        if let Some(r) = &reg {
+            t.push_str(&r.render()?);
         }
         Ok(t)
     });
@@ -104,7 +108,14 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
     let interval = Duration::from_millis(cfg.interval_ms);
     let addr = cfg.listen.clone();
     let plugin_cfg = cfg.device_plugin.enabled.then(|| cfg.clone());
+    let reg_cfg = cfg.registration.clone();
+    let node_name = cfg.effective_node_name();
     let agent: Shared = Arc::new(Mutex::new(Agent::start(cfg)?));
+    let reg_metrics = if reg_cfg.enabled {
+        Some(registration::RegistrationMetrics::new()?)
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
 
     let pump = {
@@ -139,6 +150,14 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
         .enable_all()
         .build()?;
     let served = rt.block_on(async {
+        // Node registration publishes from the agent's snapshots on this runtime; nothing is cleared
+        // when the runtime ends.
+        if let Some(m) = &reg_metrics {
+            let agent = agent.clone();
+            tokio::spawn(registration::run(reg_cfg, node_name, m.clone(), move || {
+                lock(&agent).snapshot(false)
+            }));
+        }
         // The kubelet device plugin runs beside the telemetry when enabled.
         let plugin = match &plugin_cfg {
             Some(c) => Some(
@@ -154,6 +173,7 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
             .route("/snapshot", get(snapshot_handler))
             .route("/healthz", get(|| async { "ok" }))
             .layer(axum::Extension(plugin_metrics))
+            .layer(axum::Extension(reg_metrics.clone()))
             .with_state(agent.clone());
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -213,6 +233,7 @@ fn main() -> std::process::ExitCode {
                 metrics::reference_markdown(),
                 hami_agent::deviceplugin::metrics::reference_markdown()
             );
+            print!("{}", registration::reference_markdown());
             Ok(())
         }
     };

@@ -178,6 +178,8 @@ impl Env {
                 regions_dir: dir.join("regions"),
                 ..HostPaths::default()
             },
+            // Device plugin and registration off unless a test turns them on.
+            ..AgentConfig::default()
         };
         Some(Self {
             node,
