@@ -190,7 +190,10 @@ pub async fn bind(app: &App, args: &ExtenderBindingArgs) -> Result<()> {
             let patch = decision_patch(&pod, &plan, devices, &app.decision_key, now)?;
             api.patch(
                 &args.pod_name,
-                &PatchParams::apply(FIELD_MANAGER).clone(),
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(&patch),
             )
             .await
