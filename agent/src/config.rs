@@ -168,6 +168,20 @@ impl AgentConfig {
             path: path.into(),
             message,
         })?;
+        // The kubelet's replicas per GPU and the registered slots must agree, or the scheduler places
+        // pods the kubelet cannot admit (or leaves replicas unused).
+        if c.registration.enabled
+            && c.device_plugin.enabled
+            && c.registration.device_split_count != c.device_plugin.split_count
+        {
+            return Err(AgentError::Config {
+                path: path.into(),
+                message: format!(
+                    "registration.device_split_count ({}) differs from device_plugin.split_count ({})",
+                    c.registration.device_split_count, c.device_plugin.split_count
+                ),
+            });
+        }
         Ok(c)
     }
 
@@ -228,5 +242,20 @@ mod tests {
             .to_string();
         assert!(e.contains("interval_ms"), "{e}");
         assert!(AgentConfig::from_json(p, "{").is_err());
+        let e = AgentConfig::from_json(p, r#"{"registration":{"heartbeat_secs":0}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registration.heartbeat_secs"), "{e}");
+        let split = |r: u32, d: u32| {
+            format!(
+                r#"{{"registration":{{"enabled":true,"device_split_count":{r}}},"device_plugin":{{"enabled":true,"split_count":{d}}}}}"#
+            )
+        };
+        let e = AgentConfig::from_json(p, &split(4, 10)).unwrap_err().to_string();
+        assert!(
+            e.contains("device_split_count (4)") && e.contains("split_count (10)"),
+            "{e}"
+        );
+        assert!(AgentConfig::from_json(p, &split(4, 4)).is_ok());
     }
 }
