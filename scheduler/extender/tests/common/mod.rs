@@ -251,9 +251,11 @@ pub fn bind_args(pod: &Pod, node: &str) -> Value {
     })
 }
 
-/// Ground truth from pod annotations: per GPU UUID (slots, MiB, cores) summed over pods that are bound
-/// (`spec.nodeName`) and carry `hami.io/vgpu-devices-allocated`, app containers only (the tests' pods
-/// have no GPU init containers).
+/// Ground truth from pod annotations: per GPU UUID (slots, MiB, cores) over pods that are bound
+/// (`spec.nodeName`) and carry `hami.io/vgpu-devices-allocated`. Per pod and GPU the charge is the
+/// larger of the biggest init container and the sum of the app containers, per dimension, as
+/// Kubernetes runs them (init containers one at a time, then the apps together; the tests use no
+/// sidecars). Also checks that no container got one GPU twice.
 pub fn ground_truth(pods: &[Pod]) -> BTreeMap<String, (u32, u64, u32)> {
     let mut out: BTreeMap<String, (u32, u64, u32)> = BTreeMap::new();
     for p in pods {
@@ -267,19 +269,43 @@ pub fn ground_truth(pods: &[Pod]) -> BTreeMap<String, (u32, u64, u32)> {
             Some(node.as_str()),
             "a pod with a decision is bound to its node"
         );
+        let inits = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .map_or(0, Vec::len);
         let devices = PodDevices::decode(alloc).expect("valid annotation");
-        for c in &devices.0 {
+        let mut init_peak: BTreeMap<String, (u32, u64, u32)> = BTreeMap::new();
+        let mut apps: BTreeMap<String, (u32, u64, u32)> = BTreeMap::new();
+        for (i, c) in devices.0.iter().enumerate() {
             let mut seen = std::collections::BTreeSet::new();
             for d in &c.0 {
                 assert!(seen.insert(&d.uuid), "one container got GPU {} twice", d.uuid);
-                let e = out.entry(d.uuid.clone()).or_default();
-                e.0 += 1;
-                e.1 += d.memory_mib;
-                e.2 += d.cores;
+                if i < inits {
+                    let e = init_peak.entry(d.uuid.clone()).or_default();
+                    *e = (e.0.max(1), e.1.max(d.memory_mib), e.2.max(d.cores));
+                } else {
+                    let e = apps.entry(d.uuid.clone()).or_default();
+                    *e = (e.0 + 1, e.1 + d.memory_mib, e.2 + d.cores);
+                }
             }
+        }
+        for (uuid, a) in apps {
+            let i = init_peak.remove(&uuid).unwrap_or_default();
+            let e = out.entry(uuid).or_default();
+            *e = (e.0 + a.0.max(i.0), e.1 + a.1.max(i.1), e.2 + a.2.max(i.2));
+        }
+        for (uuid, i) in init_peak {
+            let e = out.entry(uuid).or_default();
+            *e = (e.0 + i.0, e.1 + i.1, e.2 + i.2);
         }
     }
     out
+}
+
+/// The GPUs with any allocation (drops idle ones), for comparing books with [`ground_truth`].
+pub fn busy(usage: BTreeMap<String, (u32, u64, u32)>) -> BTreeMap<String, (u32, u64, u32)> {
+    usage.into_iter().filter(|(_, u)| *u != (0, 0, 0)).collect()
 }
 
 /// Polls `cond` every 10 ms for up to 10 s.
