@@ -21,12 +21,13 @@
 //! and its peers that skip the lock guess the pod by age (peer case C19). Here:
 //!
 //! 1. The plugin keeps a watch-backed cache (kube-rs reflector, field selector
-//!    `spec.nodeName=<node>`) of the pods bound to this node. GetPreferredAllocation reads only the
-//!    cache. Allocate, by default (`consistent_allocate`), decides on one fresh list of the node's pods
+//!    `spec.nodeName=<node>`) of the pods bound to this node. Allocate and GetPreferredAllocation, by
+//!    default (`consistent_allocate`), decide on one fresh list of the node's pods
 //!    (a consistent read): the kubelet calls Allocate for a pod *it* has seen, and the plugin's watch
 //!    may not have delivered that pod yet; deciding on a cache that lacks the second of two
 //!    different candidates would hand the first pod's decision to the second pod's container (the C19
-//!    outcome; `tests/device_plugin.rs` caught it). With `consistent_allocate: false` Allocate reads
+//!    outcome; `tests/device_plugin.rs` caught it; a lagging preference sends the kubelet to the wrong
+//!    GPU, `benches/allocate.rs` caught that). With `consistent_allocate: false` both read
 //!    the cache only (no API list; when it has no candidate yet it waits up to `cache_wait_ms` for a
 //!    watch event, then lists once), accepting that window.
 //! 2. Candidates for a container request with replica IDs `R` are the pods on this node with

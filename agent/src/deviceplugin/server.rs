@@ -228,12 +228,23 @@ impl Context {
             .await
     }
 
-    /// The preferred IDs for one container request.
-    #[must_use]
-    pub fn preferred(&self, r: &proto::ContainerPreferredAllocationRequest) -> Vec<String> {
+    /// The preferred IDs for one container request (from a fresh list with `consistent`, else from
+    /// the cache; a list that fails falls back to the cache).
+    pub async fn preferred(&self, r: &proto::ContainerPreferredAllocationRequest) -> Vec<String> {
         let gpus = self.inventory.borrow().clone();
+        let pods = if self.consistent {
+            match self.pods.list().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "device plugin: preference from the cache");
+                    self.pods.pods()
+                }
+            }
+        } else {
+            self.pods.pods()
+        };
         let pending = match self.key() {
-            Ok(key) => self.pending(&self.pods.pods(), &key),
+            Ok(key) => self.pending(&pods, &key),
             Err(e) => {
                 tracing::warn!(error = %e, "device plugin: no decision key; no preference from decisions");
                 Vec::new()
@@ -350,15 +361,12 @@ impl DevicePluginService for Service {
         req: Request<proto::PreferredAllocationRequest>,
     ) -> std::result::Result<Response<proto::PreferredAllocationResponse>, Status> {
         let req = req.into_inner();
-        let container_responses = req
-            .container_requests
-            .iter()
-            .map(|r| {
-                let ids = self.ctx.preferred(r);
-                tracing::info!(size = r.allocation_size, preferred = ?ids, "device plugin: GetPreferredAllocation");
-                proto::ContainerPreferredAllocationResponse { device_i_ds: ids }
-            })
-            .collect();
+        let mut container_responses = Vec::new();
+        for r in &req.container_requests {
+            let ids = self.ctx.preferred(r).await;
+            tracing::info!(size = r.allocation_size, preferred = ?ids, "device plugin: GetPreferredAllocation");
+            container_responses.push(proto::ContainerPreferredAllocationResponse { device_i_ds: ids });
+        }
         Ok(Response::new(proto::PreferredAllocationResponse {
             container_responses,
         }))
