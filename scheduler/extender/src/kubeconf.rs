@@ -21,7 +21,7 @@ pub const API_VERSION: &str = "kubescheduler.config.k8s.io/v1";
 
 /// The configuration document (only the fields this project sets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KubeSchedulerConfiguration {
     /// `kubescheduler.config.k8s.io/v1`.
     pub api_version: String,
@@ -36,9 +36,18 @@ pub struct KubeSchedulerConfiguration {
     pub extenders: Vec<Extender>,
 }
 
+/// The `extenders` stanza alone, as given to users of an existing kube-scheduler (the chart's
+/// extender-only `extenders.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendersStanza {
+    /// Extenders.
+    pub extenders: Vec<Extender>,
+}
+
 /// `leaderElection`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LeaderElection {
     /// Whether to elect a leader.
     pub leader_elect: bool,
@@ -52,7 +61,7 @@ pub struct LeaderElection {
 
 /// One scheduler profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Profile {
     /// The `spec.schedulerName` it serves.
     pub scheduler_name: String,
@@ -60,7 +69,7 @@ pub struct Profile {
 
 /// `Extender` (JSON tags of kube-scheduler's v1 type).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Extender {
     /// Base URL, e.g. `https://127.0.0.1:8443`.
     pub url_prefix: String,
@@ -96,7 +105,7 @@ pub struct Extender {
 
 /// `tlsConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsConfig {
     /// Skip server certificate verification.
     pub insecure: bool,
@@ -107,7 +116,7 @@ pub struct TlsConfig {
 
 /// `managedResources[]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ManagedResource {
     /// Extended resource name.
     pub name: String,

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hami_scheduler::{
     config::{DeviceConfig, SchedulerConfig},
     http::system_clock,
-    kubeconf::{KubeSchedulerConfiguration, Options},
+    kubeconf::{ExtendersStanza, KubeSchedulerConfiguration, Options},
     server::{ServeOptions, start},
     state::Settings,
 };
@@ -65,6 +65,22 @@ enum Command {
         #[arg(long, requires = "tls_cert_file")]
         tls_key_file: Option<PathBuf>,
     },
+    /// Check configuration files strictly (unknown fields, bad values) and exit: the scheduler config,
+    /// the HAMi device config, a KubeSchedulerConfiguration and/or an extenders-only stanza (YAML).
+    CheckConfig {
+        /// Scheduler config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HAMi device config.
+        #[arg(long)]
+        device_config: Option<PathBuf>,
+        /// KubeSchedulerConfiguration (YAML), checked with kube-scheduler's extender rules.
+        #[arg(long)]
+        kube_scheduler_config: Option<PathBuf>,
+        /// An `extenders:` stanza alone (YAML).
+        #[arg(long)]
+        extenders: Option<PathBuf>,
+    },
     /// Print the KubeSchedulerConfiguration for this extender.
     KubeSchedulerConfig {
         /// Extender URL prefix.
@@ -103,6 +119,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::CheckConfig {
+            config,
+            device_config,
+            kube_scheduler_config,
+            extenders,
+        } => check_config(config, device_config, kube_scheduler_config, extenders),
         Command::KubeSchedulerConfig {
             url_prefix,
             scheduler_name,
@@ -157,6 +179,41 @@ fn main() -> anyhow::Result<()> {
             }))
         }
     }
+}
+
+/// `check-config`: loads each given file with the binary's real types and validation.
+fn check_config(
+    config: Option<PathBuf>,
+    device_config: Option<PathBuf>,
+    kube_scheduler_config: Option<PathBuf>,
+    extenders: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let devices = device_config.as_deref().map(DeviceConfig::load).transpose()?;
+    if let Some(path) = &config {
+        let cfg = SchedulerConfig::load(path)?;
+        Settings::from_config(&cfg, devices.as_ref())
+            .with_context(|| format!("{}: invalid settings", path.display()))?;
+    }
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    if let Some(path) = &kube_scheduler_config {
+        let cfg: KubeSchedulerConfiguration = serde_saphyr::from_str(&read(path)?)
+            .with_context(|| format!("{}: not a KubeSchedulerConfiguration", path.display()))?;
+        cfg.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    if let Some(path) = &extenders {
+        let stanza: ExtendersStanza = serde_saphyr::from_str(&read(path)?)
+            .with_context(|| format!("{}: not an extenders stanza", path.display()))?;
+        let cfg = KubeSchedulerConfiguration {
+            api_version: hami_scheduler::kubeconf::API_VERSION.to_owned(),
+            kind: "KubeSchedulerConfiguration".to_owned(),
+            leader_election: None,
+            profiles: Vec::new(),
+            extenders: stanza.extenders,
+        };
+        cfg.validate().with_context(|| format!("{}", path.display()))?;
+    }
+    println!("ok");
+    Ok(())
 }
 
 struct ServeArgs {
