@@ -221,6 +221,7 @@ fn main() {
                 libvgpu: dir.join("libvgpu.so"),
                 ld_so_preload: None,
                 regions_dir: dir.join("regions"),
+                host_regions_dir: dir.join("regions"),
                 dev_dir: "/dev".into(),
             },
             config: config.clone(),

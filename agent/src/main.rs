@@ -47,6 +47,19 @@ enum Cmd {
     },
     /// Print the metrics reference.
     MetricsDoc,
+    /// Install the interceptor on the host for the device plugin's mounts: copy the library to
+    /// `<dir>/libvgpu.so` and write `<dir>/ld.so.preload` (each only when it differs).
+    InstallInterceptor {
+        /// The library to install (in the agent image).
+        #[arg(long, default_value = "/usr/lib/hami/libvgpu.so")]
+        library: PathBuf,
+        /// Host directory (as mounted into this container).
+        #[arg(long, default_value = "/usr/local/vgpu")]
+        dir: PathBuf,
+        /// The library's path inside GPU containers, written to ld.so.preload.
+        #[arg(long, default_value = "/usr/local/vgpu/libvgpu.so")]
+        container_library: String,
+    },
     /// Parse a configuration file strictly (unknown fields are errors) and print it with defaults.
     CheckConfig {
         /// JSON configuration file.
@@ -227,6 +240,13 @@ fn main() -> std::process::ExitCode {
                 println!("{}", serde_json::to_string_pretty(&c)?);
                 Ok(())
             }),
+        Cmd::InstallInterceptor {
+            library,
+            dir,
+            container_library,
+        } => hami_agent::deviceplugin::install::install_interceptor(&library, &dir, &container_library)
+            .map(|done| println!("installed: library {}, preload {}", done.library, done.preload))
+            .map_err(Into::into),
         Cmd::MetricsDoc => {
             print!(
                 "{}{}",

@@ -153,6 +153,8 @@ impl Rig {
             health_interval_ms: 50,
             cache_wait_ms: 300,
             consistent_allocate: true,
+            host_dev_dir: dir.join("dev"),
+            host_regions_dir: None,
         };
         let regions_dir = dir.join("regions");
         let dev_dir = dir.join("dev");
@@ -163,6 +165,7 @@ impl Rig {
                 libvgpu: config.libvgpu_host_path.clone(),
                 ld_so_preload: config.ld_so_preload_host_path.clone(),
                 regions_dir: regions_dir.clone(),
+                host_regions_dir: regions_dir.clone(),
                 dev_dir: dev_dir.clone(),
             },
         };

@@ -51,7 +51,11 @@ impl PluginSettings {
                 libvgpu: dp.libvgpu_host_path.clone(),
                 ld_so_preload: dp.ld_so_preload_host_path.clone(),
                 regions_dir: cfg.paths.regions_dir.clone(),
-                dev_dir: cfg.paths.dev_dir.clone(),
+                host_regions_dir: dp
+                    .host_regions_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.paths.regions_dir.clone()),
+                dev_dir: dp.host_dev_dir.clone(),
             },
             config: dp,
         }
@@ -301,4 +305,31 @@ pub async fn register(kubelet: &Path, endpoint: &str, resource_name: &str) -> Re
     tokio::time::timeout(REGISTER_TIMEOUT, call)
         .await
         .map_err(|_| AgentError::plugin(what(), "timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_name_host_paths_while_the_agent_works_in_its_own_view() {
+        let mut cfg = crate::config::AgentConfig::default();
+        cfg.paths.dev_dir = "/host/dev".into();
+        cfg.paths.regions_dir = "/usr/local/vgpu/containers".into();
+        let s = PluginSettings::from_agent(&cfg);
+        // Device files: the kubelet needs the host's /dev, not the agent's /host/dev view.
+        assert_eq!(s.host.dev_dir, std::path::Path::new("/dev"));
+        // Regions: same path on both sides unless configured otherwise.
+        assert_eq!(s.host.regions_dir, s.host.host_regions_dir);
+        cfg.device_plugin.host_regions_dir = Some("/var/lib/hami/regions".into());
+        let s = PluginSettings::from_agent(&cfg);
+        assert_eq!(
+            s.host.regions_dir,
+            std::path::Path::new("/usr/local/vgpu/containers")
+        );
+        assert_eq!(
+            s.host.host_regions_dir,
+            std::path::Path::new("/var/lib/hami/regions")
+        );
+    }
 }

@@ -73,6 +73,7 @@
 pub mod decision;
 pub mod devices;
 pub mod health;
+pub mod install;
 pub mod kubelet;
 pub mod metrics;
 pub mod pods;
@@ -101,7 +102,9 @@ pub use kubelet::{DevicePlugin, PluginSettings};
 ///   "watch_interval_ms": 1000,                          // kubelet restart check
 ///   "health_interval_ms": 5000,                         // NVML health poll
 ///   "cache_wait_ms": 2000,                              // cache mode: wait this long for the cache
-///   "consistent_allocate": true                         // Allocate decides on a fresh list
+///   "consistent_allocate": true,                        // Allocate decides on a fresh list
+///   "host_dev_dir": "/dev",                             // the HOST's device directory
+///   "host_regions_dir": null                            // host path of paths.regions_dir; null: same
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +138,12 @@ pub struct DevicePluginConfig {
     /// Allocate decides on a fresh list of the node's pods (one API list per Allocate) rather than on
     /// the watch cache, which may lag behind the kubelet's view (see the module docs).
     pub consistent_allocate: bool,
+    /// The host's device directory, as the kubelet names device files in Allocate responses (`/dev`).
+    /// The agent itself may see it elsewhere (`paths.dev_dir`, e.g. `/host/dev` in the chart).
+    pub host_dev_dir: PathBuf,
+    /// Host path of the agent's `paths.regions_dir`, as the kubelet mounts region directories; `None`:
+    /// the agent sees the host directory at the same path (the chart mounts it so).
+    pub host_regions_dir: Option<PathBuf>,
 }
 
 impl Default for DevicePluginConfig {
@@ -152,6 +161,8 @@ impl Default for DevicePluginConfig {
             health_interval_ms: 5000,
             cache_wait_ms: 2000,
             consistent_allocate: true,
+            host_dev_dir: "/dev".into(),
+            host_regions_dir: None,
         }
     }
 }

@@ -30,9 +30,13 @@ pub struct HostLayout {
     pub libvgpu: PathBuf,
     /// The preload list file, when mounted.
     pub ld_so_preload: Option<PathBuf>,
-    /// Parent of the containers' region directories (agent `paths.regions_dir`).
+    /// Parent of the containers' region directories as the agent sees it (agent `paths.regions_dir`):
+    /// where the directories are created.
     pub regions_dir: PathBuf,
-    /// Directory of the NVIDIA device files (agent `paths.dev_dir`).
+    /// The same directory on the host (`device_plugin.host_regions_dir`, else `regions_dir`): what the
+    /// response mounts.
+    pub host_regions_dir: PathBuf,
+    /// Directory of the NVIDIA device files on the host (`device_plugin.host_dev_dir`).
     pub dev_dir: PathBuf,
 }
 
@@ -134,6 +138,7 @@ mod tests {
             libvgpu: "/opt/hami/libvgpu.so".into(),
             ld_so_preload: Some("/opt/hami/ld.so.preload".into()),
             regions_dir: "/r".into(),
+            host_regions_dir: "/r".into(),
             dev_dir: "/hostdev".into(),
         };
         let minors = HashMap::from([("GPU-a".to_owned(), 2), ("GPU-b".to_owned(), 5)]);

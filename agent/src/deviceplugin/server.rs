@@ -170,8 +170,10 @@ impl Context {
             };
             self.fail_refused(&d.refused).await;
             let region = response::region_dir(&self.host.regions_dir, &choice.pod.uid, &choice.container)?;
+            let host_region =
+                response::region_dir(&self.host.host_regions_dir, &choice.pod.uid, &choice.container)?;
             let minors: HashMap<String, u32> = gpus.iter().map(|g| (g.uuid.clone(), g.minor)).collect();
-            let resp = response::container_response(&choice.devices, &minors, &region, &self.host)?;
+            let resp = response::container_response(&choice.devices, &minors, &host_region, &self.host)?;
             ensure_region_dir(&region)?;
             match self.mark_allocated(&choice).await? {
                 Patched::Applied(pod) => {
