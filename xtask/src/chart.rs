@@ -17,7 +17,9 @@
 //! 3. Extracts the ConfigMap config blocks to `target/chart-check/<name>/`: `agent.json`,
 //!    `device-config.json`, `extender-config.json`, and `scheduler-config.yaml` / `extenders.yaml` where
 //!    rendered; every `agent.json` must load as the real `hami_agent::config::AgentConfig`
-//!    (`hami-agent check-config`, strict).
+//!    (`hami-agent check-config`, strict), and every `extender-config.json` (with its device config) and
+//!    `scheduler-config.yaml` / `extenders.yaml` as the scheduler's real types (`hami-scheduler
+//!    check-config`: `SchedulerConfig`, `KubeSchedulerConfiguration` with kube-scheduler's extender rules).
 //! 4. Negative checks: the validator rejects a misspelled field, and the chart refuses values the agent
 //!    would refuse (an unknown agent config field) or that name no policy ([`REFUSALS`]).
 
@@ -50,6 +52,14 @@ const PY_REQUIREMENTS: &[&str] = &[
     "packaging==26.4",
     "importlib_resources==7.1.0",
     "typing_extensions==4.16.0",
+    // CEL (cel-python) evaluates the webhooks' matchConditions against sample admission requests.
+    "cel-python==0.2.0",
+    "lark==0.12.0",
+    "jmespath==1.1.0",
+    "python-dateutil==2.9.0.post0",
+    "six==1.17.0",
+    "types-python-dateutil==2.9.0.20261116",
+    "types-PyYAML==6.0.12.20261122",
 ];
 /// `kubernetes-validate --version` of the pinned package.
 const VALIDATE_VERSION: &str = "1.37.0";
@@ -76,7 +86,16 @@ const MATRIX: &[(&str, &str)] = &[
         r#"{"present": ["DaemonSet", "Deployment", "MutatingWebhookConfiguration", "Job"],
             "absent": ["ServiceMonitor", "Certificate", "Issuer"],
             "scheduler_containers": ["kube-scheduler", "extender"], "tls": true,
-            "agent_config": {"hard_limit": null}, "objects_absent": ["ClusterRole/hami-agent"]}"#,
+            "agent_config": {"hard_limit": null},
+            "objects": ["ClusterRole/hami-agent", "Secret/hami-decision-key"],
+            "agent_mounts": ["/var/lib/kubelet/device-plugins", "/usr/local/vgpu", "/etc/hami/decision-key"]}"#,
+    ),
+    (
+        "device-plugin-off-values",
+        r#"{"present": ["DaemonSet", "Deployment"],
+            "agent_config": {"device_plugin": null, "registration": null},
+            "objects": ["Secret/hami-decision-key"],
+            "objects_absent": ["ClusterRole/hami-agent"]}"#,
     ),
     (
         "extender-only-values",
@@ -117,6 +136,9 @@ const REFUSALS: &[(&str, &str)] = &[
         "nodeSchedulerPolicy",
     ),
     ("scheduler.admissionWebhook.failurePolicy=Retry", "failurePolicy"),
+    ("scheduler.extender.config.notAField=1", "notAField"),
+    ("scheduler.extender.config.policy=fgd", "policy"),
+    ("agent.devicePlugin.notAField=1", "notAField"),
 ];
 
 /// The file each matrix entry's agent configuration is extracted to, in `target/chart-check/<name>/`.
@@ -258,7 +280,7 @@ fn ensure_validator(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             .output()
             .is_ok_and(|o| o.status.success() && stdout_trimmed(&o) == VALIDATE_VERSION)
         && Command::new(&python)
-            .args(["-c", "import yaml"])
+            .args(["-c", "import yaml, celpy"])
             .output()
             .is_ok_and(|o| o.status.success());
     if current {
@@ -503,11 +525,55 @@ pub(crate) fn check() -> Result<()> {
         )?;
     }
 
+    // The rendered extender configuration (with the device config it is served with) and the
+    // kube-scheduler configuration or extenders stanza must load as the scheduler binary's real types,
+    // through `hami-scheduler check-config` (strict, with kube-scheduler's extender rules).
+    let mut scheduler_configs = 0;
+    for dir in files
+        .iter()
+        .filter_map(|f| f.file_stem())
+        .map(|name| out_dir.join(name))
+    {
+        let extender = dir.join("extender-config.json");
+        if !extender.exists() {
+            continue;
+        }
+        let mut cmd = Command::new(cargo());
+        cmd.args([
+            "run",
+            "--quiet",
+            "--locked",
+            "-p",
+            "hami-scheduler",
+            "--",
+            "check-config",
+            "--config",
+        ])
+        .arg(&extender)
+        .current_dir(&root);
+        for (flag, file) in [
+            ("--device-config", "device-config.json"),
+            ("--kube-scheduler-config", "scheduler-config.yaml"),
+            ("--extenders", "extenders.yaml"),
+        ] {
+            if dir.join(file).exists() {
+                cmd.arg(flag).arg(dir.join(file));
+            }
+        }
+        output(&mut cmd)?;
+        scheduler_configs += 1;
+    }
+    if scheduler_configs == 0 {
+        bail!("no values file rendered an extender configuration");
+    }
+
     eprintln!(
-        "chart: {} values files checked, {} refusals checked, {} agent configs load ({:.1} s)",
+        "chart: {} values files checked, {} refusals checked, {} agent configs and {} scheduler configs load \
+         ({:.1} s)",
         files.len(),
         REFUSALS.len(),
         agent_configs.len(),
+        scheduler_configs,
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -622,7 +688,7 @@ for w in workloads:
         allowed = {"BPF", "PERFMON", "SYS_RESOURCE"} if is_agent else set()
         if added - allowed:
             err(f"{cname}: capabilities added beyond {sorted(allowed)}: {sorted(added - allowed)}")
-        if is_agent and not {"BPF", "PERFMON"} <= added:
+        if is_agent and c["name"] == "agent" and not {"BPF", "PERFMON"} <= added:
             err(f"{cname}: the agent needs BPF and PERFMON")
 
 # --- Services and ServiceMonitors -----------------------------------------------------------------
@@ -725,6 +791,14 @@ if agents:
                 m = mount_of(paths[field])
                 if m is None or m[1]:
                     err(f"agent config paths.{field} = {paths[field]}: not on a writable volumeMount")
+        dp = cfg.get("device_plugin")
+        if dp:
+            if mount_of(dp.get("decision_key_file", "")) is None:
+                err(f"agent device_plugin.decision_key_file {dp.get('decision_key_file')}: not mounted")
+            for field, p in (("device_plugin.plugin_dir", dp.get("plugin_dir")), ("paths.regions_dir", paths.get("regions_dir"))):
+                m = mount_of(p) if isinstance(p, str) else None
+                if m is None or m[1]:
+                    err(f"agent config {field} = {p}: not on a writable volumeMount")
         args = ctr.get("args", [])
         if args[:3] != ["run", "--config", "/etc/hami/agent/agent.json"] or mount_of("/etc/hami/agent/agent.json") is None:
             err(f"agent args {args}: not `run --config` on the mounted agent.json")
@@ -836,6 +910,74 @@ if schedulers:
         err(f"scheduler replicas {schedulers[0]['spec'].get('replicas')}, expected {expect['scheduler_replicas']}")
 
 # --- Webhook -------------------------------------------------------------------------------------
+def check_match_conditions(mname, webhooks):
+    """Evaluates every matchCondition (CEL, with cel-python) on sample admission requests: a webhook is
+    sent exactly the requests it must see (the API server sends a request when all conditions are true)."""
+    import celpy
+    env = celpy.Environment()
+    sa = f"system:serviceaccount:{namespace}:"
+    # cel-python 0.2.0 does not absorb an error on the right of a false `&&` (cel-go does), so the
+    # fixtures carry empty initContainers lists and empty limits/requests maps instead of omitting them.
+    gpu = {"resources": {"limits": {(resource_names or ["nvidia.com/gpu"])[0]: "1"}, "requests": {}}}
+    plain = {"name": "c", "resources": {"limits": {}, "requests": {}}}
+    def pod(annotations=None, labels=None, init=None, containers=None):
+        spec = {"containers": containers or [plain], "initContainers": init or []}
+        meta = {"name": "p"}
+        if annotations is not None:
+            meta["annotations"] = annotations
+        if labels is not None:
+            meta["labels"] = labels
+        return {"metadata": meta, "spec": spec}
+    forged = {"hami.io/vgpu-devices-to-allocate": "GPU-A,NVIDIA,20000,100:;", "hami.io/bind-phase": "allocating"}
+    signed = {"hami.io/vgpu-node": "n1", "hami.io/bind-phase": "allocating"}
+    cases = {
+        # name: (user, object, oldObject, {webhook: expected})
+        "gpu pod (init container)": ("alice", pod(init=[dict(name="i", **gpu)], containers=[plain]), None,
+                                      {"vgpu.hami.io": True, "decisions.vgpu.hami.io": False}),
+        "gpu pod (app container)": ("alice", pod(containers=[dict(name="c", **gpu)]), None,
+                                     {"vgpu.hami.io": True, "decisions.vgpu.hami.io": False}),
+        "plain pod": ("alice", pod(annotations={"x": "y"}), None,
+                      {"vgpu.hami.io": False, "decisions.vgpu.hami.io": False}),
+        "forged on create": ("alice", pod(annotations=forged), None, {"decisions.vgpu.hami.io": True}),
+        "forged label on create": ("alice", pod(labels={"hami.io/vgpu-node": "n1"}), None,
+                                   {"decisions.vgpu.hami.io": True}),
+        "user changes bind phase": ("alice", pod(annotations=dict(signed, **{"hami.io/bind-phase": "success"})),
+                                    pod(annotations=signed), {"decisions.vgpu.hami.io": True}),
+        "user removes the decision": ("alice", pod(annotations={}), pod(annotations=signed),
+                                      {"decisions.vgpu.hami.io": True}),
+        "user labels a scheduled pod": ("alice", pod(annotations=signed, labels={"team": "a"}),
+                                        pod(annotations=signed), {"decisions.vgpu.hami.io": False}),
+        "extender writes the decision": (sa + "hami-scheduler", pod(annotations=signed), pod(annotations={}),
+                                         {"decisions.vgpu.hami.io": False}),
+        "agent marks success": (sa + "hami-agent", pod(annotations=dict(signed, **{"hami.io/bind-phase": "success"})),
+                                pod(annotations=signed), {"decisions.vgpu.hami.io": False}),
+    }
+    seen = set()
+    for wh in webhooks:
+        conds = wh.get("matchConditions", [])
+        programs = []
+        for mc in conds:
+            try:
+                programs.append((mc["name"], env.program(env.compile(mc["expression"]))))
+            except Exception as e:  # noqa: BLE001 - any compile error is a chart error
+                err(f"{mname}/{wh['name']}: matchCondition {mc['name']} does not compile: {str(e)[:300]}")
+        for case, (user, obj, old, want) in cases.items():
+            if wh["name"] not in want:
+                continue
+            seen.add(wh["name"])
+            act = {"object": celpy.json_to_cel(obj), "oldObject": celpy.json_to_cel(old),
+                   "request": celpy.json_to_cel({"userInfo": {"username": user},
+                                                 "operation": "CREATE" if old is None else "UPDATE"})}
+            try:
+                sent = all(bool(p.evaluate(act)) for _, p in programs)
+            except Exception as e:  # noqa: BLE001
+                err(f"{mname}/{wh['name']}: matchConditions fail on {case!r}: {str(e)[:300]}")
+                continue
+            if sent != want[wh["name"]]:
+                err(f"{mname}/{wh['name']}: {case!r} is {'sent' if sent else 'not sent'}, expected the opposite")
+    if expect.get("decision_webhook", True) and "decisions.vgpu.hami.io" not in seen:
+        err(f"{mname}: no decisions.vgpu.hami.io webhook (forged allocation annotations are not stripped)")
+
 for mwc in find("MutatingWebhookConfiguration"):
     mname = mwc["metadata"]["name"]
     for wh in mwc["webhooks"]:
@@ -855,9 +997,12 @@ for mwc in find("MutatingWebhookConfiguration"):
         if namespace not in excluded:
             err(f"{mname}: the release namespace is not excluded (the webhook would gate its own pods)")
         for mc in wh.get("matchConditions", []):
+            if mc["name"] != "asks-for-hami-resources":
+                continue
             for n in resource_names or []:
                 if f"'{n}'" not in mc["expression"]:
                     err(f"{mname}: matchCondition does not name {n}")
+    check_match_conditions(mname, mwc["webhooks"])
     inject = mwc["metadata"].get("annotations", {}).get("cert-manager.io/inject-ca-from")
     if inject:
         ns, _, cert = inject.partition("/")

@@ -47,6 +47,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "hami.deviceConfig.name" -}}{{ include "hami.fullname" . }}-device-config{{- end -}}
 {{- define "hami.webhook.name" -}}{{ include "hami.fullname" . }}-webhook{{- end -}}
 {{- define "hami.certgen.name" -}}{{ include "hami.fullname" . }}-certgen{{- end -}}
+{{- define "hami.decisionKey.secretName" -}}{{ default (printf "%s-decision-key" (include "hami.fullname" .)) .Values.decisionKey.existingSecret }}{{- end -}}
 {{- define "hami.tls.secretName" -}}{{ include "hami.fullname" . }}-scheduler-tls{{- end -}}
 
 {{/* An image reference; call with (dict "root" $ "image" .Values.agent.image "hami" true).

@@ -108,10 +108,29 @@ pub struct Extender {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsConfig {
     /// Skip server certificate verification.
+    #[serde(default)]
     pub insecure: bool,
+    /// Name the extender's certificate must carry (SNI and verification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Client certificate file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// Client key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
     /// CA file verifying the extender's certificate.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// Client certificate, PEM (base64 in YAML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_data: Option<String>,
+    /// Client key, PEM (base64 in YAML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_data: Option<String>,
+    /// CA bundle, PEM (base64 in YAML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_data: Option<String>,
 }
 
 /// `managedResources[]`.
@@ -185,7 +204,13 @@ impl KubeSchedulerConfiguration {
                 enable_https: https,
                 tls_config: https.then(|| TlsConfig {
                     insecure: o.insecure,
+                    server_name: None,
+                    cert_file: None,
+                    key_file: None,
                     ca_file: o.ca_file.clone(),
+                    cert_data: None,
+                    key_data: None,
+                    ca_data: None,
                 }),
                 http_timeout: o.http_timeout.clone(),
                 node_cache_capable: true,
