@@ -1153,6 +1153,26 @@ impl SchedulerState {
         }
         out
     }
+
+    /// Every pod record (pods holding or being given GPUs) with its UID, for metrics.
+    pub fn pod_records(&self) -> impl Iterator<Item = (&str, &PodRecord)> {
+        self.pods.iter().map(|(uid, r)| (uid.as_str(), r))
+    }
+
+    /// The requests of the pods holding an allocation (the fragmentation metrics' workload model).
+    pub fn held_requests(&self) -> impl Iterator<Item = &PodRequest> {
+        self.ledger.iter().map(|(_, e)| &e.pod)
+    }
+
+    /// Inventory and committed use of every node present in the API, for metrics.
+    pub fn present_nodes(&self) -> impl Iterator<Item = &NodeState> {
+        self.cluster
+            .nodes
+            .iter()
+            .zip(&self.infos)
+            .filter(|(_, i)| i.present)
+            .map(|(n, _)| n)
+    }
 }
 
 /// A node known only from an `ExtenderArgs.Nodes` object: judged idle from its annotations.
