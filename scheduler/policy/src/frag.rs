@@ -55,45 +55,47 @@ impl WorkloadModel {
     /// ones until they cover at least `coverage` (0..=1) of the pods, renormalise.
     #[must_use]
     pub fn from_pods<'a>(pods: impl IntoIterator<Item = &'a PodRequest>, coverage: f64) -> Self {
-        let mut counts: HashMap<TaskShape, u64> = HashMap::new();
-        let mut order: Vec<TaskShape> = Vec::new();
-        let mut total = 0u64;
-        for pod in pods {
-            let shape = TaskShape::of_pod(pod);
-            let e = counts.entry(shape.clone()).or_insert(0);
-            if *e == 0 {
-                order.push(shape);
+        Self::from_weighted(pods.into_iter().map(|p| (TaskShape::of_pod(p), 1.0)), coverage)
+    }
+
+    /// Builds the model from weighted shape observations (a shape may appear many times; its weights
+    /// add up): the heaviest shapes are kept until they cover at least `coverage` (0..=1) of the total
+    /// weight, then renormalised. Ties keep first-seen order, so the model is deterministic. Weights
+    /// that are not finite and positive are ignored; no weight at all gives the empty model.
+    #[must_use]
+    pub fn from_weighted(weights: impl IntoIterator<Item = (TaskShape, f64)>, coverage: f64) -> Self {
+        let mut index: HashMap<TaskShape, usize> = HashMap::new();
+        let mut ranked: Vec<(TaskShape, f64)> = Vec::new();
+        let mut total = 0.0;
+        for (shape, w) in weights {
+            if !(w.is_finite() && w > 0.0) {
+                continue;
             }
-            *e += 1;
-            total += 1;
+            total += w;
+            match index.get(&shape) {
+                Some(&i) => ranked[i].1 += w,
+                None => {
+                    index.insert(shape.clone(), ranked.len());
+                    ranked.push((shape, w));
+                }
+            }
         }
-        if total == 0 {
+        if ranked.is_empty() {
             return Self::default();
         }
-        // Most popular first; first-seen order breaks ties so the model is deterministic.
-        let mut ranked: Vec<(usize, TaskShape, u64)> = order
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let c = counts[&s];
-                (i, s, c)
-            })
-            .collect();
-        ranked.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        // Heaviest first; the sort is stable, so first-seen order breaks ties.
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut kept = Vec::new();
-        let mut covered = 0u64;
-        for (_, shape, c) in ranked {
-            let done = covered as f64 >= coverage * total as f64;
+        let mut covered = 0.0;
+        for (shape, w) in ranked {
+            let done = covered >= coverage * total;
             if done && !kept.is_empty() {
                 break;
             }
-            covered += c;
-            kept.push((shape, c));
+            covered += w;
+            kept.push((shape, w));
         }
-        let shapes = kept
-            .into_iter()
-            .map(|(s, c)| (s, c as f64 / covered as f64))
-            .collect();
+        let shapes = kept.into_iter().map(|(s, w)| (s, w / covered)).collect();
         Self { shapes }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`policies`]: node scoring policies (HAMi binpack/spread, the FGD paper's baselines, FGD, ours).
 //! - [`cluster`]: one decision over many nodes, with random tie-breaking and a score cache.
 //! - [`usage`]: the usage-aware policy (packs on measured use with a safety margin).
+//! - [`workload`]: the live workload model for FGD in a scheduler (observed shapes, decayed history).
 
 pub mod cluster;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod policies;
 pub mod quota;
 pub mod state;
 pub mod usage;
+pub mod workload;
 
 pub use cluster::{Cluster, Decision, ScoreCache};
 pub use error::{Error, Result};
@@ -27,3 +29,4 @@ pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
 pub use quota::{NamespaceQuota, QuotaExceeded, QuotaUsage, check_quota};
 pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};
 pub use usage::{MeasuredGpu, UsageAwarePolicy};
+pub use workload::{DefaultModel, ModelSource, WorkloadHistory, build_model, gpu_shape};
