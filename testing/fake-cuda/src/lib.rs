@@ -22,7 +22,11 @@
 //!   faithful one (every byte the application holds is an RM object while it holds it).
 //!
 //! Configuration (environment): `HAMI_FAKE_GPU_DIR`, the node's mount directory (required);
-//! `HAMI_FAKE_CUDA_ALLOC`: `nvos21` (default), `nvos64` or `vid-heap`.
+//! `HAMI_FAKE_CUDA_ALLOC`: `nvos21` (default), `nvos64` or `vid-heap`; `NVIDIA_VISIBLE_DEVICES`: the
+//! GPUs the process sees, as the NVIDIA container runtime exposes them to a container (a comma list
+//! of UUIDs or host indices; unset, empty or `all`: every GPU; `none`/`void`: none). CUDA ordinal `i`
+//! is the `i`-th listed GPU, as in a container; RM calls, launches and the ground truth keep the host
+//! index.
 //!
 //! Static device facts (count, names, UUIDs, memory) come from the node's `hami-ground-truth.json`
 //! (the real driver uses `NV_ESC_CARD_INFO` and RM controls, which the node does not model).
@@ -203,6 +207,33 @@ fn gpu(d: &Driver, dev: CUdevice) -> Option<&GpuTruth> {
     usize::try_from(dev).ok().and_then(|i| d.gpus.get(i))
 }
 
+/// The GPUs `NVIDIA_VISIBLE_DEVICES` (`spec`) exposes, in its order (see the module docs); `None` for
+/// an entry naming no GPU of the node.
+fn visible(all: Vec<GpuTruth>, spec: Option<&str>) -> Option<Vec<GpuTruth>> {
+    let spec = spec.map(str::trim).unwrap_or_default();
+    match spec {
+        "" | "all" => return Some(all),
+        "none" | "void" => return Some(Vec::new()),
+        _ => {}
+    }
+    spec.split(',')
+        .map(str::trim)
+        .map(|want| {
+            all.iter()
+                .find(|g| g.uuid == want || want.parse::<u32>().is_ok_and(|i| i == g.index))
+                .cloned()
+        })
+        .collect()
+}
+
+/// The CUDA ordinal of the GPU with host index `index`.
+fn ordinal(d: &Driver, index: u32) -> Option<CUdevice> {
+    d.gpus
+        .iter()
+        .position(|g| g.index == index)
+        .and_then(|i| CUdevice::try_from(i).ok())
+}
+
 /// The RM device handle of `gpu`, allocating `NV01_DEVICE_0` on first use.
 fn device_handle(d: &mut Driver, gpu: u32) -> Result<u32, CUresult> {
     if let Some(h) = d.devices.get(&gpu) {
@@ -280,6 +311,12 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         let Ok(truth) = hami_fake_gpu::fs::read_ground_truth(&dir) else {
             return CUDA_ERROR_NO_DEVICE;
         };
+        let Some(gpus) = visible(
+            truth.gpus,
+            std::env::var("NVIDIA_VISIBLE_DEVICES").ok().as_deref(),
+        ) else {
+            return CUDA_ERROR_NO_DEVICE;
+        };
         let Ok(rm) = RmClient::open(&dir) else {
             return CUDA_ERROR_NO_DEVICE;
         };
@@ -294,7 +331,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
             control,
             kernel_us: kernel_us.unwrap_or(1000),
             busy_until: Instant::now(),
-            gpus: truth.gpus,
+            gpus,
             rm,
             via,
             devices: HashMap::new(),
@@ -540,7 +577,7 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
     with_driver(|d| match current_gpu(d) {
         Ok(g) => {
             // SAFETY: checked non-null above.
-            unsafe { device.write(CUdevice::try_from(g).unwrap_or(0)) };
+            unsafe { device.write(ordinal(d, g).unwrap_or(0)) };
             CUDA_SUCCESS
         }
         Err(e) => e,
@@ -737,12 +774,12 @@ pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut *mut c_void, props: *const c
         return CUDA_ERROR_NOT_SUPPORTED;
     }
     with_driver(|d| {
-        if usize::try_from(id).map_or(true, |i| i >= d.gpus.len()) {
+        let Some(index) = gpu(d, c_int::from_ne_bytes(id.to_ne_bytes())).map(|g| g.index) else {
             return CUDA_ERROR_INVALID_DEVICE;
-        }
+        };
         let h = d.next_handle;
         d.next_handle += 1;
-        d.pools.insert(h, id);
+        d.pools.insert(h, index);
         // SAFETY: checked non-null above.
         unsafe { pool.write(h as *mut c_void) };
         CUDA_SUCCESS

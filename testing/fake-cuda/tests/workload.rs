@@ -164,3 +164,36 @@ fn launches_drive_the_utilisation_model_and_end_with_the_process() {
     let out = w.finish();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn nvidia_visible_devices_renumbers_the_gpus_as_in_a_container() {
+    if !privileged_or_skip("nvidia_visible_devices_renumbers_the_gpus_as_in_a_container") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(2, 1024)).unwrap();
+    let lib = lib_dir("visible");
+    let uuid1 = node.ground_truth().gpus[1].uuid.clone();
+    // Only host GPU 1 is visible: it is CUDA device 0, and its memory is what the node charges.
+    let mut w = Workload::spawn_env(
+        &node,
+        &lib.0,
+        "nvos21",
+        &["--device", "0", "--alloc", "1048576", "--hold"],
+        &[("NVIDIA_VISIBLE_DEVICES", &uuid1)],
+    );
+    assert!(w.line("meminfo").is_some());
+    let t = node.ground_truth();
+    assert_eq!((t.bytes(w.pid(), 0), t.bytes(w.pid(), 1)), (0, MIB));
+    assert!(w.finish().status.success());
+    // There is no device 1 in that view; an unknown UUID is no device at all.
+    for (visible, device) in [(uuid1.as_str(), "1"), ("GPU-none", "0")] {
+        let w = Workload::spawn_env(
+            &node,
+            &lib.0,
+            "nvos21",
+            &["--device", device, "--alloc", "1048576"],
+            &[("NVIDIA_VISIBLE_DEVICES", visible)],
+        );
+        assert!(!w.finish().status.success(), "{visible} device {device}");
+    }
+}
