@@ -248,12 +248,7 @@ fn main() -> std::process::ExitCode {
             .map(|done| println!("installed: library {}, preload {}", done.library, done.preload))
             .map_err(Into::into),
         Cmd::MetricsDoc => {
-            print!(
-                "{}{}",
-                metrics::reference_markdown(),
-                hami_agent::deviceplugin::metrics::reference_markdown()
-            );
-            print!("{}", registration::reference_markdown());
+            print!("{}", metrics::reference_markdown());
             Ok(())
         }
     };

@@ -8,123 +8,150 @@
 
 use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use hami_api::metrics::{MetricDef, help_of, reference_section};
+
 use crate::error::{AgentError, Result};
 use crate::snapshot::Snapshot;
 
-/// Every metric the agent exports: (name, type, help). The metrics reference is generated from it.
-pub const METRICS: &[(&str, &str, &str)] = &[
-    (
+/// Labels of per-container series.
+const CONTAINER: &[&str] = &["node", "pod_uid", "container_id", "cgroup"];
+/// Labels of per-container, per-GPU series.
+const CONTAINER_GPU: &[&str] = &["node", "pod_uid", "container_id", "cgroup", "gpu", "uuid"];
+/// Labels of the per-container CUDA call counter.
+const CALL: &[&str] = &["node", "pod_uid", "container_id", "cgroup", "call"];
+
+/// Every metric the agent's telemetry exports. The metrics reference is generated from it.
+pub const METRICS: &[MetricDef] = &[
+    MetricDef::gauge(
         "hami_container_device_memory_bytes",
-        "gauge",
+        CONTAINER_GPU,
+        "bytes",
         "Device memory held by the container on the GPU now, bytes (RM objects seen by the ioctl programs).",
     ),
-    (
+    MetricDef::gauge(
         "hami_container_device_memory_peak_bytes",
-        "gauge",
+        CONTAINER_GPU,
+        "bytes",
         "Highest device memory the container held on the GPU, bytes.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_device_memory_byte_seconds_total",
-        "counter",
+        CONTAINER_GPU,
+        "byte-seconds",
         "Chargeback: integral of the container's device memory on the GPU over time, byte-seconds.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_device_memory_allocations_total",
-        "counter",
+        CONTAINER_GPU,
+        "1",
         "Device-memory objects the container created on the GPU.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_device_memory_frees_total",
-        "counter",
+        CONTAINER_GPU,
+        "1",
         "Device-memory objects the container freed explicitly.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_device_memory_released_total",
-        "counter",
+        CONTAINER_GPU,
+        "1",
         "Device-memory objects released because their process exited or their parent object was freed.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_device_memory_failed_allocations_total",
-        "counter",
+        CONTAINER_GPU,
+        "1",
         "Device-memory allocations the driver refused (non-zero RM status).",
     ),
-    (
+    MetricDef::counter(
         "hami_container_sm_seconds_total",
-        "counter",
+        CONTAINER_GPU,
+        "SM-seconds",
         "Chargeback: SM time of the container on the GPU, SM-seconds (NVML per-process utilisation joined on host pid; 1 = all SMs busy for one second).",
     ),
-    (
+    MetricDef::counter(
         "hami_container_hard_limit_kills_total",
-        "counter",
+        CONTAINER_GPU,
+        "1",
         "Processes of the container killed by the kernel hard limit (an allocation took the container past its limit).",
     ),
-    (
+    MetricDef::gauge(
         "hami_container_managed_memory_bytes",
-        "gauge",
+        CONTAINER,
+        "bytes",
         "Managed (cuMemAllocManaged) memory reserved by the container now, bytes (seen by the libcuda uprobes).",
     ),
-    (
+    MetricDef::counter(
         "hami_container_managed_memory_byte_seconds_total",
-        "counter",
+        CONTAINER,
+        "byte-seconds",
         "Chargeback: integral of the container's managed memory over time, byte-seconds.",
     ),
-    (
+    MetricDef::counter(
         "hami_container_cuda_calls_total",
-        "counter",
+        CALL,
+        "1",
         "Calls of hooked libcuda entry points by the container (label `call`: cuLaunchKernel, cuGraphLaunch, cuMemAlloc_v2, ...).",
     ),
-    (
+    MetricDef::gauge(
         "hami_gpu_memory_total_bytes",
-        "gauge",
+        &["node", "gpu", "uuid", "model"],
+        "bytes",
         "Total device memory of the GPU, bytes (discovery).",
     ),
-    (
+    MetricDef::gauge(
         "hami_gpu_device_memory_used_bytes",
-        "gauge",
+        &["node", "gpu", "uuid"],
+        "bytes",
         "Device memory attributed to containers on the GPU now, bytes (sum over containers).",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_events_total",
-        "counter",
+        &["node"],
+        "1",
         "Kernel events the agent applied.",
     ),
-    (
+    MetricDef::gauge(
         "hami_agent_live_objects",
-        "gauge",
+        &["node"],
+        "1",
         "Device-memory objects the agent tracks.",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_ioctls_total",
-        "counter",
+        &["node"],
+        "1",
         "Ioctls on NVIDIA device files with an allocation, free, heap-control or XFER escape number, seen by the programs.",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_malformed_ioctls_total",
-        "counter",
+        &["node"],
+        "1",
         "Ioctl payloads that could not be decoded and were ignored (wrong size, unreadable memory).",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_ringbuf_dropped_total",
-        "counter",
+        &["node"],
+        "1",
         "Events lost because the ring buffer was full (reconciliation repairs live memory).",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_alloc_map_full_total",
-        "counter",
+        &["node"],
+        "1",
         "Objects not recorded because the kernel's object map was full.",
     ),
-    (
+    MetricDef::counter(
         "hami_agent_unmatched_frees_total",
-        "counter",
+        &["node"],
+        "1",
         "Frees of objects that were not tracked (allocated before tracing began).",
     ),
 ];
 
 fn help(name: &str) -> &'static str {
-    METRICS
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .map_or("", |(_, _, h)| h)
+    help_of(METRICS, name)
 }
 
 fn err(e: prometheus::Error) -> AgentError {
@@ -260,15 +287,28 @@ pub fn render(s: &Snapshot) -> Result<String> {
         ))
 }
 
-/// The metrics reference (Markdown), generated from [`METRICS`].
+/// The agent's part of the metrics reference (Markdown sections, generated from [`METRICS`],
+/// [`crate::deviceplugin::metrics::METRICS`] and [`crate::registration::METRICS`]).
 #[must_use]
 pub fn reference_markdown() -> String {
-    let mut out = String::from(
-        "# Agent metrics\n\nGenerated from `hami_agent::metrics::METRICS` by `cargo xtask metrics-doc`; CI checks it is current.\n\n| metric | type | meaning |\n|---|---|---|\n",
+    let mut out = reference_section(
+        "hami-agent: kernel telemetry",
+        "`hami-agent run` on every GPU node, `GET /metrics` (`listen`, default port 9394). Generated from \
+         `hami_agent::metrics::METRICS`.",
+        METRICS,
     );
-    for (n, t, h) in METRICS {
-        out.push_str(&format!("| `{n}` | {t} | {h} |\n"));
-    }
+    out.push_str(&reference_section(
+        "hami-agent: device plugin",
+        "Appended to the agent's `/metrics` when `device_plugin.enabled`. Generated from \
+         `hami_agent::deviceplugin::metrics::METRICS`.",
+        crate::deviceplugin::metrics::METRICS,
+    ));
+    out.push_str(&reference_section(
+        "hami-agent: node registration",
+        "Appended to the agent's `/metrics` when `registration.enabled`. Generated from \
+         `hami_agent::registration::METRICS`.",
+        crate::registration::METRICS,
+    ));
     out
 }
 
@@ -345,11 +385,33 @@ mod tests {
 
     #[test]
     fn every_metric_is_documented_and_named_by_convention() {
-        for (n, t, h) in METRICS {
-            assert!(n.starts_with("hami_") && !h.is_empty(), "{n}");
-            assert!(*t == "gauge" || *t == "counter");
-            assert_eq!(n.ends_with("_total"), *t == "counter", "{n}");
+        let all: Vec<MetricDef> = METRICS
+            .iter()
+            .chain(crate::deviceplugin::metrics::METRICS)
+            .chain(crate::registration::METRICS)
+            .copied()
+            .collect();
+        assert_eq!(hami_api::metrics::check_defs(&all), Vec::<String>::new());
+        let doc = reference_markdown();
+        for d in &all {
+            assert_eq!(doc.matches(&format!("| `{}` |", d.name)).count(), 1, "{}", d.name);
         }
-        assert!(reference_markdown().contains("hami_agent_live_objects"));
+    }
+
+    #[test]
+    fn exposition_matches_the_list() {
+        let mut s = snap(false);
+        s.containers[0].managed = Some(crate::snapshot::ManagedMemory {
+            bytes: 1 << 20,
+            peak_bytes: 1 << 20,
+            byte_seconds: 3.0,
+            allocations: 1,
+        });
+        let t = render(&s).unwrap();
+        assert_eq!(
+            hami_api::metrics::check_exposition(METRICS, &t, true),
+            Vec::<String>::new(),
+            "{t}"
+        );
     }
 }

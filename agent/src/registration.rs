@@ -330,21 +330,24 @@ impl UsageTracker {
     }
 }
 
-/// Every registration metric: (name, type, help). Part of the metrics reference.
-pub const METRICS: &[(&str, &str, &str)] = &[
-    (
+/// Every registration metric. Part of the metrics reference.
+pub const METRICS: &[hami_api::metrics::MetricDef] = &[
+    hami_api::metrics::MetricDef::counter(
         "hami_agent_registration_failures_total",
-        "counter",
+        &[],
+        "1",
         "Failed publications of the node annotations (API error, node missing, no API client); each is retried after `registration.retry_secs`.",
     ),
-    (
+    hami_api::metrics::MetricDef::counter(
         "hami_agent_registration_register_writes_total",
-        "counter",
+        &[],
+        "1",
         "Publications that wrote `hami.io/node-nvidia-register` (the inventory changed, or the node carried another value).",
     ),
-    (
+    hami_api::metrics::MetricDef::gauge(
         "hami_agent_registration_heartbeat_timestamp_seconds",
-        "gauge",
+        &[],
+        "seconds (Unix time)",
         "Unix time of the last successful publication of `hami.io/node-nvidia-usage` (the heartbeat).",
     ),
 ];
@@ -373,10 +376,12 @@ impl RegistrationMetrics {
     /// A metric cannot be created (a programming error, reported rather than panicking).
     pub fn new() -> Result<Self> {
         let registry = Registry::new();
-        let failures = IntCounter::with_opts(Opts::new(METRICS[0].0, METRICS[0].2)).map_err(metrics_err)?;
+        let failures =
+            IntCounter::with_opts(Opts::new(METRICS[0].name, METRICS[0].help)).map_err(metrics_err)?;
         let register_writes =
-            IntCounter::with_opts(Opts::new(METRICS[1].0, METRICS[1].2)).map_err(metrics_err)?;
-        let heartbeat = IntGauge::with_opts(Opts::new(METRICS[2].0, METRICS[2].2)).map_err(metrics_err)?;
+            IntCounter::with_opts(Opts::new(METRICS[1].name, METRICS[1].help)).map_err(metrics_err)?;
+        let heartbeat =
+            IntGauge::with_opts(Opts::new(METRICS[2].name, METRICS[2].help)).map_err(metrics_err)?;
         registry
             .register(Box::new(failures.clone()))
             .map_err(metrics_err)?;
@@ -404,18 +409,6 @@ impl RegistrationMetrics {
             .map_err(metrics_err)?;
         String::from_utf8(buf).map_err(|e| AgentError::Metrics(e.to_string()))
     }
-}
-
-/// The metrics reference section (Markdown) for registration.
-#[must_use]
-pub fn reference_markdown() -> String {
-    let mut out = String::from(
-        "\n## Node registration\n\nGenerated from `hami_agent::registration::METRICS`; exported when `registration.enabled`.\n\n| metric | type | meaning |\n|---|---|---|\n",
-    );
-    for (n, t, h) in METRICS {
-        out.push_str(&format!("| `{n}` | {t} | {h} |\n"));
-    }
-    out
 }
 
 // ---- I/O ----
@@ -736,13 +729,14 @@ mod tests {
         let m = RegistrationMetrics::new().unwrap();
         m.failures.inc();
         let text = m.render().unwrap();
-        for (n, ty, _) in METRICS {
-            assert!(text.contains(&format!("# TYPE {n} {ty}")), "{n}: {text}");
-        }
+        assert_eq!(
+            hami_api::metrics::check_exposition(METRICS, &text, true),
+            Vec::<String>::new(),
+            "{text}"
+        );
         assert!(
             text.contains("hami_agent_registration_failures_total 1"),
             "{text}"
         );
-        assert!(reference_markdown().contains("hami_agent_registration_failures_total"));
     }
 }

@@ -166,7 +166,7 @@ fn all_exprs(file: &str, d: &Value) -> Vec<(String, String)> {
 }
 
 fn exported() -> BTreeSet<&'static str> {
-    hami_agent::metrics::METRICS.iter().map(|(n, _, _)| *n).collect()
+    hami_agent::metrics::METRICS.iter().map(|d| d.name).collect()
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! | [`env`](mod@env) | env var names that carry limits into containers |
 //! | [`device`] | a node's GPUs |
 //! | [`request`] | pod device requests |
+//! | [`metrics`] | descriptions of the exported Prometheus metrics; the metrics reference's Markdown |
 //! | `k8s` | (feature `k8s`) Kubernetes `Pod`/`Node` to requests and inventory |
 
 pub mod annotations;
@@ -21,6 +22,7 @@ pub mod env;
 pub mod error;
 #[cfg(feature = "k8s")]
 pub mod k8s;
+pub mod metrics;
 pub mod quantity;
 pub mod region;
 pub mod request;

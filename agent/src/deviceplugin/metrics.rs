@@ -1,29 +1,34 @@
 //! The device plugin's own metrics (a registry of its own, appended to the agent's `/metrics`).
 
+use hami_api::metrics::MetricDef;
 use prometheus::{Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::error::{AgentError, Result};
 
-/// Every metric of the device plugin: (name, type, help).
-pub const METRICS: &[(&str, &str, &str)] = &[
-    (
+/// Every metric of the device plugin.
+pub const METRICS: &[MetricDef] = &[
+    MetricDef::counter(
         "hami_device_plugin_allocations_total",
-        "counter",
+        &["result"],
+        "1",
         "Container allocations by the device plugin (label `result`: `ok`, `not_found`, `ambiguous` (retryable), `refused` (decision signature does not verify, peer case C18), `error`).",
     ),
-    (
+    MetricDef::histogram(
         "hami_device_plugin_allocate_seconds",
-        "histogram",
+        &[],
+        "seconds",
         "Time the device plugin took to answer an Allocate call, seconds.",
     ),
-    (
+    MetricDef::counter(
         "hami_device_plugin_refused_decisions_total",
-        "counter",
+        &[],
+        "1",
         "Pods whose decision the device plugin refused because its signature does not verify (not written by the scheduler for that pod and node; peer case C18); each is marked `hami.io/bind-phase: failed`.",
     ),
-    (
+    MetricDef::counter(
         "hami_device_plugin_registrations_total",
-        "counter",
+        &[],
+        "1",
         "Successful registrations with the kubelet (one at start and one after every kubelet restart).",
     ),
 ];
@@ -53,17 +58,19 @@ impl PluginMetrics {
     /// A metric cannot be created (a programming error, reported rather than panicking).
     pub fn new() -> Result<Self> {
         let registry = Registry::new();
-        let help = |n: &str| METRICS.iter().find(|m| m.0 == n).map_or("", |m| m.2);
-        let allocations =
-            IntCounterVec::new(Opts::new(METRICS[0].0, help(METRICS[0].0)), &["result"]).map_err(err)?;
-        let allocate_seconds =
-            Histogram::with_opts(HistogramOpts::new(METRICS[1].0, help(METRICS[1].0)).buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]))
+        let help = |n: &str| hami_api::metrics::help_of(METRICS, n);
+        let allocations = IntCounterVec::new(Opts::new(METRICS[0].name, help(METRICS[0].name)), &["result"])
             .map_err(err)?;
-        let refused = IntCounter::with_opts(Opts::new(METRICS[2].0, help(METRICS[2].0))).map_err(err)?;
+        let allocate_seconds = Histogram::with_opts(
+            HistogramOpts::new(METRICS[1].name, help(METRICS[1].name)).buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .map_err(err)?;
+        let refused =
+            IntCounter::with_opts(Opts::new(METRICS[2].name, help(METRICS[2].name))).map_err(err)?;
         let registrations =
-            IntCounter::with_opts(Opts::new(METRICS[3].0, help(METRICS[3].0))).map_err(err)?;
+            IntCounter::with_opts(Opts::new(METRICS[3].name, help(METRICS[3].name))).map_err(err)?;
         registry.register(Box::new(allocations.clone())).map_err(err)?;
         registry
             .register(Box::new(allocate_seconds.clone()))
@@ -98,18 +105,6 @@ impl PluginMetrics {
     }
 }
 
-/// The metrics reference section (Markdown) for the device plugin.
-#[must_use]
-pub fn reference_markdown() -> String {
-    let mut out = String::from(
-        "\n## Device plugin\n\nGenerated from `hami_agent::deviceplugin::metrics::METRICS`; exported when `device_plugin.enabled`.\n\n| metric | type | meaning |\n|---|---|---|\n",
-    );
-    for (n, t, h) in METRICS {
-        out.push_str(&format!("| `{n}` | {t} | {h} |\n"));
-    }
-    out
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -123,14 +118,15 @@ mod tests {
         m.refused.inc();
         m.allocate_seconds.observe(0.002);
         let t = m.render().unwrap();
-        for (n, ty, _) in METRICS {
-            assert!(t.contains(&format!("# TYPE {n} {ty}")), "{n}: {t}");
-        }
+        assert_eq!(
+            hami_api::metrics::check_exposition(METRICS, &t, true),
+            Vec::<String>::new(),
+            "{t}"
+        );
         assert!(
             t.contains(r#"hami_device_plugin_allocations_total{result="ok"} 1"#),
             "{t}"
         );
         assert_eq!(m.allocations("ok"), 1);
-        assert!(reference_markdown().contains("hami_device_plugin_allocate_seconds"));
     }
 }

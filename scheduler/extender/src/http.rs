@@ -272,6 +272,7 @@ async fn filter(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let span = info_span!("filter", pod = %pod_key(&args.pod));
     let _enter = span.enter();
     let out = filter_args(&app, &args);
+    app.metrics.observe_filter(&out);
     let result = if out.error.is_empty() { "ok" } else { "error" };
     if !out.error.is_empty() {
         warn!(error = %out.error, "filter");

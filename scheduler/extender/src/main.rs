@@ -7,6 +7,7 @@
 //!   reached in-cluster or through `KUBECONFIG`.
 //! - `hami-scheduler kube-scheduler-config [--url-prefix URL] [--format yaml|json] …`: prints the
 //!   `KubeSchedulerConfiguration` that points kube-scheduler at the extender, validated.
+//! - `hami-scheduler metrics-doc`: prints the scheduler's part of the metrics reference (Markdown).
 
 use std::path::PathBuf;
 
@@ -81,6 +82,8 @@ enum Command {
         #[arg(long)]
         extenders: Option<PathBuf>,
     },
+    /// Print the scheduler's part of the metrics reference (Markdown, `docs/metrics.md`).
+    MetricsDoc,
     /// Print the KubeSchedulerConfiguration for this extender.
     KubeSchedulerConfig {
         /// Extender URL prefix.
@@ -119,6 +122,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::MetricsDoc => {
+            print!("{}", hami_scheduler::metrics::reference_markdown());
+            Ok(())
+        }
         Command::CheckConfig {
             config,
             device_config,

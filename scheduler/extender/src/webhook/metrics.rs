@@ -5,6 +5,8 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use super::review::{ALLOWED, DENIED, ERROR, MUTATED};
+use crate::metrics::METRICS;
+use hami_api::metrics::help_of;
 
 /// `hami_webhook_requests_total` and `hami_webhook_request_duration_seconds`.
 #[derive(Clone)]
@@ -20,16 +22,14 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "hami_webhook_requests_total",
-                "Admission requests answered by the mutating webhook, by operation (CREATE, UPDATE, DELETE, \
-                 CONNECT, unknown) and result (allowed: unchanged, mutated, denied, error: not an \
-                 AdmissionReview v1).",
+                help_of(METRICS, "hami_webhook_requests_total"),
             ),
             &["operation", "result"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "hami_webhook_request_duration_seconds",
-                "Time to decide one admission request, seconds, by operation.",
+                help_of(METRICS, "hami_webhook_request_duration_seconds"),
             )
             .buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
