@@ -15,6 +15,16 @@
 //! (`POST pods/{name}/binding`). Any failure forgets the assumption, patches `hami.io/bind-phase:
 //! failed` (removing the decision when it had been written), emits a `Warning` Event `BindingFailed`
 //! (best effort), and returns the error for `ExtenderBindingResult.Error`.
+//!
+//! **Reading the pod.** Bind uses the pod reflector's copy of a pending pod when it has one with the
+//! bind's UID, and a GET otherwise; the patch's resourceVersion precondition turns a stale copy into a
+//! 409, after which the bind is retried once from a GET. A Binding that got no answer (transport error)
+//! is checked with a GET before it is rolled back, so a pod that did get the node keeps its decision.
+//!
+//! **Shutdown.** While the extender drains ([`App::drain`]) new binds are refused; binds in flight
+//! finish, or, once [`App::cancel_binds`] is called, roll back at their next safe point: before the
+//! patch, during the patch (the decision is then removed whether or not it landed), or before the
+//! Binding. A Binding already sent is never abandoned: its answer decides.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -154,21 +164,78 @@ pub fn decision_patch(
     }))
 }
 
-/// Binds a pod as kube-scheduler asked (module docs).
+/// Where a bind read its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The pod reflector's copy (may lag; a stale copy gets 409 on the patch).
+    Store,
+    /// A GET.
+    Get,
+}
+
+fn is_conflict(e: &Error) -> bool {
+    matches!(e, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409)
+}
+
+/// Binds a pod as kube-scheduler asked (module docs). The pod is read from the reflector's copy when
+/// the pod reflector has synced and holds it with the bind's UID; a 409 on the patch made from that
+/// copy is retried once from a GET (the copy was stale). Refused while the extender drains.
 ///
 /// # Errors
-/// [`Error::NoClient`], [`Error::Kube`] for a failed read, patch (409 included) or Binding,
-/// [`Error::PodMismatch`] when the pod is gone, re-created or already bound, and the errors of
-/// [`SchedulerState::prepare_bind`](crate::state::SchedulerState::prepare_bind).
+/// [`Error::NoClient`], [`Error::ShuttingDown`], [`Error::Kube`] for a failed read, patch (409
+/// included) or Binding, [`Error::PodMismatch`] when the pod is gone, re-created or already bound, and
+/// the errors of [`SchedulerState::prepare_bind`](crate::state::SchedulerState::prepare_bind).
 pub async fn bind(app: &App, args: &ExtenderBindingArgs) -> Result<()> {
-    let client = app.client.clone().ok_or(Error::NoClient("bind"))?;
     let key = format!("{}/{}", args.pod_namespace, args.pod_name);
+    let Some(_guard) = app.bind_started() else {
+        return Err(Error::ShuttingDown {
+            pod: key,
+            what: "refused",
+        });
+    };
+    let client = app.client.clone().ok_or(Error::NoClient("bind"))?;
     let api: Api<Pod> = Api::namespaced(client.clone(), &args.pod_namespace);
+    let cached = if app.bind_from_store.load(Ordering::Relaxed) && app.pods_synced.load(Ordering::Acquire) {
+        app.read_state()
+            .unbound_pod(&args.pod_namespace, &args.pod_name)
+            .filter(|p| args.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(args.pod_uid.as_str()))
+            .cloned()
+    } else {
+        None
+    };
+    if let Some(pod) = cached {
+        app.bind_reads[0].fetch_add(1, Ordering::Relaxed);
+        match bind_pod(app, &client, &api, args, &pod, Source::Store).await {
+            Err(e) if is_conflict(&e) => debug!(pod = %key, "reflector copy was stale; reading the pod"),
+            other => return other,
+        }
+    }
+    app.bind_reads[1].fetch_add(1, Ordering::Relaxed);
     let pod = api.get(&args.pod_name).await.map_err(|source| Error::Kube {
         action: "reading",
         pod: key.clone(),
         source,
     })?;
+    bind_pod(app, &client, &api, args, &pod, Source::Get).await
+}
+
+/// Resolves when the extender asks binds to roll back.
+async fn cancelled(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One bind attempt from `pod` as read from `source`.
+async fn bind_pod(
+    app: &App,
+    client: &Client,
+    api: &Api<Pod>,
+    args: &ExtenderBindingArgs,
+    pod: &Pod,
+    source: Source,
+) -> Result<()> {
+    let key = format!("{}/{}", args.pod_namespace, args.pod_name);
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     if !args.pod_uid.is_empty() && uid != args.pod_uid {
         return Err(Error::PodMismatch {
@@ -183,27 +250,46 @@ pub async fn bind(app: &App, args: &ExtenderBindingArgs) -> Result<()> {
         });
     }
     let now = app.now();
-    let plan = app.write_state().prepare_bind(&pod, &args.node, now)?;
+    let plan = app.write_state().prepare_bind(pod, &args.node, now)?;
+    let mut cancel = app.cancel_signal();
+    let rolled_back = || Error::ShuttingDown {
+        pod: key.clone(),
+        what: "rolled back",
+    };
+    // Whether the decision may be on the pod (a cancelled patch may or may not have been applied).
     let mut written = false;
     let outcome = async {
         if let Some(devices) = &plan.devices {
-            let patch = decision_patch(&pod, &plan, devices, &app.decision_key, now)?;
-            api.patch(
-                &args.pod_name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                },
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|source| Error::Kube {
-                action: "patching",
-                pod: key.clone(),
-                source,
-            })?;
+            let patch = decision_patch(pod, &plan, devices, &app.decision_key, now)?;
+            if *cancel.borrow() {
+                return Err(rolled_back());
+            }
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            let merge = Patch::Merge(&patch);
+            let write = api.patch(&args.pod_name, &params, &merge);
+            tokio::select! {
+                r = write => {
+                    r.map_err(|source| Error::Kube {
+                        action: "patching",
+                        pod: key.clone(),
+                        source,
+                    })?;
+                }
+                () = cancelled(&mut cancel) => {
+                    written = true;
+                    return Err(rolled_back());
+                }
+            }
             written = true;
         }
+        if *cancel.borrow() {
+            return Err(rolled_back());
+        }
+        // From here on the bind is not cancelled: once the Binding is sent, only its answer tells
+        // whether the pod got the node.
         let binding = Binding {
             metadata: ObjectMeta {
                 name: Some(args.pod_name.clone()),
@@ -218,27 +304,46 @@ pub async fn bind(app: &App, args: &ExtenderBindingArgs) -> Result<()> {
                 ..ObjectReference::default()
             },
         };
-        api.create_subresource::<_, Value>("binding", &args.pod_name, &PostParams::default(), &binding)
-            .await
-            .map_err(|source| Error::Kube {
+        let result = api
+            .create_subresource::<_, Value>("binding", &args.pod_name, &PostParams::default(), &binding)
+            .await;
+        if let Err(source) = result {
+            // No answer (transport error, timeout): the Binding may have been applied; ask.
+            if !matches!(source, kube::Error::Api(_))
+                && let Ok(p) = api.get(&args.pod_name).await
+                && p.metadata.uid.as_deref() == Some(uid.as_str())
+                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(args.node.as_str())
+            {
+                return Ok(());
+            }
+            return Err(Error::Kube {
                 action: "binding",
                 pod: key.clone(),
                 source,
-            })?;
+            });
+        }
         Ok::<(), Error>(())
     }
     .await;
     if let Err(e) = outcome {
         app.write_state().abort_bind(&uid);
-        if matches!(&e, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409) {
+        if matches!(e, Error::ShuttingDown { .. }) {
+            app.binds_cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        if is_conflict(&e) {
             app.metrics.bind_conflicts.inc();
+            if source == Source::Store {
+                // The caller retries from a GET; the pod changed, nothing of ours was written.
+                return Err(e);
+            }
         }
         if plan.devices.is_some() {
-            mark_failed(&api, &args.pod_name, written).await;
+            mark_failed(api, &args.pod_name, written).await;
         }
-        emit_event(&client, &pod, &args.node, &e.to_string()).await;
+        emit_event(client, pod, &args.node, &e.to_string()).await;
         return Err(e);
     }
+    app.write_state().finish_bind(&uid);
     debug!(pod = %key, node = %args.node, "bound");
     Ok(())
 }

@@ -15,6 +15,7 @@ use hami_api::{
     annotations::{parse_gpu_policy, parse_node_policy},
     k8s::RequestDefaults,
 };
+use hami_policy::DefaultModel;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -37,8 +38,10 @@ pub struct SchedulerConfig {
     /// Separate metrics-only HTTP address (`--metrics-listen` overrides); `None`: metrics only on the
     /// extender address (`GET /metrics`).
     pub metrics_listen: Option<String>,
-    /// Which placement policy: `hami` (HAMi's node and GPU policies below) or `usage-aware` (packs on
-    /// measured usage with [`Self::usage_margin_percent`], `hami_policy::usage`).
+    /// Which placement policy: `hami` (HAMi's node and GPU policies below), `usage-aware` (packs on
+    /// measured usage with [`Self::usage_margin_percent`], `hami_policy::usage`), `fgd` (the FGD paper's
+    /// fragmentation gradient descent) or `fgd-pack` (ours: FGD whose ties go to nodes in use), both over
+    /// the observed workload ([`Self::workload_model`]).
     pub policy: String,
     /// HAMi node policy, `binpack` or `spread` (per pod: `hami.io/node-scheduler-policy`).
     pub node_scheduler_policy: String,
@@ -66,8 +69,100 @@ pub struct SchedulerConfig {
     pub resource_names: ResourceNames,
     /// Request defaults; the device config file wins when given.
     pub request_defaults: RequestDefaultsConfig,
-    /// Mutating webhook settings.
+    /// Mutating webhook settings. Its `quotas` are also enforced by the extender at filter and bind
+    /// (`QuotaExceeded`), whether or not the webhook is enabled.
     pub webhook: WebhookConfig,
+    /// How `fgd`/`fgd-pack` learn the workload (ignored by the other policies).
+    pub workload_model: WorkloadModelConfig,
+    /// On SIGTERM/SIGINT: new binds are refused at once, binds in flight get this long to finish, then
+    /// the ones that have not sent their Binding yet roll back (seconds; keep it below the pod's
+    /// `terminationGracePeriodSeconds`).
+    pub shutdown_grace_secs: u64,
+}
+
+/// The live workload model of the fragmentation-aware policies (`hami_policy::workload`): the GPU
+/// shapes of the pods the extender holds plus a decayed history of the pods it was asked to place,
+/// rebuilt every `refreshSecs`; until their weight reaches `minPods`, the `default` model is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadModelConfig {
+    /// Seconds between rebuilds (FGD scores every node against every shape, so the model is not
+    /// rebuilt per request).
+    pub refresh_secs: u64,
+    /// Weight (held pods count 1, history decays) needed before the observed model replaces the
+    /// default.
+    pub min_pods: u32,
+    /// Observations after which a history entry counts half.
+    pub history_half_life: u32,
+    /// Most shapes kept in the history.
+    pub max_shapes: u32,
+    /// Most pod UIDs remembered (a pod filtered again is observed once while remembered).
+    pub remembered_pods: u32,
+    /// Fraction of the weight the model's most popular shapes must cover (the FGD paper: 0.95).
+    pub coverage: f64,
+    /// Model until enough was seen: `alibaba-default` (the GPU shapes of the embedded Alibaba trace)
+    /// or `uniform` (one GPU at 10 %, 20 %, …, 100 %).
+    pub default: String,
+}
+
+impl Default for WorkloadModelConfig {
+    fn default() -> Self {
+        Self {
+            refresh_secs: 30,
+            min_pods: 20,
+            history_half_life: 200,
+            max_shapes: 32,
+            remembered_pods: 10_000,
+            coverage: hami_policy::workload::DEFAULT_COVERAGE,
+            default: "alibaba-default".to_owned(),
+        }
+    }
+}
+
+impl WorkloadModelConfig {
+    /// The default model.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] for an unknown name.
+    pub fn default_model(&self) -> Result<DefaultModel> {
+        match self.default.as_str() {
+            "alibaba-default" => Ok(DefaultModel::AlibabaDefault),
+            "uniform" => Ok(DefaultModel::Uniform),
+            other => Err(Error::ConfigValue {
+                field: "workloadModel.default",
+                message: format!("unknown model {other:?}; known: alibaba-default, uniform"),
+            }),
+        }
+    }
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// [`Error::ConfigValue`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        self.default_model()?;
+        let positive = |field, v: u64| {
+            if v == 0 {
+                Err(Error::ConfigValue {
+                    field,
+                    message: "must be above 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("workloadModel.refreshSecs", self.refresh_secs)?;
+        positive("workloadModel.historyHalfLife", u64::from(self.history_half_life))?;
+        positive("workloadModel.maxShapes", u64::from(self.max_shapes))?;
+        positive("workloadModel.rememberedPods", u64::from(self.remembered_pods))?;
+        if !(self.coverage > 0.0 && self.coverage <= 1.0) {
+            return Err(Error::ConfigValue {
+                field: "workloadModel.coverage",
+                message: format!("{} is not in (0, 1]", self.coverage),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -87,6 +182,8 @@ impl Default for SchedulerConfig {
             resource_names: ResourceNames::default(),
             request_defaults: RequestDefaultsConfig::default(),
             webhook: WebhookConfig::default(),
+            workload_model: WorkloadModelConfig::default(),
+            shutdown_grace_secs: 20,
         }
     }
 }
@@ -149,6 +246,11 @@ pub enum PolicyChoice {
         /// Margin, percent.
         margin_percent: u32,
     },
+    /// FGD over the observed workload (`fgd`), or with ties to nodes in use (`fgd-pack`).
+    Fgd {
+        /// `fgd-pack`.
+        consolidate: bool,
+    },
 }
 
 impl SchedulerConfig {
@@ -185,6 +287,7 @@ impl SchedulerConfig {
         self.policy_choice()?;
         self.scoring_weights()?;
         self.pending_timeout_secs()?;
+        self.workload_model.validate()?;
         if self.usage_margin_percent > 100 {
             return Err(Error::ConfigValue {
                 field: "usageMarginPercent",
@@ -225,9 +328,11 @@ impl SchedulerConfig {
             "usage-aware" => Ok(PolicyChoice::UsageAware {
                 margin_percent: self.usage_margin_percent,
             }),
+            "fgd" => Ok(PolicyChoice::Fgd { consolidate: false }),
+            "fgd-pack" => Ok(PolicyChoice::Fgd { consolidate: true }),
             other => Err(Error::ConfigValue {
                 field: "policy",
-                message: format!("unknown policy {other:?}; known: hami, usage-aware"),
+                message: format!("unknown policy {other:?}; known: hami, usage-aware, fgd, fgd-pack"),
             }),
         }
     }
@@ -392,6 +497,12 @@ mod tests {
             (r#"{"deviceScoringWeights":"slot=1"}"#, "deviceScoringWeights"),
             (r#"{"nodeLockTimeout":"5 minutes"}"#, "nodeLockTimeout"),
             (r#"{"usageMarginPercent":101}"#, "usageMarginPercent"),
+            (r#"{"workloadModel":{"default":"zipf"}}"#, "workloadModel.default"),
+            (r#"{"workloadModel":{"coverage":0}}"#, "workloadModel.coverage"),
+            (
+                r#"{"workloadModel":{"refreshSecs":0}}"#,
+                "workloadModel.refreshSecs",
+            ),
         ] {
             let cfg: SchedulerConfig = serde_json::from_str(json).unwrap();
             match cfg.validate() {
@@ -399,6 +510,27 @@ mod tests {
                 other => panic!("{json}: {other:?}"),
             }
         }
+    }
+
+    /// `fgd` and `fgd-pack` with a workload model block.
+    #[test]
+    fn fragmentation_aware_policies() {
+        let cfg: SchedulerConfig = serde_json::from_str(
+            r#"{"policy":"fgd-pack","workloadModel":{"refreshSecs":5,"default":"uniform","minPods":3}}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.policy_choice().unwrap(),
+            PolicyChoice::Fgd { consolidate: true }
+        );
+        assert_eq!(cfg.workload_model.default_model().unwrap(), DefaultModel::Uniform);
+        assert_eq!(cfg.workload_model.history_half_life, 200);
+        let cfg: SchedulerConfig = serde_json::from_str(r#"{"policy":"fgd"}"#).unwrap();
+        assert_eq!(
+            cfg.policy_choice().unwrap(),
+            PolicyChoice::Fgd { consolidate: false }
+        );
     }
 
     #[test]

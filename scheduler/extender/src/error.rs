@@ -75,6 +75,15 @@ pub enum Error {
     /// The extender was built without an API client (binding needs one).
     #[error("no Kubernetes API client configured; cannot {0}")]
     NoClient(&'static str),
+    /// The extender is shutting down: a new bind is refused, or a bind that had not sent its Binding
+    /// was rolled back (kube-scheduler retries the pod).
+    #[error("pod {pod}: the extender is shutting down; bind {what}")]
+    ShuttingDown {
+        /// `namespace/name`.
+        pod: String,
+        /// `refused` or `rolled back`.
+        what: &'static str,
+    },
     /// A decision could not be encoded as HAMi's annotation (a device UUID or value out of range).
     #[error("pod {pod}: cannot encode the decision: {source}")]
     Encode {
@@ -174,6 +183,7 @@ impl Error {
                 _ => "api_error",
             },
             Self::NoClient(_) => "no_client",
+            Self::ShuttingDown { .. } => "shutting_down",
             Self::Encode { .. } => "encode",
             Self::Config { .. } | Self::ConfigValue { .. } => "config",
             Self::SchedulerConfig(_) => "scheduler_config",

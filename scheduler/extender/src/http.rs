@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -68,7 +68,31 @@ pub struct App {
     pub nodes_synced: AtomicBool,
     /// The Pod reflector finished its first list.
     pub pods_synced: AtomicBool,
+    /// Binds read the pod from the reflector's copy when it has one (else GET).
+    pub bind_from_store: AtomicBool,
+    /// Binds that read the pod from the reflector's copy / with a GET (counters, for tests and benches).
+    pub bind_reads: [AtomicU64; 2],
     clock: Clock,
+    draining: AtomicBool,
+    active_binds: AtomicUsize,
+    binds_idle: tokio::sync::Notify,
+    cancel: tokio::sync::watch::Sender<bool>,
+    /// Binds rolled back because the extender stopped before they sent their Binding.
+    pub binds_cancelled: AtomicU64,
+}
+
+/// Counts a bind as active until dropped (see [`App::bind_started`]).
+#[derive(Debug)]
+pub struct BindGuard<'a> {
+    app: &'a App,
+}
+
+impl Drop for BindGuard<'_> {
+    fn drop(&mut self) {
+        if self.app.active_binds.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.app.binds_idle.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for App {
@@ -93,7 +117,67 @@ impl App {
             decision_key,
             nodes_synced: AtomicBool::new(false),
             pods_synced: AtomicBool::new(false),
+            bind_from_store: AtomicBool::new(true),
+            bind_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             clock,
+            draining: AtomicBool::new(false),
+            active_binds: AtomicUsize::new(0),
+            binds_idle: tokio::sync::Notify::new(),
+            cancel: tokio::sync::watch::channel(false).0,
+            binds_cancelled: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a bind, or refuses it (`None`) once [`Self::drain`] was called.
+    #[must_use]
+    pub fn bind_started(&self) -> Option<BindGuard<'_>> {
+        self.active_binds.fetch_add(1, Ordering::AcqRel);
+        let guard = BindGuard { app: self };
+        if self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Binds running now.
+    #[must_use]
+    pub fn active_binds(&self) -> usize {
+        self.active_binds.load(Ordering::Acquire)
+    }
+
+    /// Starts shutting down: new binds are refused and `/readyz` answers 503.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Self::drain`] was called.
+    #[must_use]
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Tells binds in flight to roll back at their next safe point (before their Binding is sent).
+    pub fn cancel_binds(&self) {
+        self.cancel.send_replace(true);
+    }
+
+    /// A receiver that turns `true` when [`Self::cancel_binds`] is called.
+    #[must_use]
+    pub fn cancel_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.cancel.subscribe()
+    }
+
+    /// Waits until no bind runs, at most `timeout`; returns whether none runs.
+    pub async fn wait_binds_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.binds_idle.notified();
+            if self.active_binds() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.active_binds() == 0;
+            }
         }
     }
 
@@ -118,11 +202,13 @@ impl App {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether both reflectors have synced (always true without an API client).
+    /// Whether both reflectors have synced (always true without an API client) and the extender is not
+    /// shutting down.
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.client.is_none()
-            || (self.nodes_synced.load(Ordering::Acquire) && self.pods_synced.load(Ordering::Acquire))
+        !self.draining()
+            && (self.client.is_none()
+                || (self.nodes_synced.load(Ordering::Acquire) && self.pods_synced.load(Ordering::Acquire)))
     }
 }
 

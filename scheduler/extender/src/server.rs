@@ -5,10 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::Router;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::error;
+use tracing::{error, info};
 
 use crate::{
     apiserver,
+    config::PolicyChoice,
     error::{Error, Result},
     http::{App, Clock, metrics_router, router},
     state::Settings,
@@ -29,7 +30,21 @@ pub struct ServeOptions {
     pub metrics_listener: Option<TcpListener>,
 }
 
-/// A running extender; [`Running::stop`] (or drop) ends every task.
+/// After `grace`, how long [`Running::shutdown`] still waits for Bindings already sent to be answered.
+pub const BINDING_WAIT: Duration = Duration::from_secs(10);
+
+/// What [`Running::shutdown`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Binds running when the shutdown began.
+    pub in_flight: usize,
+    /// Binds rolled back because they had not sent their Binding in time.
+    pub rolled_back: u64,
+    /// Binds still running when the tasks were stopped (0 unless a Binding went unanswered).
+    pub unfinished: usize,
+}
+
+/// A running extender; [`Running::shutdown`], [`Running::stop`] (or drop) ends every task.
 #[derive(Debug)]
 pub struct Running {
     /// Address of the extender server.
@@ -52,7 +67,34 @@ impl Running {
         true
     }
 
-    /// Stops the server and the reflectors.
+    /// Shuts down gracefully: new binds are refused at once (and `/readyz` answers 503), binds in
+    /// flight get `grace` to finish; then the ones that have not sent their Binding roll back (their
+    /// pods keep no decision and kube-scheduler retries them), and the extender waits for the rest at
+    /// most [`BINDING_WAIT`] more; then every task stops. Never leaves a decision on a pod that did not
+    /// get its node, unless a Binding is still unanswered after that wait.
+    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+        self.app.drain();
+        let in_flight = self.app.active_binds();
+        let mut idle = self.app.wait_binds_idle(grace).await;
+        if !idle {
+            self.app.cancel_binds();
+            idle = self.app.wait_binds_idle(BINDING_WAIT).await;
+        }
+        let report = ShutdownReport {
+            in_flight,
+            rolled_back: self
+                .app
+                .binds_cancelled
+                .load(std::sync::atomic::Ordering::Relaxed),
+            unfinished: if idle { 0 } else { self.app.active_binds() },
+        };
+        info!(?report, "extender stopped");
+        self.stop();
+        report
+    }
+
+    /// Stops the server and the reflectors at once (binds in flight are abandoned; prefer
+    /// [`Self::shutdown`]).
     pub fn stop(mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
@@ -97,6 +139,16 @@ pub async fn start(
             client,
         )));
     }
+    let refresh = {
+        let st = app.read_state();
+        matches!(st.settings().policy, PolicyChoice::Fgd { .. }).then(|| st.settings().workload.refresh_secs)
+    };
+    if let Some(secs) = refresh {
+        tasks.push(tokio::spawn(refresh_workload_model(
+            Arc::clone(&app),
+            Duration::from_secs(secs.max(1)),
+        )));
+    }
     let mut routes = router(Arc::clone(&app));
     if let Some(cfg) = options.webhook {
         let names = app.read_state().settings().names.clone();
@@ -133,4 +185,24 @@ pub async fn start(
         }));
     }
     Ok(Running { addr, app, tasks })
+}
+
+/// Rebuilds the fragmentation-aware policies' workload model every `period` (the first time one period
+/// after the start, when the reflectors have had time to fill the state).
+async fn refresh_workload_model(app: Arc<App>, period: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let (source, shapes) = {
+            let mut st = app.write_state();
+            let source = st.refresh_model();
+            (source, st.workload_model().0.shapes.len())
+        };
+        if last != Some(source) {
+            info!(?source, shapes, "workload model");
+            last = Some(source);
+        }
+    }
 }

@@ -31,7 +31,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use hami_api::{
@@ -46,8 +46,10 @@ use hami_api::{
     k8s::{RequestDefaults, node_allocatable, ordered_containers, pod_request, uses_managed_resources},
 };
 use hami_policy::{
-    Cluster, Decision, DeviceGrant, Ledger, MeasuredGpu, NodePlacement, NodeState, Policy, ScoringWeights,
-    UsageAwarePolicy, policies::HamiPolicy,
+    Cluster, Decision, DefaultModel, DeviceGrant, Ledger, MeasuredGpu, ModelSource, NamespaceQuota,
+    NodePlacement, NodeState, Policy, QuotaUsage, ScoringWeights, UsageAwarePolicy, WorkloadHistory,
+    WorkloadModel, build_model, gpu_shape,
+    policies::{FgdPolicy, HamiPolicy},
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 
@@ -61,6 +63,9 @@ pub const VENDOR: &str = "NVIDIA";
 
 /// Reason prefix of the pending-allocation rule.
 pub const PENDING_ALLOCATION_CONFLICT: &str = "PendingAllocationConflict";
+
+/// Reason prefix when placing the pod would take its namespace past its GPU quota.
+pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
 
 /// Everything the core needs from the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +84,51 @@ pub struct Settings {
     pub require_heartbeat: bool,
     /// How long a pending allocation holds conflicting decisions off its node, seconds.
     pub pending_timeout_secs: u64,
+    /// GPU quota per namespace (the config's `webhook.quotas`), enforced at filter and bind.
+    pub quotas: BTreeMap<String, NamespaceQuota>,
+    /// The fragmentation-aware policies' workload model.
+    pub workload: WorkloadSettings,
+}
+
+/// How the live workload model is built (see [`crate::config::WorkloadModelConfig`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadSettings {
+    /// Seconds between rebuilds.
+    pub refresh_secs: u64,
+    /// Weight needed before the observed model replaces the default.
+    pub min_weight: f64,
+    /// History half-life, observations.
+    pub half_life: f64,
+    /// Most shapes in the history.
+    pub max_shapes: usize,
+    /// Most UIDs remembered.
+    pub max_uids: usize,
+    /// Coverage of the model's shapes.
+    pub coverage: f64,
+    /// The model until enough was seen.
+    pub default: DefaultModel,
+}
+
+impl Default for WorkloadSettings {
+    fn default() -> Self {
+        Self::from(&crate::config::WorkloadModelConfig::default())
+    }
+}
+
+impl From<&crate::config::WorkloadModelConfig> for WorkloadSettings {
+    /// Takes the values as they are; an unknown default model name falls back to
+    /// [`DefaultModel::AlibabaDefault`] (validation refuses it before this runs).
+    fn from(c: &crate::config::WorkloadModelConfig) -> Self {
+        Self {
+            refresh_secs: c.refresh_secs,
+            min_weight: f64::from(c.min_pods),
+            half_life: f64::from(c.history_half_life),
+            max_shapes: c.max_shapes as usize,
+            max_uids: c.remembered_pods as usize,
+            coverage: c.coverage,
+            default: c.default_model().unwrap_or_default(),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -94,6 +144,8 @@ impl Default for Settings {
             stale_after_secs: crate::config::DEFAULT_STALE_AFTER_SECS,
             require_heartbeat: true,
             pending_timeout_secs: 300,
+            quotas: BTreeMap::new(),
+            workload: WorkloadSettings::default(),
         }
     }
 }
@@ -117,6 +169,13 @@ impl Settings {
             stale_after_secs: cfg.stale_after_secs,
             require_heartbeat: cfg.require_heartbeat,
             pending_timeout_secs: cfg.pending_timeout_secs()?,
+            quotas: cfg
+                .webhook
+                .quotas
+                .iter()
+                .map(|(ns, q)| (ns.clone(), NamespaceQuota::from(*q)))
+                .collect(),
+            workload: WorkloadSettings::from(&cfg.workload_model),
         })
     }
 }
@@ -245,6 +304,8 @@ pub struct PodRecord {
     /// Assumed by this extender's bind and not yet seen back from the API with its annotations: events
     /// without the annotations are older than the bind's patch and must not release it.
     pub ours_unseen: bool,
+    /// `spec.nodeName` is the decision's node: the Binding happened.
+    pub bound: bool,
 }
 
 impl PodRecord {
@@ -356,6 +417,16 @@ pub struct SchedulerState {
     by_node: HashMap<String, BTreeSet<String>>,
     node_resync: Option<HashSet<String>>,
     pod_resync: Option<HashSet<String>>,
+    /// Binds of this extender between [`SchedulerState::prepare_bind`] and their outcome.
+    in_flight: HashSet<String>,
+    /// Requests seen by the filter (fragmentation-aware policies only); a mutex so the filter can
+    /// record under the shared lock.
+    history: Mutex<WorkloadHistory>,
+    model: Arc<WorkloadModel>,
+    model_source: ModelSource,
+    /// Pending (unbound, not finished) pods that ask for managed resources, by `namespace/name`: what
+    /// bind reads instead of a GET.
+    unbound: HashMap<String, Pod>,
 }
 
 /// A pod's `namespace/name` for messages.
@@ -379,7 +450,15 @@ impl SchedulerState {
     /// An empty state.
     #[must_use]
     pub fn new(settings: Settings) -> Self {
+        let w = &settings.workload;
+        let history = Mutex::new(WorkloadHistory::new(w.half_life, w.max_shapes, w.max_uids));
+        let model = Arc::new(w.default.model());
         Self {
+            in_flight: HashSet::new(),
+            unbound: HashMap::new(),
+            history,
+            model,
+            model_source: ModelSource::Default,
             settings,
             cluster: Cluster::default(),
             ledger: Ledger::new(),
@@ -675,6 +754,17 @@ impl SchedulerState {
         if let Some(seen) = self.pod_resync.as_mut() {
             seen.insert(uid.to_owned());
         }
+        let key = pod_key(pod);
+        let unbound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+        if unbound && !phase_is_terminal(pod) && uses_managed_resources(pod, &self.settings.names) {
+            self.unbound.insert(key, pod.clone());
+        } else if self
+            .unbound
+            .get(&key)
+            .is_some_and(|p| p.metadata.uid.as_deref() == Some(uid))
+        {
+            self.unbound.remove(&key);
+        }
         if phase_is_terminal(pod) {
             self.release(uid);
             return problems;
@@ -724,19 +814,13 @@ impl SchedulerState {
             rec.bind_phase = bind_phase;
             rec.bind_time = bind_time.or(rec.bind_time);
             rec.ours_unseen = false;
+            rec.bound = spec_node == Some(node.as_str());
             return problems;
         }
-        let host = pod_request(pod, &self.settings.names, &self.settings.defaults).ok();
+        // Host CPU and memory are kube-scheduler's (module docs): recorded as zero.
         let containers = ordered_containers(pod)
             .into_iter()
-            .enumerate()
-            .map(|(k, (c, kind))| {
-                let (cpu, mem) = host
-                    .as_ref()
-                    .and_then(|h| h.containers.get(k))
-                    .map_or((0, 0), |h| (h.cpu_milli, h.memory_mib));
-                (c.name.clone(), kind, cpu, mem)
-            })
+            .map(|(c, kind)| (c.name.clone(), kind, 0, 0))
             .collect::<Vec<_>>();
         if containers.len() != devices.0.len() {
             problems.push(format!(
@@ -756,6 +840,7 @@ impl SchedulerState {
             bind_phase,
             bind_time,
             ours_unseen: false,
+            bound: spec_node == Some(node.as_str()),
         };
         problems.extend(self.insert_record(uid, rec));
         problems
@@ -765,7 +850,23 @@ impl SchedulerState {
     pub fn delete_pod(&mut self, pod: &Pod) {
         if let Some(uid) = pod.metadata.uid.as_deref() {
             self.release(uid);
+            let key = pod_key(pod);
+            if self
+                .unbound
+                .get(&key)
+                .is_some_and(|p| p.metadata.uid.as_deref() == Some(uid))
+            {
+                self.unbound.remove(&key);
+            }
         }
+    }
+
+    /// The pending pod `namespace/name` as the reflector last saw it (`None`: not seen, bound, finished
+    /// or asking for no managed resource). It may lag the API; a write based on it carries its
+    /// resourceVersion, so a stale copy gets 409, never a wrong write.
+    #[must_use]
+    pub fn unbound_pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.unbound.get(&format!("{namespace}/{name}"))
     }
 
     /// Starts a pod relist (`Init`): pods not applied before [`Self::end_pod_resync`] are deleted.
@@ -781,12 +882,14 @@ impl SchedulerState {
             let gone: Vec<String> = self
                 .pods
                 .iter()
-                .filter(|(uid, r)| !seen.contains(*uid) && !r.ours_unseen)
+                .filter(|(uid, r)| !seen.contains(*uid) && !r.ours_unseen && !self.in_flight.contains(*uid))
                 .map(|(uid, _)| uid.clone())
                 .collect();
             for uid in gone {
                 self.release(&uid);
             }
+            self.unbound
+                .retain(|_, p| p.metadata.uid.as_deref().is_some_and(|u| seen.contains(u)));
         }
     }
 
@@ -816,6 +919,10 @@ impl SchedulerState {
             PolicyChoice::UsageAware { margin_percent } => {
                 Box::new(UsageAwarePolicy::new(margin_percent).with_weights(w))
             }
+            PolicyChoice::Fgd { consolidate: false } => Box::new(FgdPolicy::new(Arc::clone(&self.model))),
+            PolicyChoice::Fgd { consolidate: true } => {
+                Box::new(FgdPolicy::consolidating(Arc::clone(&self.model)))
+            }
         })
     }
 
@@ -827,12 +934,17 @@ impl SchedulerState {
         if !uses_managed_resources(pod, &self.settings.names) {
             return Ok(None);
         }
-        let req = pod_request(pod, &self.settings.names, &self.settings.defaults).map_err(|source| {
+        let mut req = pod_request(pod, &self.settings.names, &self.settings.defaults).map_err(|source| {
             Error::InvalidPod {
                 pod: pod_key(pod),
                 source,
             }
         })?;
+        // Host CPU and memory are kube-scheduler's (module docs).
+        for c in &mut req.containers {
+            c.cpu_milli = 0;
+            c.memory_mib = 0;
+        }
         Ok(req.wants_gpu().then_some(req))
     }
 
@@ -874,6 +986,7 @@ impl SchedulerState {
         info: &NodeInfo,
         req: &PodRequest,
         policy: &dyn Policy,
+        quota: Option<&(NamespaceQuota, QuotaUsage)>,
         now: u64,
     ) -> std::result::Result<hami_policy::Scored, Unfit> {
         if let Some(why) = self.unavailable(info, now) {
@@ -903,6 +1016,9 @@ impl SchedulerState {
             Ok(scored) => {
                 if let Some(why) = self.pending_conflict(node, req, &scored.placement, now) {
                     return Err(Unfit::Resolvable(why));
+                }
+                if let Some(q) = quota {
+                    quota_fit(req, node, &scored.placement, q)?;
                 }
                 Ok(scored)
             }
@@ -979,15 +1095,25 @@ impl SchedulerState {
         let Some(req) = self.request(pod)? else {
             return Ok(None);
         };
+        self.observe(&req);
         let policy = self.policy_for(pod)?;
+        let quota = self.quota_of(&req.namespace);
+        let quota = quota.as_ref();
         let mut v = Verdicts::default();
         for name in names {
             let result = match self.index.get(name) {
-                Some(&i) => self.evaluate(&self.cluster.nodes[i], &self.infos[i], &req, policy.as_ref(), now),
+                Some(&i) => self.evaluate(
+                    &self.cluster.nodes[i],
+                    &self.infos[i],
+                    &req,
+                    policy.as_ref(),
+                    quota,
+                    now,
+                ),
                 None => match objects.get(name) {
                     Some(obj) => {
                         let (state, info) = transient_node(obj);
-                        self.evaluate(&state, &info, &req, policy.as_ref(), now)
+                        self.evaluate(&state, &info, &req, policy.as_ref(), quota, now)
                     }
                     None => Err(Unfit::Unresolvable(format!(
                         "unknown node: no {NODE_NVIDIA_REGISTER} annotation seen"
@@ -1023,10 +1149,17 @@ impl SchedulerState {
             });
         };
         if let Some(rec) = self.pods.get(&req.uid) {
-            return Err(Error::PodMismatch {
-                pod: key,
-                detail: format!("already holds an allocation on node {}", rec.node),
-            });
+            if rec.bound || self.in_flight.contains(&req.uid) {
+                return Err(Error::PodMismatch {
+                    pod: key,
+                    detail: format!("already holds an allocation on node {}", rec.node),
+                });
+            }
+            // A decision on a pod that is still pending and that no bind of ours is writing: a bind
+            // that stopped between its patch and its Binding (an extender killed mid-bind). kube-scheduler
+            // binds a pod once at a time, so that bind is over: the decision is void. Decide again;
+            // the new patch replaces it (resourceVersion precondition).
+            self.release(&req.uid);
         }
         let Some(&i) = self.index.get(node) else {
             return Err(Error::NodeUnfit {
@@ -1036,8 +1169,16 @@ impl SchedulerState {
             });
         };
         let policy = self.policy_for(pod)?;
+        let quota = self.quota_of(&req.namespace);
         let scored = self
-            .evaluate(&self.cluster.nodes[i], &self.infos[i], &req, policy.as_ref(), now)
+            .evaluate(
+                &self.cluster.nodes[i],
+                &self.infos[i],
+                &req,
+                policy.as_ref(),
+                quota.as_ref(),
+                now,
+            )
             .map_err(|u| Error::NodeUnfit {
                 pod: key.clone(),
                 node: node.to_owned(),
@@ -1073,12 +1214,14 @@ impl SchedulerState {
             bind_phase: Some(BIND_PHASE_ALLOCATING.to_owned()),
             bind_time: Some(now),
             ours_unseen: true,
+            bound: false,
         };
         self.by_node
             .entry(node.to_owned())
             .or_default()
             .insert(req.uid.clone());
         self.pods.insert(req.uid.clone(), rec);
+        self.in_flight.insert(req.uid.clone());
         Ok(BindPlan {
             node: node.to_owned(),
             devices: Some(devices),
@@ -1087,7 +1230,70 @@ impl SchedulerState {
 
     /// Undoes [`Self::prepare_bind`] after a failed write: the assumption is forgotten.
     pub fn abort_bind(&mut self, uid: &str) {
+        self.in_flight.remove(uid);
         self.release(uid);
+    }
+
+    /// Ends a bind of [`Self::prepare_bind`] that succeeded: the allocation stays, recorded as bound.
+    pub fn finish_bind(&mut self, uid: &str) {
+        self.in_flight.remove(uid);
+        if let Some(rec) = self.pods.get_mut(uid) {
+            rec.bound = true;
+        }
+    }
+
+    /// Binds between [`Self::prepare_bind`] and [`Self::finish_bind`]/[`Self::abort_bind`].
+    #[must_use]
+    pub fn binds_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    // ---- Quota ----
+
+    /// The namespace's configured quota with what its pods hold now.
+    fn quota_of(&self, namespace: &str) -> Option<(NamespaceQuota, QuotaUsage)> {
+        let q = self.settings.quotas.get(namespace)?;
+        Some((*q, self.quota_used(namespace)))
+    }
+
+    // ---- Workload model (fgd, fgd-pack) ----
+
+    /// Records a request the filter saw, for the workload model (fragmentation-aware policies only;
+    /// each pod UID once while remembered).
+    fn observe(&self, req: &PodRequest) {
+        if !matches!(self.settings.policy, PolicyChoice::Fgd { .. }) {
+            return;
+        }
+        if let Some(shape) = gpu_shape(req) {
+            self.history
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .observe(&req.uid, shape);
+        }
+    }
+
+    /// Rebuilds the workload model from the pods held now and the history
+    /// (`hami_policy::workload::build_model`); returns where it came from. Callers run it every
+    /// `refresh_secs`, not per request.
+    pub fn refresh_model(&mut self) -> ModelSource {
+        let w = &self.settings.workload;
+        let fallback = w.default.model();
+        let held = self.ledger.iter().filter_map(|(_, e)| gpu_shape(&e.pod));
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (model, source) = build_model(held, &history, w.coverage, w.min_weight, &fallback);
+        drop(history);
+        self.model = Arc::new(model);
+        self.model_source = source;
+        source
+    }
+
+    /// The workload model in use and where it came from.
+    #[must_use]
+    pub fn workload_model(&self) -> (&WorkloadModel, ModelSource) {
+        (&self.model, self.model_source)
     }
 
     // ---- Views ----
@@ -1172,6 +1378,33 @@ impl SchedulerState {
             .zip(&self.infos)
             .filter(|(_, i)| i.present)
             .map(|(n, _)| n)
+    }
+}
+
+/// Whether `placement` on `node` keeps the pod's namespace within its quota `q` (limits, used now).
+/// Over the limit even alone: unresolvable; otherwise it may clear when the namespace's pods finish.
+fn quota_fit(
+    req: &PodRequest,
+    node: &NodeState,
+    placement: &NodePlacement,
+    q: &(NamespaceQuota, QuotaUsage),
+) -> std::result::Result<(), Unfit> {
+    let demand = QuotaUsage::of_placement(req, placement, node.gpus.len());
+    let Err(e) = hami_policy::check_quota(&q.0, q.1, demand) else {
+        return Ok(());
+    };
+    let why = format!(
+        "{QUOTA_EXCEEDED}: namespace {:?} would use {} {} of its limit {} ({} in use)",
+        req.namespace,
+        e.used.saturating_add(e.requested),
+        e.resource,
+        e.limit,
+        e.used
+    );
+    if hami_policy::check_quota(&q.0, QuotaUsage::default(), demand).is_err() {
+        Err(Unfit::Unresolvable(why))
+    } else {
+        Err(Unfit::Resolvable(why))
     }
 }
 

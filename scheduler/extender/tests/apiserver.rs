@@ -215,8 +215,9 @@ async fn conflicts_and_failed_bindings_roll_back() {
     let pod = fake.insert_pod(gpu_pod("p", 1, 4000, 40));
     let (clock, _) = clock();
     let ext = extender(fake.client(), settings(), clock).await;
-    // 409 on the pod patch: the assumption is forgotten and the error returned.
-    fake.fail_next("PATCH", "/pods/p", 409, 1);
+    // 409 on the pod patch, both from the reflector's copy and from the GET retry: the assumption is
+    // forgotten and the error returned.
+    fake.fail_next("PATCH", "/pods/p", 409, 2);
     let v = post(ext.addr, "/bind", &bind_args(&pod, "n1")).await;
     let e = v["Error"].as_str().expect("error");
     assert!(e.contains("patching") && e.contains("409"), "{e}");
