@@ -98,6 +98,138 @@ pub enum RegionError {
     /// Every process slot is taken by a live process.
     #[error("all {MAX_PROCS} process slots of the shared region are in use")]
     NoSlot,
+    /// A trusted limits file that cannot be used (what is wrong with it).
+    #[error("trusted limits file: {0}")]
+    InvalidLimits(String),
+}
+
+/// File name suffix of a container's trusted limits file: for the region directory
+/// `<regions_dir>/<pod UID>_<container>` the device plugin writes `<regions_dir>/<pod UID>_<container>`
+/// + [`LIMITS_SUFFIX`], beside the directory (never inside it: the directory is the tenant's).
+pub const LIMITS_SUFFIX: &str = ".limits";
+
+/// Where the trusted limits file appears in the container (a read-only bind mount of the host file).
+pub const CONTAINER_LIMITS_FILE: &str = "/usr/local/vgpu/limits";
+
+/// Version of the trusted limits format.
+pub const LIMITS_VERSION: u32 = 1;
+
+/// Largest trusted limits file accepted, bytes (16 devices of UUID and numbers fit in 2 KiB).
+pub const LIMITS_MAX_BYTES: usize = 16 * 1024;
+
+/// What the interceptor does when the container's shared region cannot be used (missing directory,
+/// unreadable or foreign file). Chosen by the operator (agent config
+/// `device_plugin.on_region_error`) and carried in the trusted limits file, never taken from the
+/// tenant's environment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionFailure {
+    /// Refuse every device-memory allocation with `CUDA_ERROR_OUT_OF_MEMORY` (the default).
+    #[default]
+    Closed,
+    /// Let the process run, holding itself alone to the trusted limits (a private region: the other
+    /// processes of the container and the agent's kernel view are not counted).
+    Open,
+}
+
+/// One device of a container, in container order (the order of `NVIDIA_VISIBLE_DEVICES`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLimit {
+    /// The physical GPU's UUID (`GPU-…`, as NVML and `cuDeviceGetUuid` name it).
+    pub uuid: String,
+    /// Device-memory limit, bytes (0: unlimited).
+    pub memory_bytes: u64,
+    /// SM limit, percent of the GPU's SMs (0 or 100: no throttling).
+    pub sm_percent: u32,
+}
+
+/// The limits the device plugin decided for one container: the trusted source the interceptor and the
+/// agent's kernel hard limit read. JSON, written by the agent at Allocate (mode 0444, owned by the
+/// agent's user) beside the tenant-writable region directory and bind-mounted read-only at
+/// [`CONTAINER_LIMITS_FILE`]; the container cannot change it, unlike the region header.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedLimits {
+    /// [`LIMITS_VERSION`].
+    pub version: u32,
+    /// The container's devices in container order: device `i` of the region is `devices[i]`.
+    pub devices: Vec<DeviceLimit>,
+    /// What the interceptor does when the region cannot be used.
+    #[serde(default)]
+    pub on_region_error: RegionFailure,
+}
+
+impl TrustedLimits {
+    /// Parses and checks a trusted limits file: version, at most [`MAX_DEVICES`] devices, non-empty
+    /// distinct UUIDs, SM percent ≤ 100, at most [`LIMITS_MAX_BYTES`] bytes.
+    ///
+    /// # Errors
+    /// [`RegionError::InvalidLimits`] naming what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RegionError> {
+        let bad = |detail: String| RegionError::InvalidLimits(detail);
+        if bytes.len() > LIMITS_MAX_BYTES {
+            return Err(bad(format!("{} bytes, at most {LIMITS_MAX_BYTES}", bytes.len())));
+        }
+        let l: Self = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if l.version != LIMITS_VERSION {
+            return Err(bad(format!("version {}, expected {LIMITS_VERSION}", l.version)));
+        }
+        if l.devices.len() > MAX_DEVICES {
+            return Err(bad(format!("{} devices, at most {MAX_DEVICES}", l.devices.len())));
+        }
+        for (i, d) in l.devices.iter().enumerate() {
+            if d.uuid.is_empty() || l.devices[..i].iter().any(|o| o.uuid == d.uuid) {
+                return Err(bad(format!("device {i}: empty or repeated UUID {:?}", d.uuid)));
+            }
+            if d.sm_percent > 100 {
+                return Err(bad(format!("device {i}: SM limit {} % above 100", d.sm_percent)));
+            }
+        }
+        Ok(l)
+    }
+
+    /// The JSON text of the file (what [`TrustedLimits::parse`] reads back).
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        // Serialising plain strings and integers cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Memory limit per container device, bytes.
+    #[must_use]
+    pub fn memory_limits(&self) -> Vec<u64> {
+        self.devices.iter().map(|d| d.memory_bytes).collect()
+    }
+
+    /// SM limit per container device, percent.
+    #[must_use]
+    pub fn sm_limits(&self) -> Vec<u32> {
+        self.devices.iter().map(|d| d.sm_percent).collect()
+    }
+
+    /// The container index of the GPU named `uuid` (case-insensitive).
+    #[must_use]
+    pub fn index_of(&self, uuid: &str) -> Option<usize> {
+        self.devices
+            .iter()
+            .position(|d| d.uuid.eq_ignore_ascii_case(uuid))
+    }
+}
+
+/// The `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` form of a 16-byte `CUuuid` (what NVML and
+/// `nvidia-smi -L` print for the same GPU).
+#[must_use]
+pub fn gpu_uuid_string(bytes: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(40);
+    s.push_str("GPU-");
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 /// An allocation refused because it would exceed the limit.
@@ -230,6 +362,23 @@ impl Region {
         bytes: u64,
         alive: impl Fn(u32) -> bool,
     ) -> Result<(), OverLimit> {
+        self.try_reserve_within(slot, dev, bytes, self.limit(dev), alive)
+    }
+
+    /// [`Region::try_reserve`] against `limit` (bytes, 0 = unlimited) instead of the header's limit:
+    /// the interceptor passes the limit of the trusted limits file, so a tenant that rewrites the
+    /// header's limits gains nothing.
+    ///
+    /// # Errors
+    /// [`OverLimit`] when the allocation would exceed `limit`.
+    pub fn try_reserve_within(
+        &self,
+        slot: usize,
+        dev: usize,
+        bytes: u64,
+        limit: u64,
+        alive: impl Fn(u32) -> bool,
+    ) -> Result<(), OverLimit> {
         let (Some(reserved), Some(s)) = (self.header.reserved_bytes.get(dev), self.slots.get(slot)) else {
             return Err(OverLimit {
                 limit: 0,
@@ -237,7 +386,6 @@ impl Region {
                 requested: bytes,
             });
         };
-        let limit = self.limit(dev);
         let mut reclaimed = false;
         loop {
             let before = reserved.fetch_add(bytes, Ordering::AcqRel);
@@ -412,6 +560,68 @@ mod tests {
             r.try_reserve(a, MAX_DEVICES, 1, |_| true).is_err(),
             "out of range"
         );
+    }
+
+    #[test]
+    fn a_scribbled_header_limit_does_not_raise_the_trusted_limit() {
+        let r = zeroed();
+        r.init(&[GIB], &[0]);
+        let a = r.attach(1, |_| true).unwrap();
+        // The tenant writes 100 GiB into the header; the interceptor reserves against the trusted 1 GiB.
+        r.header.limit_bytes[0].store(100 * GIB, Ordering::Relaxed);
+        assert!(
+            r.try_reserve(a, 0, 2 * GIB, |_| true).is_ok(),
+            "the header alone is tenant-writable"
+        );
+        r.release(a, 0, 2 * GIB);
+        let e = r.try_reserve_within(a, 0, 2 * GIB, GIB, |_| true).unwrap_err();
+        assert_eq!((e.limit, e.used), (GIB, 0));
+        assert!(r.try_reserve_within(a, 0, GIB, GIB, |_| true).is_ok());
+    }
+
+    #[test]
+    fn trusted_limits_round_trip_and_strict_parsing() {
+        let l = TrustedLimits {
+            version: LIMITS_VERSION,
+            devices: vec![
+                DeviceLimit {
+                    uuid: "GPU-b".into(),
+                    memory_bytes: 3000 * MIB,
+                    sm_percent: 30,
+                },
+                DeviceLimit {
+                    uuid: "GPU-a".into(),
+                    memory_bytes: 5000 * MIB,
+                    sm_percent: 0,
+                },
+            ],
+            on_region_error: RegionFailure::Open,
+        };
+        let back = TrustedLimits::parse(l.to_json().as_bytes()).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.memory_limits(), [3000 * MIB, 5000 * MIB]);
+        assert_eq!(back.index_of("gpu-A"), Some(1));
+        // Defaults to fail-closed when the field is absent.
+        let closed = TrustedLimits::parse(br#"{"version":1,"devices":[]}"#).unwrap();
+        assert_eq!(closed.on_region_error, RegionFailure::Closed);
+        for bad in [
+            &br#"{"version":2,"devices":[]}"#[..],
+            br#"{"version":1,"devices":[],"extra":1}"#,
+            br#"{"version":1,"devices":[{"uuid":"","memory_bytes":1,"sm_percent":0}]}"#,
+            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":101}]}"#,
+            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":0},{"uuid":"a","memory_bytes":1,"sm_percent":0}]}"#,
+            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":-1,"sm_percent":0}]}"#,
+            br#"{"version":1,"devices":[],"on_region_error":"maybe"}"#,
+            b"not json",
+        ] {
+            assert!(
+                matches!(TrustedLimits::parse(bad), Err(RegionError::InvalidLimits(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let uuid = [0xfa, 0x4e, 0, 0, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 2];
+        assert_eq!(gpu_uuid_string(&uuid), "GPU-fa4e0000-0000-4000-8000-000000000002");
     }
 
     #[test]

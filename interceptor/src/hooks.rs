@@ -47,10 +47,11 @@ fn reserved(
     rc
 }
 
-/// Calls `alloc` under the process's mode: pass-through, enforced on device `dev()` (when known), or
-/// refused.
+/// Calls `alloc` under the process's mode: pass-through, enforced on the container device of the
+/// driver's device `ordinal()` (when known), or refused (a broken configuration, or a device that is
+/// not one of the container's).
 fn on_device(
-    dev: impl FnOnce() -> Option<usize>,
+    ordinal: impl FnOnce() -> Option<usize>,
     bytes: u64,
     alloc: impl FnOnce() -> CUresult,
     key: impl FnOnce() -> u64,
@@ -61,8 +62,11 @@ fn on_device(
             crate::log(|| format!("refusing an allocation: {why}"));
             CUDA_ERROR_OUT_OF_MEMORY
         }
-        Mode::On(e) => match dev() {
-            Some(dev) => reserved(e, dev, bytes, alloc, key),
+        Mode::On(e) => match ordinal() {
+            Some(ordinal) => match e.index(ordinal) {
+                Some(dev) => reserved(e, dev, bytes, alloc, key),
+                None => CUDA_ERROR_OUT_OF_MEMORY,
+            },
             None => alloc(),
         },
     }
@@ -330,8 +334,10 @@ pub(crate) unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CUresu
     if rc != CUDA_SUCCESS || free.is_null() || total.is_null() {
         return rc;
     }
-    if let (Mode::On(e), Some(dev)) = (mode(), current_device()) {
-        let limit = e.region.limit(dev);
+    if let Mode::On(e) = mode()
+        && let Some(dev) = current_device().and_then(|o| e.index(o))
+    {
+        let limit = e.limit(dev);
         if limit > 0 {
             // SAFETY: written by the driver above.
             unsafe {
@@ -354,8 +360,10 @@ pub(crate) unsafe fn device_total_mem(bytes: *mut usize, dev: c_int) -> CUresult
     if rc != CUDA_SUCCESS || bytes.is_null() {
         return rc;
     }
-    if let (Mode::On(e), Ok(d)) = (mode(), usize::try_from(dev)) {
-        let limit = e.region.limit(d);
+    if let Mode::On(e) = mode()
+        && let Some(d) = usize::try_from(dev).ok().and_then(|o| e.index(o))
+    {
+        let limit = e.limit(d);
         if limit > 0 {
             // SAFETY: written by the driver above.
             unsafe { *bytes = usize::try_from((*bytes as u64).min(limit)).unwrap_or(usize::MAX) };
@@ -375,17 +383,43 @@ pub(crate) unsafe fn nvml_device_get_index(device: *mut c_void, index: *mut c_ui
 /// `NVML_ERROR_FUNCTION_NOT_FOUND`.
 const NVML_ERROR_FUNCTION_NOT_FOUND: CUresult = 13;
 
-/// The container's (limit, used) on the NVML `device`, when limited.
-fn nvml_limit(device: *mut c_void) -> Option<(u64, u64)> {
-    let Mode::On(e) = mode() else { return None };
-    let f = crate::symbols::nvml::real::nvmlDeviceGetIndex()?;
-    let mut idx: c_uint = 0;
-    // SAFETY: a valid out-pointer; the handle is the caller's.
-    if unsafe { f(device, &raw mut idx) } != 0 {
+/// The UUID NVML gives for `device` (`nvmlDeviceGetUUID`).
+fn nvml_uuid(device: *mut c_void) -> Option<String> {
+    type GetUuid = unsafe extern "C" fn(*mut c_void, *mut c_char, c_uint) -> CUresult;
+    static F: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let p = *F.get_or_init(|| crate::real_nvml_symbol(c"nvmlDeviceGetUUID") as usize);
+    if p == 0 {
         return None;
     }
-    let dev = usize::try_from(idx).ok()?;
-    let limit = e.region.limit(dev);
+    // SAFETY: NVML's nvmlDeviceGetUUID, whose C signature is GetUuid.
+    let f = unsafe { std::mem::transmute::<usize, GetUuid>(p) };
+    let mut buf = [0 as c_char; 96];
+    // SAFETY: a 96-byte buffer (NVML_DEVICE_UUID_V2_BUFFER_SIZE); the handle is the caller's.
+    if unsafe { f(device, buf.as_mut_ptr(), 96) } != 0 {
+        return None;
+    }
+    buf[95] = 0;
+    // SAFETY: NUL-terminated: NVML wrote a C string, and the last byte is 0 in any case.
+    let s = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    s.to_str().ok().map(str::to_owned)
+}
+
+/// The container's (limit, used) on the NVML `device`, when limited. With trusted limits the device
+/// is found by UUID; otherwise by NVML index (HAMi's rule).
+fn nvml_limit(device: *mut c_void) -> Option<(u64, u64)> {
+    let Mode::On(e) = mode() else { return None };
+    let dev = if e.by_uuid() {
+        e.index_of_uuid(&nvml_uuid(device)?)?
+    } else {
+        let f = crate::symbols::nvml::real::nvmlDeviceGetIndex()?;
+        let mut idx: c_uint = 0;
+        // SAFETY: a valid out-pointer; the handle is the caller's.
+        if unsafe { f(device, &raw mut idx) } != 0 {
+            return None;
+        }
+        usize::try_from(idx).ok()?
+    };
+    let limit = e.limit(dev);
     (limit > 0).then(|| (limit, e.region.used(dev)))
 }
 

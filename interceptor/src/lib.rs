@@ -17,13 +17,64 @@
 //! Compute: launches are throttled to the container's SM limit by a controller fed by measured
 //! utilisation ([`throttle`] documents the control law).
 //!
-//! Limits: the process that creates the region writes them from `CUDA_DEVICE_MEMORY_LIMIT_<i>` /
-//! `CUDA_DEVICE_MEMORY_LIMIT` and `CUDA_DEVICE_SM_LIMIT` (HAMi's names, parsed strictly: `4Gi` is 4 GiB,
-//! `4GB` is an error); later processes use the region's limits and ignore their own environment.
+//! Limits, in order of trust:
+//! 1. the **trusted limits file** `/usr/local/vgpu/limits` (`hami_api::region::TrustedLimits`): the
+//!    device plugin writes it at Allocate and mounts it read-only; when it is there, it is the only
+//!    source (the environment's limits are ignored, and logged when they differ), the region is the
+//!    one in `/usr/local/vgpu` whatever `CUDA_DEVICE_MEMORY_SHARED_CACHE` says, and devices are
+//!    matched by UUID: the limit of CUDA ordinal `o` is that of the GPU whose `cuDeviceGetUuid` is the
+//!    file's (CUDA numbers visible GPUs fastest first, then by PCI bus, not in `NVIDIA_VISIBLE_DEVICES`
+//!    order); a GPU that is not in the file gets no allocation at all;
+//! 2. otherwise HAMi's variables: the process that creates the region writes them from
+//!    `CUDA_DEVICE_MEMORY_LIMIT_<i>` / `CUDA_DEVICE_MEMORY_LIMIT` and `CUDA_DEVICE_SM_LIMIT` (parsed
+//!    strictly: `4Gi` is 4 GiB, `4GB` is an error), later processes use the region's limits and ignore
+//!    their own environment, and CUDA ordinal `i` is container device `i`.
 //!
-//! Failure policy: with neither the region variable nor a limit variable set, nothing is enforced (the
-//! library is harmless in containers without vGPUs). When they are set but the region cannot be used,
-//! allocations fail (fail-closed).
+//! # Integrity model (who can write what)
+//!
+//! | what | written by | the tenant (root in its container, no `CAP_SYS_ADMIN`) |
+//! |---|---|---|
+//! | trusted limits file (host `<regions_dir>/<pod UID>_<container>.limits`, 0444) | the agent, at Allocate | cannot write it (read-only bind mount: `EROFS` whatever its capabilities), replace or remove it (a mount point: `EBUSY`), or reach the host file (outside its mounts) |
+//! | region directory `/usr/local/vgpu` (0777) | the device plugin creates it | can add, remove and replace files in it |
+//! | region file (header, reservations, slots) | every process of the container; the agent writes the kernel's view | can rewrite anything in it |
+//! | `libvgpu.so`, `/etc/ld.so.preload` | the node (read-only mounts) | cannot change them |
+//!
+//! So the limits (bytes, SM percent, which GPUs) and the failure policy cannot be raised from inside the
+//! container: every check reads them from the trusted file, never from the region header (a tenant
+//! that writes 100 GiB there still gets `CUDA_ERROR_OUT_OF_MEMORY` at its limit; test
+//! `a_tenant_that_rewrites_the_region_header_still_gets_oom_at_the_trusted_limit`). The *usage*
+//! counters live in the tenant-writable region, so a root tenant that zeroes them (or deletes the
+//! region file and lets a new one be created) can get past the interceptor's accounting, and so can a
+//! process that escapes the interceptor altogether; the kernel hard limit (agent `hard_limit`) holds
+//! both: it counts device memory from the driver's ioctls and takes the limit from the same trusted
+//! file, which the tenant cannot touch. The interceptor is the cooperative, precise layer (an
+//! ordinary `CUDA_ERROR_OUT_OF_MEMORY`); the kernel is the one a hostile tenant cannot talk its way
+//! past.
+//!
+//! # What escapes the interceptor
+//!
+//! Interposition needs the dynamic loader: `LD_PRELOAD` or `/etc/ld.so.preload` (which the device
+//! plugin mounts, so a tenant that clears `LD_PRELOAD` is still intercepted; test
+//! `a_tenant_that_clears_ld_preload_is_still_intercepted_through_ld_so_preload`), symbol lookups by
+//! name, and `dlsym` (interposed). Not intercepted: a statically linked program (no loader, no
+//! preload); code in a library loaded with `dlopen(..., RTLD_DEEPBIND)` (deep binding resolves that
+//! library's own references, including its calls into libcuda and to `dlsym` itself, in its own
+//! dependency scope before the global one, where this library is, so it reaches the real driver and
+//! glibc's `dlsym` directly: a runtime loaded that way is not intercepted at all); a program that
+//! finds libcuda's functions without `dlsym` (walking the ELF symbol table) or issues the driver's RM
+//! ioctls itself; and anything that clears `/etc/ld.so.preload`, which the tenant cannot (read-only mount).
+//! What escapes is still device memory allocated through `/dev/nvidiactl`, which the agent's eBPF
+//! programs see: with `hard_limit` on, such a process is killed (or, where BPF LSM programs load, its
+//! allocation refused with `ENOMEM`) when it takes the container past its trusted limit.
+//!
+//! Failure policy: with neither a trusted limits file, the region variable nor a limit variable, nothing
+//! is enforced (the library is harmless in containers without vGPUs). With a trusted limits file whose
+//! region cannot be used (missing or read-only directory, foreign or unreadable file), the file's
+//! `on_region_error`, set by the operator (agent `device_plugin.on_region_error`), decides: `closed`
+//! (the default) refuses every device-memory allocation with `CUDA_ERROR_OUT_OF_MEMORY`; `open` lets
+//! the process run against a private region, holding itself alone to the limits (the container's other
+//! processes and the agent's kernel view are not counted). A trusted limits file that is unreadable or
+//! invalid, limit variables that do not parse, and limit variables without a region fail closed.
 //!
 //! Every export catches panics; nothing is logged unless `HAMI_VGPU_LOG=1`.
 #![allow(

@@ -8,21 +8,70 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use hami_api::region::{MAX_DEVICES, REGION_SIZE, Region};
+use hami_api::region::{MAX_DEVICES, REGION_SIZE, Region, RegionFailure, TrustedLimits};
 
 /// Whether and how this process enforces limits.
 pub(crate) enum Mode {
     /// No region and no limit configured: pass everything through.
     Off,
     /// Enforcing against the region.
-    On(Enforcer),
+    On(Box<Enforcer>),
     /// Configured but unusable: refuse allocations (fail-closed), with the reason.
     Broken(String),
 }
 
+/// The limits a process enforces, per container device (the region's device index).
+pub(crate) struct Limits {
+    /// Bytes per device (0: unlimited).
+    memory: [u64; MAX_DEVICES],
+    /// Percent per device (0: none).
+    sm: [u32; MAX_DEVICES],
+    /// GPU UUIDs in container order, from the trusted file: CUDA ordinals are mapped to container
+    /// devices by UUID. `None`: ordinal = container index (HAMi's rule, for limits from the env).
+    uuids: Option<Vec<String>>,
+}
+
+impl Limits {
+    fn from_trusted(t: &TrustedLimits) -> Self {
+        let mut l = Self {
+            memory: [0; MAX_DEVICES],
+            sm: [0; MAX_DEVICES],
+            uuids: Some(t.devices.iter().map(|d| d.uuid.clone()).collect()),
+        };
+        for (i, d) in t.devices.iter().take(MAX_DEVICES).enumerate() {
+            l.memory[i] = d.memory_bytes;
+            l.sm[i] = d.sm_percent;
+        }
+        l
+    }
+
+    /// The limits a region holds (env mode: frozen by the region's creator).
+    fn from_region(r: &Region) -> Self {
+        let mut l = Self {
+            memory: [0; MAX_DEVICES],
+            sm: [0; MAX_DEVICES],
+            uuids: None,
+        };
+        for i in 0..MAX_DEVICES {
+            l.memory[i] = r.limit(i);
+            l.sm[i] = r.sm_limit(i);
+        }
+        l
+    }
+}
+
+/// Container index cache entry: not looked up yet.
+const UNKNOWN: u32 = u32::MAX;
+/// Container index cache entry: the driver's device is none of the container's devices.
+const FOREIGN: u32 = u32::MAX - 1;
+
 /// Enforcement state.
 pub(crate) struct Enforcer {
     pub(crate) region: &'static Region,
+    /// The limits enforced (trusted file, or the region's when limits come from the environment).
+    limits: Limits,
+    /// CUDA ordinal → container device index ([`UNKNOWN`], [`FOREIGN`]).
+    ordinals: [std::sync::atomic::AtomicU32; MAX_DEVICES],
     /// (pid << 32 | slot) of the process that attached; re-attached after a fork.
     slot: AtomicU64,
     /// Device pointers and VMM handles this process allocated: key → (device, bytes).
@@ -73,10 +122,63 @@ impl Enforcer {
             .collect()
     }
 
-    /// Reserves `bytes` on `dev`; `false` when over the limit (or no slot).
+    /// The memory limit of container device `dev`, bytes (0: unlimited).
+    pub(crate) fn limit(&self, dev: usize) -> u64 {
+        self.limits.memory.get(dev).copied().unwrap_or(0)
+    }
+
+    /// The SM limit of container device `dev`, percent (0: none).
+    pub(crate) fn sm_limit(&self, dev: usize) -> u32 {
+        self.limits.sm.get(dev).copied().unwrap_or(0)
+    }
+
+    /// The container device of the driver's device `ordinal` (`cuCtxGetDevice`, a `CUmemLocation`
+    /// id): with trusted limits, the position of the device's UUID (`cuDeviceGetUuid`) in the trusted
+    /// list, because CUDA numbers the visible GPUs in its own order (fastest first, then PCI bus), not
+    /// in `NVIDIA_VISIBLE_DEVICES` order; `None` for a device that is not the container's. Without
+    /// UUIDs (limits from the environment, or a driver that cannot tell), the ordinal itself.
+    pub(crate) fn index(&self, ordinal: usize) -> Option<usize> {
+        let Some(uuids) = &self.limits.uuids else {
+            return Some(ordinal);
+        };
+        let cell = self.ordinals.get(ordinal)?;
+        match cell.load(Ordering::Relaxed) {
+            FOREIGN => return None,
+            UNKNOWN => {}
+            i => return usize::try_from(i).ok(),
+        }
+        let Some(uuid) = device_uuid(ordinal) else {
+            return Some(ordinal);
+        };
+        let found = uuids.iter().position(|u| u.eq_ignore_ascii_case(&uuid));
+        let v = found.map_or(FOREIGN, |i| u32::try_from(i).unwrap_or(FOREIGN));
+        cell.store(v, Ordering::Relaxed);
+        if found.is_none() {
+            crate::log(|| format!("device {ordinal} ({uuid}) is not one of the container's GPUs"));
+        }
+        found
+    }
+
+    /// The container device of the GPU named `uuid` (NVML's answer), or `None`.
+    pub(crate) fn index_of_uuid(&self, uuid: &str) -> Option<usize> {
+        self.limits
+            .uuids
+            .as_ref()
+            .and_then(|u| u.iter().position(|x| x.eq_ignore_ascii_case(uuid)))
+    }
+
+    /// Whether devices are identified by UUID (trusted limits).
+    pub(crate) fn by_uuid(&self) -> bool {
+        self.limits.uuids.is_some()
+    }
+
+    /// Reserves `bytes` on container device `dev`; `false` when over the limit (or no slot).
     pub(crate) fn reserve(&self, dev: usize, bytes: u64) -> bool {
         let Some(slot) = self.slot() else { return false };
-        match self.region.try_reserve(slot, dev, bytes, alive) {
+        match self
+            .region
+            .try_reserve_within(slot, dev, bytes, self.limit(dev), alive)
+        {
             Ok(()) => true,
             Err(e) => {
                 crate::log(|| {
@@ -162,6 +264,78 @@ impl Enforcer {
             self.unreserve(dev, bytes);
         }
     }
+}
+
+/// The UUID of the driver's device `ordinal` (`cuDeviceGetUuid`), `GPU-…` form.
+fn device_uuid(ordinal: usize) -> Option<String> {
+    type GetUuid = unsafe extern "C" fn(*mut u8, std::ffi::c_int) -> crate::CUresult;
+    static F: OnceLock<usize> = OnceLock::new();
+    let p = *F.get_or_init(|| crate::real_symbol(c"cuDeviceGetUuid") as usize);
+    if p == 0 {
+        return None;
+    }
+    // SAFETY: the driver's cuDeviceGetUuid, whose C signature is GetUuid.
+    let f = unsafe { std::mem::transmute::<usize, GetUuid>(p) };
+    let mut raw = [0u8; 16];
+    let dev = std::ffi::c_int::try_from(ordinal).ok()?;
+    // SAFETY: a 16-byte out-buffer (CUuuid).
+    let rc = unsafe { f(raw.as_mut_ptr(), dev) };
+    (rc == crate::CUDA_SUCCESS).then(|| hami_api::region::gpu_uuid_string(&raw))
+}
+
+/// The trusted limits file, when the device plugin mounted one: `Ok(None)` when there is none,
+/// `Err` when it is there but unreadable or invalid (the process then fails closed: the operator's
+/// failure policy is in the file it cannot read).
+fn trusted_limits() -> Result<Option<TrustedLimits>, String> {
+    let path = hami_api::region::CONTAINER_LIMITS_FILE;
+    match std::fs::read(path) {
+        Ok(bytes) => TrustedLimits::parse(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{path}: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+/// Logs (when asked) where the environment's limits differ from the trusted file's: the file wins.
+fn compare_env(t: &TrustedLimits, env: Result<&(Vec<u64>, Vec<u32>, bool), &String>) {
+    match env {
+        Err(e) => crate::log(|| format!("ignoring the environment's limits ({e}): the trusted file wins")),
+        Ok((mem, sm, any)) => {
+            let file_mem = t.memory_limits();
+            let differs = (*any
+                && mem
+                    .iter()
+                    .enumerate()
+                    .any(|(i, m)| file_mem.get(i).copied().unwrap_or(0) != *m))
+                || t.devices.first().map_or(0, |d| d.sm_percent) != sm.first().copied().unwrap_or(0);
+            if differs {
+                crate::log(|| {
+                    format!(
+                        "environment limits {:?} / SM {:?} differ from the trusted file's {:?} / SM {:?}: the file wins",
+                        &mem[..t.devices.len().max(1).min(mem.len())],
+                        sm.first(),
+                        file_mem,
+                        t.devices.first().map(|d| d.sm_percent)
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// A private, process-local region (fail-open): the process holds itself to the limits alone.
+fn private_region(limits: &[u64], sm: &[u32]) -> Result<&'static Region, String> {
+    let map = memmap2::MmapOptions::new()
+        .len(REGION_SIZE)
+        .map_anon()
+        .map_err(|e| format!("anonymous region: {e}"))?;
+    let map: &'static mut memmap2::MmapMut = Box::leak(Box::new(map));
+    // SAFETY: a zeroed, page-aligned anonymous mapping of REGION_SIZE bytes that lives for the
+    // process; every field of Region is an integer atomic.
+    let region: &'static Region = unsafe { &*map.as_ptr().cast::<Region>() };
+    region.init(limits, sm);
+    Ok(region)
 }
 
 /// Limits from the environment (HAMi names), bytes and percent per device.
@@ -285,41 +459,82 @@ fn trusted_region() -> Option<String> {
 
 pub(crate) fn mode() -> &'static Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
-    MODE.get_or_init(|| {
-        let path = trusted_region().or_else(|| {
-            std::env::var(hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE)
-                .ok()
-                .filter(|p| !p.is_empty())
-        });
-        let (limits, sm, any) = match env_limits() {
-            Ok(l) => l,
-            Err(e) => return Mode::Broken(e),
-        };
-        let Some(path) = path else {
-            return if any {
-                Mode::Broken(format!(
-                    "memory limits are set but {} is not",
-                    hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE
-                ))
-            } else {
-                Mode::Off
-            };
-        };
-        match map_region(&path, &limits, &sm) {
+    MODE.get_or_init(setup)
+}
+
+fn enforcer(region: &'static Region, limits: Limits) -> Mode {
+    Mode::On(Box::new(Enforcer {
+        region,
+        limits,
+        ordinals: std::array::from_fn(|_| std::sync::atomic::AtomicU32::new(UNKNOWN)),
+        slot: AtomicU64::new(u64::MAX),
+        allocs: Mutex::new(HashMap::new()),
+        vmm: Mutex::new(Vmm::default()),
+    }))
+}
+
+fn attach(region: &'static Region) {
+    if let Some(id) = own_cgroup_id() {
+        region.set_cgroup_id(id);
+    }
+    // SAFETY: registering a plain extern "C" function with atexit.
+    unsafe { libc::atexit(detach_at_exit) };
+}
+
+fn setup() -> Mode {
+    let env = env_limits();
+    let trusted = match trusted_limits() {
+        Ok(t) => t,
+        Err(e) => return Mode::Broken(e),
+    };
+    if let Some(t) = trusted {
+        // The device plugin's limits: the region is the one in its directory, whatever the
+        // environment says, and the environment's limits are ignored.
+        compare_env(&t, env.as_ref());
+        let path = trusted_region().unwrap_or_else(|| format!("{TRUSTED_REGION_DIR}/vgpu.cache"));
+        let (mem, sm) = (t.memory_limits(), t.sm_limits());
+        let limits = Limits::from_trusted(&t);
+        return match map_region(&path, &mem, &sm) {
             Ok(region) => {
-                if let Some(id) = own_cgroup_id() {
-                    region.set_cgroup_id(id);
-                }
-                // SAFETY: registering a plain extern "C" function with atexit.
-                unsafe { libc::atexit(detach_at_exit) };
-                Mode::On(Enforcer {
-                    region,
-                    slot: AtomicU64::new(u64::MAX),
-                    allocs: Mutex::new(HashMap::new()),
-                    vmm: Mutex::new(Vmm::default()),
-                })
+                attach(region);
+                enforcer(region, limits)
             }
-            Err(e) => Mode::Broken(e),
+            Err(e) => match t.on_region_error {
+                RegionFailure::Closed => Mode::Broken(format!("{e} (fail-closed)")),
+                RegionFailure::Open => {
+                    crate::log(|| format!("{e}: fail-open, this process alone holds itself to the limits"));
+                    match private_region(&mem, &sm) {
+                        Ok(region) => enforcer(region, limits),
+                        Err(e2) => Mode::Broken(format!("{e}; {e2}")),
+                    }
+                }
+            },
+        };
+    }
+    let path = trusted_region().or_else(|| {
+        std::env::var(hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE)
+            .ok()
+            .filter(|p| !p.is_empty())
+    });
+    let (limits, sm, any) = match env {
+        Ok(l) => l,
+        Err(e) => return Mode::Broken(e),
+    };
+    let Some(path) = path else {
+        return if any {
+            Mode::Broken(format!(
+                "memory limits are set but {} is not",
+                hami_api::env::CUDA_DEVICE_MEMORY_SHARED_CACHE
+            ))
+        } else {
+            Mode::Off
+        };
+    };
+    match map_region(&path, &limits, &sm) {
+        Ok(region) => {
+            attach(region);
+            enforcer(region, Limits::from_region(region))
         }
-    })
+        Err(e) => Mode::Broken(e),
+    }
 }

@@ -41,7 +41,7 @@ pub(crate) fn before_launch() {
     }
     if t == 0 {
         let target = match mode() {
-            Mode::On(e) => match e.region.sm_limit(0) {
+            Mode::On(e) => match e.sm_limit(0) {
                 l @ 1..=99 => l,
                 _ => u32::MAX,
             },
@@ -196,7 +196,7 @@ fn controller() {
     // The container's utilisation is summed over the pids of the region's slots: take ours.
     let _ = e.slot();
     let mut nvml = Nvml::open();
-    let target = f64::from(e.region.sm_limit(0));
+    let target = f64::from(e.sm_limit(0));
     let mut agent_seen = 0u64;
     while CONTROLLER.load(Ordering::Acquire) == pid {
         std::thread::sleep(PERIOD);

@@ -81,6 +81,11 @@ impl Drop for Scratch {
 
 impl Env {
     fn new(test: &str, memory_mib: u64) -> Option<Self> {
+        Self::with_gpus(test, 1, memory_mib)
+    }
+
+    /// A node of `gpus` GPUs of `memory_mib` each.
+    fn with_gpus(test: &str, gpus: u32, memory_mib: u64) -> Option<Self> {
         if !privileged_or_skip(test) {
             return None;
         }
@@ -89,7 +94,7 @@ impl Env {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("lib")).expect("scratch dir");
         std::fs::copy(&libcuda, dir.join("lib/libcuda.so.1")).expect("copying the fake libcuda");
-        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(1, memory_mib)).expect("node");
+        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(gpus, memory_mib)).expect("node");
         Some(Self {
             node,
             _scratch: Scratch(dir.clone()),
@@ -650,4 +655,356 @@ fn the_trusted_region_wins_over_the_tenants_environment() {
         text(&o)
     );
     assert!(!evil.exists(), "the tenant's own region was never created");
+}
+
+/// Writes a trusted limits file as the device plugin does at Allocate (mode 0444): `devices` are
+/// (UUID, bytes) in container order.
+fn write_trusted(path: &Path, devices: &[(&str, u64)], policy: hami_api::region::RegionFailure) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = hami_api::region::TrustedLimits {
+        version: hami_api::region::LIMITS_VERSION,
+        devices: devices
+            .iter()
+            .map(|(uuid, bytes)| hami_api::region::DeviceLimit {
+                uuid: (*uuid).to_owned(),
+                memory_bytes: *bytes,
+                sm_percent: 0,
+            })
+            .collect(),
+        on_region_error: policy,
+    };
+    std::fs::write(path, t.to_json()).expect("limits file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).expect("chmod 0444");
+}
+
+/// `script` (sh; the workload is `$0`) with the library preloaded, as a container sees the device
+/// plugin's mounts: in a private mount namespace, `/usr/local` is a tmpfs holding `/usr/local/vgpu` =
+/// `region_dir` (read-write bind; `None`: no region directory, and `/usr/local` is read-only, so no
+/// region can be created) and `/usr/local/vgpu/limits` = `limits` (read-only bind). The host's
+/// mounts are not touched. The environment also points `CUDA_DEVICE_MEMORY_SHARED_CACHE` at a file of
+/// the tenant's (`evil.cache`), which must never be used.
+fn in_container(env: &Env, region_dir: Option<&Path>, limits: &Path, script: &str) -> Command {
+    let setup = format!(
+        "set -e; mount -t tmpfs none /usr/local; mkdir /usr/local/vgpu; {bind} touch /usr/local/vgpu/limits; \
+         mount --bind '{limits}' /usr/local/vgpu/limits; mount -o remount,bind,ro /usr/local/vgpu/limits; {ro} set +e; ",
+        bind = region_dir.map_or(String::new(), |d| format!(
+            "mount --bind '{}' /usr/local/vgpu;",
+            d.display()
+        )),
+        limits = limits.display(),
+        ro = if region_dir.is_none() {
+            "mount -o remount,ro /usr/local;"
+        } else {
+            ""
+        },
+    );
+    let mut cmd = env.command("unshare", true, Some(&env.dir.join("evil.cache")));
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!("{setup}{script}"))
+        .arg(&env.workload);
+    cmd
+}
+
+fn gpu_uuid(env: &Env, gpu: usize) -> String {
+    env.node.ground_truth().gpus[gpu].uuid.clone()
+}
+
+#[test]
+fn a_tenant_that_rewrites_the_region_header_still_gets_oom_at_the_trusted_limit() {
+    // The container's trusted limit is 1 GiB. Its region exists, and the tenant (root in its container)
+    // has rewritten the header's limit to 100 GiB and asks for 100 GiB in its environment. It cannot
+    // change or remove the read-only limits file, and its allocations stop at 1 GiB.
+    let Some(env) = Env::new("header-scribble", 4096) else {
+        return;
+    };
+    let regions = env.dir.join("regions");
+    let dir = regions.join("pod_main");
+    std::fs::create_dir_all(&dir).unwrap();
+    let map = map_region(&dir.join("vgpu.cache"), 100 * GIB, 0, 0);
+    let limits = regions.join("pod_main.limits");
+    write_trusted(
+        &limits,
+        &[(&gpu_uuid(&env, 0), GIB)],
+        hami_api::region::RegionFailure::Closed,
+    );
+    let o = in_container(
+        &env,
+        Some(&dir),
+        &limits,
+        "if echo '{}' > /usr/local/vgpu/limits 2>/dev/null; then echo limits-written; fi; \
+         if rm -f /usr/local/vgpu/limits 2>/dev/null; then echo limits-removed; fi; \
+         \"$0\" --alloc 536870912 --free || exit 3; exec \"$0\" --alloc 2147483648",
+    )
+    .env("CUDA_DEVICE_MEMORY_LIMIT_0", "100g")
+    .env("HAMI_VGPU_LOG", "1")
+    .output()
+    .expect("tenant");
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        !out.contains("limits-written") && !out.contains("limits-removed"),
+        "{}",
+        text(&o)
+    );
+    assert!(out.contains("freed"), "512 MiB fits in 1 GiB: {}", text(&o));
+    assert!(oom(&o, "cuMemAlloc_v2"), "the trusted 1 GiB holds: {}", text(&o));
+    assert!(err.contains("the file wins"), "the disagreement is logged: {err}");
+    assert!(
+        out.contains(&format!("device 0 total {GIB}")),
+        "the trusted limit is the total: {out}"
+    );
+    assert!(
+        !env.dir.join("evil.cache").exists(),
+        "the environment's region is never used"
+    );
+    #[allow(unsafe_code, reason = "viewing the test's own mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, integer atomics only; `map` outlives the reference.
+    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
+    assert_eq!(r.used(0), 0, "the shared region was used, and returned to 0");
+    assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 0);
+}
+
+#[test]
+fn without_a_usable_region_the_operators_policy_fails_closed_or_open() {
+    use hami_api::region::RegionFailure;
+    let Some(env) = Env::new("fail-policy", 4096) else {
+        return;
+    };
+    let script =
+        "\"$0\" --alloc 1048576 --free; echo \"small=$?\"; \"$0\" --alloc 2147483648; echo \"big=$?\"";
+    for policy in [RegionFailure::Closed, RegionFailure::Open] {
+        let limits = env.dir.join(format!("{policy:?}.limits"));
+        write_trusted(&limits, &[(&gpu_uuid(&env, 0), GIB)], policy);
+        let o = in_container(&env, None, &limits, script)
+            .output()
+            .expect("tenant");
+        let out = String::from_utf8_lossy(&o.stdout);
+        let refusals = String::from_utf8_lossy(&o.stderr)
+            .matches("cuMemAlloc_v2 failed: CUresult 2")
+            .count();
+        match policy {
+            // Closed: even 1 MiB is refused, without reaching the driver.
+            RegionFailure::Closed => {
+                assert!(out.contains("small=1") && out.contains("big=1"), "{}", text(&o));
+                assert_eq!(refusals, 2, "{}", text(&o));
+            }
+            // Open: the process runs, and still holds itself to the trusted 1 GiB.
+            RegionFailure::Open => {
+                assert!(out.contains("freed") && out.contains("small=0"), "{}", text(&o));
+                assert!(out.contains("big=1"), "{}", text(&o));
+                assert_eq!(refusals, 1, "{}", text(&o));
+            }
+        }
+        assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 0);
+    }
+    // A trusted limits file that cannot be read fails closed whatever it would have said.
+    let bad = env.dir.join("bad.limits");
+    std::fs::write(
+        &bad,
+        "{\"version\":1,\"devices\":[],\"on_region_error\":\"sometimes\"}",
+    )
+    .unwrap();
+    let dir = env.dir.join("bad-region");
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = in_container(&env, Some(&dir), &bad, "exec \"$0\" --alloc 1048576")
+        .output()
+        .expect("tenant");
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+}
+
+#[test]
+fn a_two_gpu_container_gets_each_limit_on_its_own_gpu_by_uuid() {
+    // The node has three GPUs; the container holds GPU 2 (1 GiB) and GPU 0 (2 GiB), in that order (the
+    // device plugin's `NVIDIA_VISIBLE_DEVICES` order). CUDA numbers GPUs in its own order, so the
+    // interceptor finds each device's limit by UUID: ordinal 0 (GPU 0) gets 2 GiB, ordinal 2 (GPU 2)
+    // 1 GiB, and GPU 1 is not the container's.
+    let Some(env) = Env::with_gpus("multi-gpu", 3, 4096) else {
+        return;
+    };
+    let regions = env.dir.join("regions");
+    let dir = regions.join("pod_main");
+    std::fs::create_dir_all(&dir).unwrap();
+    let limits = regions.join("pod_main.limits");
+    let (g0, g2) = (gpu_uuid(&env, 0), gpu_uuid(&env, 2));
+    write_trusted(
+        &limits,
+        &[(&g2, GIB), (&g0, 2 * GIB)],
+        hami_api::region::RegionFailure::Closed,
+    );
+    let o = in_container(
+        &env,
+        Some(&dir),
+        &limits,
+        "\"$0\" --device 0 --alloc 1610612736 --free; echo \"gpu0=$?\"; \
+         \"$0\" --device 2 --alloc 1610612736; echo \"gpu2-big=$?\"; \
+         \"$0\" --device 2 --alloc 536870912 --free; echo \"gpu2=$?\"; \
+         \"$0\" --device 1 --alloc 1048576; echo \"gpu1=$?\"",
+    )
+    .output()
+    .expect("tenant");
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in ["gpu0=0", "gpu2-big=1", "gpu2=0", "gpu1=1"] {
+        assert!(out.contains(want), "{want}: {}", text(&o));
+    }
+    assert!(
+        out.contains(&format!(
+            "meminfo free {} total {}",
+            2 * GIB - 1536 * MIB,
+            2 * GIB
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("meminfo free {} total {GIB}", GIB - 512 * MIB)),
+        "{out}"
+    );
+    // Two tenants hold memory on each GPU: the shared region counts GPU 2 as container device 0 and
+    // GPU 0 as device 1, as the node does.
+    let hold = |dev: &str, bytes: u64| {
+        let mut c = in_container(
+            &env,
+            Some(&dir),
+            &limits,
+            &format!("exec \"$0\" --device {dev} --alloc {bytes} --hold"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tenant");
+        line(&mut c, "meminfo");
+        c
+    };
+    let mut a = hold("0", GIB);
+    let mut b = hold("2", 256 * MIB);
+    let f = std::fs::File::open(dir.join("vgpu.cache")).expect("the region the tenants made");
+    #[allow(unsafe_code, reason = "mapping the region read-only, as a monitor would")]
+    // SAFETY: a shared read-only mapping of a REGION_SIZE file; Region is made of integer atomics.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(hami_api::region::REGION_SIZE)
+            .map(&f)
+    }
+    .expect("mmap");
+    #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; `map` outlives `r`.
+    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
+    assert_eq!((r.used(0), r.used(1)), (256 * MIB, GIB));
+    assert_eq!(
+        (r.limit(0), r.limit(1)),
+        (GIB, 2 * GIB),
+        "the header mirrors the trusted file"
+    );
+    let t = env.node.ground_truth();
+    assert_eq!(
+        (t.gpus[0].used_bytes, t.gpus[1].used_bytes, t.gpus[2].used_bytes),
+        (GIB, 0, 256 * MIB)
+    );
+    // NVML, which numbers GPUs by host index here, reports each GPU's own limit.
+    let tdir = target_dir();
+    let nvml = find(&tdir, &["deps/libnvidia_ml.so", "libnvidia_ml.so"]).expect("fake NVML built");
+    let probe = find(&tdir, &["hami-nvml-probe"]).expect("hami-nvml-probe built");
+    let lib = env.dir.join("lib/libnvidia-ml.so.1");
+    std::fs::copy(&nvml, &lib).expect("copying the fake NVML");
+    let o = in_container(&env, Some(&dir), &limits, "exec \"$1\" probe \"$2\"")
+        .arg(&probe)
+        .arg(&lib)
+        .output()
+        .expect("probe");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.contains(&format!("nvml gpu 0 total {}", 2 * GIB)), "{out}");
+    assert!(out.contains(&format!("nvml gpu 0 used {GIB}")), "{out}");
+    assert!(
+        out.contains(&format!("nvml gpu 1 total {}", 4096 * MIB)),
+        "not the container's: {out}"
+    );
+    assert!(out.contains(&format!("nvml gpu 2 total {GIB}")), "{out}");
+    assert!(out.contains(&format!("nvml gpu 2 used {}", 256 * MIB)), "{out}");
+    drop(a.stdin.take());
+    drop(b.stdin.take());
+    let _ = (a.wait(), b.wait());
+}
+
+#[test]
+fn host_located_vmm_allocations_are_not_charged_and_device_ones_are_c12() {
+    let Some(env) = Env::new("c12", 4096) else { return };
+    let limit = ("CUDA_DEVICE_MEMORY_LIMIT_0", "100m");
+    // 512 MiB of host memory and 64 MiB of device memory through cuMemCreate: only the 64 MiB count.
+    let mut a = env.spawn(
+        &[
+            "--vmm-host",
+            &(512 * MIB).to_string(),
+            "--vmm",
+            &(64 * MIB).to_string(),
+            "--hold",
+        ],
+        &[limit],
+        true,
+    );
+    let info = line(&mut a, "meminfo");
+    assert_eq!(info, format!("meminfo free {} total {}", 36 * MIB, 100 * MIB));
+    assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 64 * MIB);
+    // A second 64 MiB on the device exceeds 100 MiB; more host memory does not.
+    let o = env.run(&["--vmm", &(64 * MIB).to_string()], &[limit]);
+    assert!(oom(&o, "cuMemCreate"), "{}", text(&o));
+    let o = env.run(&["--vmm-host", &(256 * MIB).to_string(), "--free"], &[limit]);
+    assert!(o.status.success(), "{}", text(&o));
+    drop(a.stdin.take());
+    let _ = a.wait();
+    assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 0);
+}
+
+#[test]
+fn a_tenant_that_clears_ld_preload_is_still_intercepted_through_ld_so_preload() {
+    // The device plugin mounts /etc/ld.so.preload naming the library; a tenant that unsets LD_PRELOAD
+    // is still intercepted. In a private mount namespace, /etc is an overlay whose upper layer holds
+    // the preload file (the host's /etc is not touched).
+    let Some(env) = Env::new("ld-so-preload", 4096) else {
+        return;
+    };
+    let host_had = Path::new("/etc/ld.so.preload").exists();
+    let (upper, work) = (env.dir.join("etc-upper"), env.dir.join("etc-work"));
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let run = |preload_file: bool| {
+        let write = if preload_file {
+            format!("echo '{}' > /etc/ld.so.preload; ", env.libvgpu.display())
+        } else {
+            String::new()
+        };
+        let script = format!(
+            "set -e; mount -t overlay overlay -o lowerdir=/etc,upperdir='{}',workdir='{}' /etc; {write}\
+             unset LD_PRELOAD; exec \"$0\" --alloc {}",
+            upper.display(),
+            work.display(),
+            2 * GIB
+        );
+        env.command("unshare", false, Some(&env.region()))
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .arg(&env.workload)
+            .env("CUDA_DEVICE_MEMORY_LIMIT_0", "1g")
+            .output()
+            .expect("tenant")
+    };
+    let o = run(false);
+    assert!(
+        o.status.success(),
+        "without the library 2 GiB fit on the 4 GiB GPU: {}",
+        text(&o)
+    );
+    let _ = std::fs::remove_file(upper.join("ld.so.preload"));
+    let o = run(true);
+    assert!(
+        oom(&o, "cuMemAlloc_v2"),
+        "the preload file loads the library: {}",
+        text(&o)
+    );
+    assert_eq!(
+        Path::new("/etc/ld.so.preload").exists(),
+        host_had,
+        "the host's /etc is untouched"
+    );
 }

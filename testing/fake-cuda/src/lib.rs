@@ -130,10 +130,11 @@ enum Mem {
     Managed,
 }
 
-/// A `cuMemCreate` allocation: one RM vidmem object.
+/// A `cuMemCreate` allocation: one RM vidmem object, or host memory (no RM object).
 #[derive(Debug)]
 struct Phys {
-    dev: u32,
+    /// RM device handle (`None`: a host-located allocation, nothing on any GPU).
+    dev: Option<u32>,
     h: u32,
     bytes: u64,
     /// Live `cuMemMap`s of it.
@@ -941,23 +942,33 @@ fn device_location(d: &Driver, kind: u32, id: u32) -> Result<u32, CUresult> {
             let id = c_int::from_ne_bytes(id.to_ne_bytes());
             gpu(d, id).map(|g| g.index).ok_or(CUDA_ERROR_INVALID_DEVICE)
         }
-        // HOST, HOST_NUMA, HOST_NUMA_CURRENT: host memory through VMM is not modelled.
-        2..=4 => Err(CUDA_ERROR_NOT_SUPPORTED),
+        // HOST, HOST_NUMA, HOST_NUMA_CURRENT: not a GPU (access descriptors name GPUs here).
+        CU_MEM_LOCATION_TYPE_HOST..=CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT => Err(CUDA_ERROR_NOT_SUPPORTED),
         _ => Err(CUDA_ERROR_INVALID_VALUE),
     }
 }
 
-/// Validates a `CUmemAllocationProp` for device memory; returns the GPU index.
+/// `CU_MEM_LOCATION_TYPE_HOST` (CUDA 12.2+: `cuMemCreate` of pinned host memory).
+const CU_MEM_LOCATION_TYPE_HOST: u32 = 2;
+/// `CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT` (after `_HOST_NUMA` = 3).
+const CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT: u32 = 4;
+
+/// Validates a `CUmemAllocationProp`; returns the GPU index, or `None` for a host location (`HOST`,
+/// `HOST_NUMA`, `HOST_NUMA_CURRENT`: pinned host memory, which the real driver accepts since CUDA
+/// 12.2 and which uses no device memory; NCCL and ggml's VMM pool allocate so, peer case C12).
 ///
 /// # Safety
 /// `prop` is non-null and points to a `CUmemAllocationProp`.
-unsafe fn prop_gpu(d: &Driver, prop: *const u8) -> Result<u32, CUresult> {
+unsafe fn prop_gpu(d: &Driver, prop: *const u8) -> Result<Option<u32>, CUresult> {
     // SAFETY: the struct is CU_MEM_ALLOCATION_PROP_SIZE bytes; we read its first 16.
     let (kind, loc_type, loc_id) = unsafe { (read_u32(prop, 0), read_u32(prop, 8), read_u32(prop, 12)) };
     if kind != CU_MEM_ALLOCATION_TYPE_PINNED {
         return Err(CUDA_ERROR_INVALID_VALUE);
     }
-    device_location(d, loc_type, loc_id)
+    if (CU_MEM_LOCATION_TYPE_HOST..=CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT).contains(&loc_type) {
+        return Ok(None);
+    }
+    device_location(d, loc_type, loc_id).map(Some)
 }
 
 /// `cuMemGetAllocationGranularity`: [`VMM_GRANULARITY`] (2 MiB) for both options.
@@ -987,9 +998,10 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
     })
 }
 
-/// `cuMemCreate`: one RM vidmem object of `size` bytes on the GPU `prop->location.id`. `size` must be a
-/// multiple of [`VMM_GRANULARITY`], `prop->type` `CU_MEM_ALLOCATION_TYPE_PINNED`, `prop->location.type`
-/// `CU_MEM_LOCATION_TYPE_DEVICE` (host locations: `CUDA_ERROR_NOT_SUPPORTED`), `flags` 0.
+/// `cuMemCreate`: one RM vidmem object of `size` bytes on the GPU `prop->location.id`, or for a host
+/// location (`HOST`, `HOST_NUMA`, `HOST_NUMA_CURRENT`) pinned host memory, which is nothing on any GPU
+/// (no RM object; the ground truth does not change). `size` must be a multiple of
+/// [`VMM_GRANULARITY`], `prop->type` `CU_MEM_ALLOCATION_TYPE_PINNED`, `flags` 0.
 ///
 /// # Safety
 /// `handle` is null or valid for a write; `prop` is null or points to a `CUmemAllocationProp`.
@@ -1012,7 +1024,24 @@ pub unsafe extern "C" fn cuMemCreate(
     with_driver(|d| {
         // SAFETY: non-null, a CUmemAllocationProp per the contract.
         let gpu = match unsafe { prop_gpu(d, prop.cast()) } {
-            Ok(g) => g,
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                let id = d.next_phys;
+                d.next_phys += 1;
+                d.phys.insert(
+                    id,
+                    Phys {
+                        dev: None,
+                        h: 0,
+                        bytes,
+                        maps: 0,
+                        released: false,
+                    },
+                );
+                // SAFETY: checked non-null above.
+                unsafe { handle.write(id) };
+                return CUDA_SUCCESS;
+            }
             Err(e) => return e,
         };
         let dev = match device_handle(d, gpu) {
@@ -1028,7 +1057,7 @@ pub unsafe extern "C" fn cuMemCreate(
         d.phys.insert(
             id,
             Phys {
-                dev,
+                dev: Some(dev),
                 h,
                 bytes,
                 maps: 0,
@@ -1048,11 +1077,13 @@ fn reap(d: &mut Driver, id: CUmemGenericAllocationHandle) -> CUresult {
         _ => return CUDA_SUCCESS,
     }
     match d.phys.remove(&id) {
-        Some(p) => match d.rm.free(p.dev, p.h) {
+        Some(Phys {
+            dev: Some(dev), h, ..
+        }) => match d.rm.free(dev, h) {
             Ok(()) => CUDA_SUCCESS,
             Err(e) => rm_to_cu(&e),
         },
-        None => CUDA_SUCCESS,
+        _ => CUDA_SUCCESS,
     }
 }
 

@@ -15,7 +15,7 @@
 //! - `allocated <ptr> …`: the `--alloc` pointers (the line is printed even with none);
 //! - `pitch <ptr> pitch <pitch> bytes <pitch × height>` (`--pitch`);
 //! - `managed <ptr> …` (`--managed`);
-//! - `vmm <ptr> handle <handle> bytes <bytes>`: one per `--vmm`; `bytes` is the request rounded up to
+//! - `vmm <ptr> handle <handle> bytes <bytes>`: one per `--vmm` (`vmm-host …` per `--vmm-host`); `bytes` is the request rounded up to
 //!   the granularity from `cuMemGetAllocationGranularity`;
 //! - `async <ptr> …` (`--async`);
 //! - `raw-allocated <handle> …` (`--raw-alloc`);
@@ -69,6 +69,10 @@ struct Args {
     /// cuMemAddressReserve, cuMemMap, cuMemRelease and cuMemSetAccess (repeatable).
     #[arg(long)]
     vmm: Vec<usize>,
+    /// As `--vmm`, with the physical memory on the host (`CU_MEM_LOCATION_TYPE_HOST`: pinned host
+    /// memory mapped for the device, no device memory; peer case C12) (repeatable).
+    #[arg(long)]
+    vmm_host: Vec<usize>,
     /// cuMemAllocAsync of this many bytes on the default stream (repeatable).
     #[arg(long = "async")]
     async_alloc: Vec<usize>,
@@ -205,6 +209,8 @@ struct AccessDesc {
 const PINNED: u32 = 1;
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 const LOCATION_DEVICE: u32 = 1;
+/// `CU_MEM_LOCATION_TYPE_HOST`.
+const LOCATION_HOST: u32 = 2;
 /// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
 const PROT_READWRITE: u32 = 3;
 /// `CU_MEM_ALLOC_GRANULARITY_RECOMMENDED`.
@@ -389,7 +395,7 @@ fn fork_alloc(args: &Args, gpu: u32, bytes: u64) -> Result<()> {
 }
 
 /// One VMM allocation, mapped: (address, handle, bytes).
-fn vmm(lib: &Lib, dev: c_int, request: usize) -> Result<(u64, u64, usize)> {
+fn vmm(lib: &Lib, dev: c_int, request: usize, host: bool) -> Result<(u64, u64, usize)> {
     // SAFETY (transmutes): each type is the C signature of the named CUDA driver API function.
     let (granularity, create, reserve, map, release, set_access) = unsafe {
         (
@@ -404,8 +410,8 @@ fn vmm(lib: &Lib, dev: c_int, request: usize) -> Result<(u64, u64, usize)> {
     let prop = AllocationProp {
         kind: PINNED,
         requested_handle_types: 0,
-        location_type: LOCATION_DEVICE,
-        location_id: dev,
+        location_type: if host { LOCATION_HOST } else { LOCATION_DEVICE },
+        location_id: if host { 0 } else { dev },
         win32_handle_meta_data: std::ptr::null_mut(),
         alloc_flags: [0; 8],
     };
@@ -558,9 +564,15 @@ fn main() -> Result<()> {
         ptrs.extend(managed);
     }
     let mut vmms = Vec::new();
-    for &bytes in &args.vmm {
-        let (ptr, handle, size) = vmm(&lib, dev, bytes)?;
-        println!("vmm {ptr:#x} handle {handle:#x} bytes {size}");
+    for (&bytes, host) in args
+        .vmm
+        .iter()
+        .map(|b| (b, false))
+        .chain(args.vmm_host.iter().map(|b| (b, true)))
+    {
+        let (ptr, handle, size) = vmm(&lib, dev, bytes, host)?;
+        let what = if host { "vmm-host" } else { "vmm" };
+        println!("{what} {ptr:#x} handle {handle:#x} bytes {size}");
         vmms.push((ptr, size));
     }
     let mut asyncs = Vec::new();
