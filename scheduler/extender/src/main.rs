@@ -242,8 +242,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let Some(key_file) = cfg.decision_key_file.as_ref() else {
         bail!("decisionKeyFile is required: the HMAC key shared with the agents (a mounted Secret)");
     };
-    let key =
+    let mut key =
         std::fs::read(key_file).with_context(|| format!("reading decision key {}", key_file.display()))?;
+    // A mounted Secret may end with a newline (`kubectl create secret --from-file`); the agents' device
+    // plugin reads the key without trailing whitespace, so the scheduler must sign with the same bytes.
+    key.truncate(key.trim_ascii_end().len());
     if key.is_empty() {
         bail!("decision key {} is empty", key_file.display());
     }
