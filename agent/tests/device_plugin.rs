@@ -6,23 +6,21 @@
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use common::kubelet::{TestKubelet, allocate, devices, mounts, next, preferred};
 use hami_agent::deviceplugin::devices::Gpu;
-use hami_agent::deviceplugin::kubelet::unix_channel;
-use hami_agent::deviceplugin::proto::{
-    self, device_plugin_client::DevicePluginClient, registration_server::Registration,
-    registration_server::RegistrationServer,
-};
+use hami_agent::deviceplugin::proto::{self, device_plugin_client::DevicePluginClient};
 use hami_agent::deviceplugin::response::HostLayout;
 use hami_agent::deviceplugin::{DevicePlugin, DevicePluginConfig, PluginSettings};
 use hami_api::annotations::{self as ann, sign_decision};
 use hami_fake_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 const NODE: &str = "node-1";
@@ -37,67 +35,6 @@ struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The test kubelet's registration service: records every request.
-struct Kubelet {
-    tx: mpsc::UnboundedSender<proto::RegisterRequest>,
-}
-
-#[tonic::async_trait]
-impl Registration for Kubelet {
-    async fn register(
-        &self,
-        r: tonic::Request<proto::RegisterRequest>,
-    ) -> Result<tonic::Response<proto::Empty>, tonic::Status> {
-        let _ = self.tx.send(r.into_inner());
-        Ok(tonic::Response::new(proto::Empty {}))
-    }
-}
-
-/// A running test kubelet on `<dir>/kubelet.sock`.
-struct TestKubelet {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    registered: mpsc::UnboundedReceiver<proto::RegisterRequest>,
-}
-
-impl TestKubelet {
-    fn start(dir: &Path) -> Self {
-        let sock = dir.join("kubelet.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let (tx, registered) = mpsc::unbounded_channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(RegistrationServer::new(Kubelet { tx }))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Self {
-            stop: Some(stop),
-            task,
-            registered,
-        }
-    }
-
-    async fn next_registration(&mut self) -> proto::RegisterRequest {
-        tokio::time::timeout(Duration::from_secs(10), self.registered.recv())
-            .await
-            .expect("a registration within 10 s")
-            .expect("registration channel open")
-    }
-
-    /// Stops serving (as a kubelet going down does).
-    async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = (&mut self.task).await;
     }
 }
 
@@ -155,6 +92,7 @@ impl Rig {
             consistent_allocate: true,
             host_dev_dir: dir.join("dev"),
             host_regions_dir: None,
+            on_region_error: hami_api::region::RegionFailure::Closed,
         };
         let regions_dir = dir.join("regions");
         let dev_dir = dir.join("dev");
@@ -188,9 +126,7 @@ impl Rig {
 
     /// Waits for the registration and connects to the plugin socket it names.
     async fn connect(&mut self) -> (proto::RegisterRequest, DevicePluginClient<Channel>) {
-        let r = self.kubelet.next_registration().await;
-        let ch = unix_channel(&self.plugin_dir.join(&r.endpoint)).await.unwrap();
-        (r, DevicePluginClient::new(ch))
+        self.kubelet.connect().await
     }
 }
 
@@ -240,50 +176,6 @@ fn annotation(api: &FakeApiServer, name: &str, key: &str) -> Option<String> {
         .and_then(|a| a.get(key).cloned())
 }
 
-async fn next(s: &mut tonic::Streaming<proto::ListAndWatchResponse>) -> proto::ListAndWatchResponse {
-    tokio::time::timeout(Duration::from_secs(10), s.message())
-        .await
-        .expect("a ListAndWatch message")
-        .unwrap()
-        .expect("stream open")
-}
-
-async fn allocate(
-    c: &mut DevicePluginClient<Channel>,
-    ids: &[String],
-) -> Result<proto::ContainerAllocateResponse, tonic::Status> {
-    let r = c
-        .allocate(proto::AllocateRequest {
-            container_requests: vec![proto::ContainerAllocateRequest {
-                devices_ids: ids.to_vec(),
-            }],
-        })
-        .await?
-        .into_inner();
-    assert_eq!(r.container_responses.len(), 1);
-    Ok(r.container_responses.into_iter().next().unwrap())
-}
-
-async fn preferred(
-    c: &mut DevicePluginClient<Channel>,
-    available: &[String],
-    must: &[String],
-    size: i32,
-) -> Vec<String> {
-    let r = c
-        .get_preferred_allocation(proto::PreferredAllocationRequest {
-            container_requests: vec![proto::ContainerPreferredAllocationRequest {
-                available_device_i_ds: available.to_vec(),
-                must_include_device_i_ds: must.to_vec(),
-                allocation_size: size,
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    r.container_responses[0].device_i_ds.clone()
-}
-
 fn all_ids() -> Vec<String> {
     [GPU_A, GPU_B]
         .iter()
@@ -293,27 +185,6 @@ fn all_ids() -> Vec<String> {
 
 fn id(uuid: &str, n: u32) -> String {
     format!("{uuid}-{n}")
-}
-
-/// (container path, host path, read-only) of the mounts.
-fn mounts(r: &proto::ContainerAllocateResponse) -> Vec<(String, String, bool)> {
-    r.mounts
-        .iter()
-        .map(|m| (m.container_path.clone(), m.host_path.clone(), m.read_only))
-        .collect()
-}
-
-fn devices(r: &proto::ContainerAllocateResponse) -> Vec<(String, String, String)> {
-    r.devices
-        .iter()
-        .map(|d| {
-            (
-                d.container_path.clone(),
-                d.host_path.clone(),
-                d.permissions.clone(),
-            )
-        })
-        .collect()
 }
 
 fn env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -446,6 +317,11 @@ async fn allocates_a_multi_container_pod_in_kubelet_order() {
                 region("warmup").to_string_lossy().into_owned(),
                 false
             ),
+            (
+                "/usr/local/vgpu/limits".to_owned(),
+                format!("{}.limits", region("warmup").display()),
+                true
+            ),
             ("/usr/local/vgpu/libvgpu.so".to_owned(), lib.clone(), true),
             ("/etc/ld.so.preload".to_owned(), preload.clone(), true),
         ]
@@ -454,6 +330,19 @@ async fn allocates_a_multi_container_pod_in_kubelet_order() {
         devices(&init),
         [dev("nvidiactl"), dev("nvidia-uvm"), dev("nvidia0")]
     );
+    // The trusted limits file the interceptor and the kernel hard limit read: the decision's limits,
+    // read-only, beside the tenant-writable region directory.
+    let limits_file = format!("{}.limits", region("warmup").display());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&limits_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o444);
+    let limits = hami_api::region::TrustedLimits::parse(&std::fs::read(&limits_file).unwrap()).unwrap();
+    let d = &limits.devices;
+    assert_eq!(
+        (d.len(), d[0].uuid.as_str(), d[0].memory_bytes, d[0].sm_percent),
+        (1, GPU_A, 1000 << 20, 10)
+    );
+    assert_eq!(limits.on_region_error, hami_api::region::RegionFailure::Closed);
     assert_eq!(
         annotation(&rig.api, "job", ann::DEVICES_TO_ALLOCATE).as_deref(),
         Some(format!(";{GPU_A},NVIDIA,2000,30:{GPU_B},NVIDIA,3000,0:;;").as_str())

@@ -549,3 +549,103 @@ pub(crate) fn start_prometheus(env: &Env, agent_port: u16, tsdb: Option<&Path>) 
     }
     (prom, port)
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Kubernetes stand-ins: the test kubelet (device plugin registration and client).
+
+pub(crate) mod kubelet;
+
+// ---------------------------------------------------------------------------------------------------
+// Kubernetes-shaped runs: the agent binary with environment (KUBECONFIG), tenants started the way a
+// container runtime starts a container from an Allocate response.
+
+/// Like [`start_agent`], with extra environment for the agent process (e.g. `KUBECONFIG`, which the
+/// device plugin's API client reads).
+pub(crate) fn start_agent_with_env(env: &Env, agent_binary: &Path, vars: &[(&str, &Path)]) -> (Stopped, u16) {
+    let port = free_port();
+    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
+    let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
+    let mut cmd = Command::new(agent_binary);
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let agent = Stopped(cmd.spawn().expect("starting hami-agent"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/healthz").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not come up: {}",
+            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (agent, port)
+}
+
+/// Single-quotes `s` for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Env {
+    /// Starts the tenant program as a container runtime would start it from an Allocate response: in
+    /// cgroup `cg`, in a private mount namespace (the host's mounts are not touched) where `/usr/local`
+    /// is a fresh tmpfs and every mount of the response is bind-mounted from its host path at its
+    /// container path (a read-only one remounted read-only; a file's mount point is created, as the
+    /// runtime creates it), with `env` (the response's envs and the like). Container paths must lie
+    /// under `/usr/local`; callers emulate others (`/etc/ld.so.preload`) themselves.
+    pub(crate) fn spawn_container(
+        &self,
+        cg: &Path,
+        mounts: &[(String, String, bool)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Tenant {
+        let mut script = String::from("set -e; mount -t tmpfs hami-test /usr/local");
+        for (ctr, host, read_only) in mounts {
+            assert!(
+                ctr.starts_with("/usr/local/"),
+                "mount at {ctr}: only /usr/local is emulated"
+            );
+            let (c, h) = (sh_quote(ctr), sh_quote(host));
+            if Path::new(host).is_dir() {
+                script += &format!("; mkdir -p {c}");
+            } else {
+                script += &format!("; mkdir -p \"$(dirname {c})\"; [ -e {c} ] || touch {c}");
+            }
+            script += &format!("; mount --bind {h} {c}");
+            if *read_only {
+                script += &format!("; mount -o remount,bind,ro {c}");
+            }
+        }
+        script += "; exec \"$0\" \"$@\"";
+        let outer = format!(
+            "echo $$ > {} && exec unshare -m --propagation private sh -c \"$0\" \"$@\"",
+            sh_quote(&cg.join("cgroup.procs").to_string_lossy())
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(outer)
+            .arg(script)
+            .arg(&self.workload)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("HAMI_FAKE_GPU_DIR", self.node.dir())
+            .env("LD_LIBRARY_PATH", &self.lib_dir)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the tenant");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut t = Tenant { child, out, pid: 0 };
+        t.pid = t.words("pid ")[0].parse().expect("pid line");
+        t
+    }
+}
