@@ -1014,11 +1014,11 @@ impl SchedulerState {
         };
         match policy.score(node, req) {
             Ok(scored) => {
-                if let Some(why) = self.pending_conflict(node, req, &scored.placement, now) {
-                    return Err(Unfit::Resolvable(why));
-                }
                 if let Some(q) = quota {
                     quota_fit(req, node, &scored.placement, q)?;
+                }
+                if let Some(why) = self.pending_conflict(node, req, &scored.placement, now) {
+                    return Err(Unfit::Resolvable(why));
                 }
                 Ok(scored)
             }
