@@ -1,24 +1,48 @@
-//! The Grafana dashboards (`grafana/dashboards/*.json`) against the agent.
+//! The Grafana dashboards (`grafana/dashboards/*.json`) against the agent and the scheduler.
 //!
-//! - Without privileges: every metric a panel or variable names is one the agent exports
-//!   (`hami_agent::metrics::METRICS`), every exported metric is on some dashboard, and every dashboard
+//! - Without privileges: every metric a panel or variable names is one some binary exports (a row of
+//!   the generated metrics reference `docs/metrics.md`, which CI keeps equal to the binaries' lists:
+//!   agent telemetry, device plugin, registration, scheduler extender and webhook), every exported
+//!   metric is on some dashboard (or in [`NOT_ON_DASHBOARDS`] with the reason), and every dashboard
 //!   takes its datasource from the `DS_PROMETHEUS` variable.
-//! - On the simulated GPU node (root): the real agent binary (with the fake NVML, so SM-seconds exist)
-//!   attributes two containers' tenants, a real Prometheus (Debian `prometheus`) scrapes it every
-//!   second, and every PromQL query of every panel and variable, with Grafana's variables replaced by
-//!   concrete values, returns at least one series through Prometheus's HTTP API (and a non-zero value,
-//!   except for the agent's loss counters, which must stay at zero).
+//! - On the simulated GPU node (root): the real agent binary (fake NVML, so SM-seconds exist; node
+//!   registration and the device plugin on) attributes two containers' tenants; `hami-scheduler serve`
+//!   (extender and webhook over HTTPS, metrics on plain HTTP) runs against `hami-fake-apiserver` with the
+//!   node the agent registers, a stale and an invalid node; a test kubelet registers the device plugin.
+//!   Pods go through the webhook (mutated, allowed, denied), `/filter` and `/bind` (two placed and
+//!   allocated by the plugin, one left pending, one bind conflict, one filter without a fit), a forged
+//!   decision is refused by the plugin, a registration write fails once. A real Prometheus (Debian
+//!   `prometheus`) scrapes the agent and the scheduler every second, and every PromQL query of every
+//!   panel and variable, with Grafana's variables replaced by concrete values, returns at least one
+//!   series through Prometheus's HTTP API (and a non-zero value, except for the agent's loss counters,
+//!   which must stay at zero). Every `hami_*` family the two binaries expose has a row in the metrics
+//!   reference.
 //! - `plot_scenario` (ignored): a longer scenario whose Prometheus data `cargo xtask plots` renders.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{Env, Stopped, Tenant, encode, http_get};
-use serde_json::Value;
+use hami_agent::deviceplugin::DevicePluginConfig;
+use hami_agent::deviceplugin::kubelet::unix_channel;
+use hami_agent::deviceplugin::proto::{
+    self, device_plugin_client::DevicePluginClient, registration_server::Registration,
+    registration_server::RegistrationServer,
+};
+use hami_agent::registration::RegistrationConfig;
+use hami_api::GpuDevice;
+use hami_api::annotations::{
+    BIND_PHASE, BIND_TIME, DECISION_SIGNATURE, DEVICES_ALLOCATED, DEVICES_TO_ALLOCATE, NODE_NVIDIA_REGISTER,
+    VGPU_NODE, VGPU_TIME, sign_decision,
+};
+use hami_api::encode_node_register;
+use hami_fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::Node;
+use serde_json::{Value, json};
 
 /// The datasource every panel and target must use (the dashboards' datasource variable).
 const DS_UID: &str = "${DS_PROMETHEUS}";
@@ -57,8 +81,8 @@ fn dashboards() -> Vec<(String, Value)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(
-        out.len() >= 4,
-        "expected the four dashboards in {}",
+        out.len() >= 5,
+        "expected the five dashboards in {}",
         dir.display()
     );
     out
@@ -165,12 +189,34 @@ fn all_exprs(file: &str, d: &Value) -> Vec<(String, String)> {
     out
 }
 
-fn exported() -> BTreeSet<&'static str> {
-    hami_agent::metrics::METRICS.iter().map(|d| d.name).collect()
+/// Every metric of every binary: the rows of the generated metrics reference (`docs/metrics.md`, equal
+/// to the binaries' metric lists; `cargo xtask ci` checks it is current).
+fn exported() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let names: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_owned))
+        .collect();
+    for m in hami_agent::metrics::METRICS {
+        assert!(
+            names.contains(m.name),
+            "{} is not in docs/metrics.md: run cargo xtask metrics-doc",
+            m.name
+        );
+    }
+    assert!(
+        names.contains("hami_scheduler_requests_total") && names.contains("hami_webhook_requests_total"),
+        "docs/metrics.md lacks the scheduler's metrics"
+    );
+    names
 }
 
+/// Exported metrics deliberately on no dashboard: (name, why). Empty: every metric has a panel.
+const NOT_ON_DASHBOARDS: &[(&str, &str)] = &[];
+
 #[test]
-fn every_metric_a_dashboard_names_is_exported_by_the_agent() {
+fn every_metric_a_dashboard_names_is_exported() {
     let known = exported();
     let mut unknown = Vec::new();
     for (file, d) in dashboards() {
@@ -187,7 +233,7 @@ fn every_metric_a_dashboard_names_is_exported_by_the_agent() {
     }
     assert!(
         unknown.is_empty(),
-        "metrics not in hami_agent::metrics::METRICS:\n{}",
+        "metrics in no binary's list (docs/metrics.md):\n{}",
         unknown.join("\n")
     );
 }
@@ -199,8 +245,18 @@ fn every_exported_metric_is_on_a_dashboard() {
         .flat_map(|(f, d)| all_exprs(f, d))
         .flat_map(|(_, e)| metric_names(&e))
         .collect();
-    let missing: Vec<&str> = exported().into_iter().filter(|m| !used.contains(*m)).collect();
+    let excluded: BTreeSet<&str> = NOT_ON_DASHBOARDS.iter().map(|(n, _)| *n).collect();
+    let missing: Vec<String> = exported()
+        .into_iter()
+        .filter(|m| !used.contains(m) && !excluded.contains(m.as_str()))
+        .collect();
     assert!(missing.is_empty(), "exported but on no dashboard: {missing:?}");
+    for (name, why) in NOT_ON_DASHBOARDS {
+        assert!(
+            !why.is_empty() && !used.contains(*name),
+            "{name}: excluded without reason or on a dashboard"
+        );
+    }
 }
 
 #[test]
@@ -296,31 +352,53 @@ fn now_s() -> f64 {
         .unwrap_or_default()
 }
 
-/// The agent binary and Prometheus on a simulated node. Fields drop in order: Prometheus, the agent,
-/// then the node.
+/// The agent binary (and with a control plane, the scheduler) and Prometheus on a simulated node.
+/// Fields drop in order: Prometheus, the agent, the control plane, then the node.
 struct Stack {
     _prom: Stopped,
     prom_port: u16,
     _agent: Stopped,
+    agent_port: u16,
+    cp: Option<ControlPlane>,
     env: Env,
-    /// When Prometheus first had a sample of the agent (unix seconds).
+    /// When Prometheus first had a sample of every target (unix seconds).
     first_scrape: f64,
 }
 
 impl Stack {
     /// `None` when the test is skipped (no privileges, or no Prometheus and privileges not required).
-    fn start(test: &str, gpus: u32, memory_mib: u64, tsdb: Option<&Path>) -> Option<Self> {
+    /// With `control_plane`, the agent registers its node and serves the device plugin, and Prometheus
+    /// also scrapes `hami-scheduler serve` ([`ControlPlane`]).
+    fn start(
+        test: &str,
+        gpus: u32,
+        memory_mib: u64,
+        tsdb: Option<&Path>,
+        control_plane: bool,
+    ) -> Option<Self> {
         let mut env = Env::new(test, gpus, memory_mib)?;
         if !common::prometheus_or_skip(test) {
             return None;
         }
         env.cfg.nvml_lib = Some(common::fake_nvml());
-        let (agent, agent_port) = common::start_agent(&env, Path::new(env!("CARGO_BIN_EXE_hami-agent")));
-        let (prom, prom_port) = common::start_prometheus(&env, agent_port, tsdb);
+        let (cp, vars) = if control_plane {
+            let (cp, vars) = ControlPlane::start(&mut env);
+            (Some(cp), vars)
+        } else {
+            (None, Vec::new())
+        };
+        let (agent, agent_port) = start_agent_with(&env, &vars);
+        let mut targets = vec![("hami-agent", agent_port)];
+        if let Some(cp) = &cp {
+            targets.push(("hami-scheduler", cp.metrics_port));
+        }
+        let (prom, prom_port) = start_prometheus_jobs(&env, &targets, tsdb);
         Some(Self {
             _prom: prom,
             prom_port,
             _agent: agent,
+            agent_port,
+            cp,
             env,
             first_scrape: now_s(),
         })
@@ -350,6 +428,506 @@ impl Stack {
         ));
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The control plane beside the agent: the fake API server, `hami-scheduler serve` and a test kubelet.
+
+/// The node the agent registers (the environment's node name).
+const NODE: &str = "test-node";
+/// The decision key shared by the scheduler and the device plugin.
+const KEY: &[u8] = b"dashboards-decision-key";
+
+/// `hami-scheduler`, built if this test ran alone (`cargo test -p hami-agent` builds only this package).
+fn scheduler_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "hami-scheduler", "--bin", "hami-scheduler"]);
+    if target.ends_with("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "cargo build -p hami-scheduler failed"
+    );
+    target.join("hami-scheduler")
+}
+
+/// A tool the control plane needs (`openssl` for the webhook's certificate, `curl` for HTTPS calls).
+fn tool(name: &str, version_arg: &str) {
+    assert!(
+        Command::new(name)
+            .arg(version_arg)
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "{name} is needed (apt-get install {name})"
+    );
+}
+
+/// The kubelet's registration service: forwards each request.
+struct Registrations(tokio::sync::mpsc::UnboundedSender<proto::RegisterRequest>);
+
+#[tonic::async_trait]
+impl Registration for Registrations {
+    async fn register(
+        &self,
+        r: tonic::Request<proto::RegisterRequest>,
+    ) -> Result<tonic::Response<proto::Empty>, tonic::Status> {
+        let _ = self.0.send(r.into_inner());
+        Ok(tonic::Response::new(proto::Empty {}))
+    }
+}
+
+/// The fake API server, the scheduler (HTTPS extender and webhook, plain-HTTP metrics) and a test
+/// kubelet serving `Registration` on `<plugin dir>/kubelet.sock`.
+struct ControlPlane {
+    rt: tokio::runtime::Runtime,
+    api: FakeApiServer,
+    _scheduler: Stopped,
+    https_port: u16,
+    metrics_port: u16,
+    plugin_dir: PathBuf,
+    registered: tokio::sync::mpsc::UnboundedReceiver<proto::RegisterRequest>,
+    dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts everything but the agent, and points `env`'s agent configuration at it (registration and
+    /// the device plugin on, `KUBECONFIG` for the agent process in `agent_env`).
+    fn start(env: &mut Env) -> (Self, Vec<(&'static str, PathBuf)>) {
+        tool("openssl", "version");
+        tool("curl", "--version");
+        let dir = env.dir.join("control-plane");
+        let plugin_dir = dir.join("device-plugins");
+        std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let api = rt.block_on(FakeApiServer::start()).expect("the fake API server");
+        let kubeconfig = dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let key_file = dir.join("decision-key");
+        std::fs::write(&key_file, KEY).expect("decision key");
+        // The node the agent registers; a node registered without a heartbeat (stale) and one with a
+        // malformed register annotation (invalid).
+        let node = |name: &str, register: Option<String>| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "annotations": register.map(|r| json!({NODE_NVIDIA_REGISTER: r})).unwrap_or(json!({}))},
+                "status": {"allocatable": {"cpu": "64", "memory": "256Gi"}}
+            }))
+            .expect("node")
+        };
+        api.insert_node(node(NODE, None));
+        let stale = encode_node_register(&[GpuDevice::new("GPU-stale-0", 0, "NVIDIA-Tesla T4", 16_000)])
+            .expect("register annotation");
+        api.insert_node(node("stale-node", Some(stale)));
+        api.insert_node(node("invalid-node", Some("not a register annotation".into())));
+
+        let (tx, registered) = tokio::sync::mpsc::unbounded_channel();
+        let sock = plugin_dir.join("kubelet.sock");
+        let listener = rt
+            .block_on(async { tokio::net::UnixListener::bind(&sock) })
+            .expect("kubelet.sock");
+        rt.spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(Registrations(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await;
+        });
+
+        env.cfg.node_name = NODE.into();
+        env.cfg.registration = RegistrationConfig {
+            enabled: true,
+            heartbeat_secs: 1,
+            retry_secs: 1,
+            kubeconfig: Some(kubeconfig.clone()),
+            ..RegistrationConfig::default()
+        };
+        env.cfg.device_plugin = DevicePluginConfig {
+            enabled: true,
+            plugin_dir: plugin_dir.clone(),
+            socket_name: "hami-dashboards.sock".into(),
+            split_count: env.cfg.registration.device_split_count,
+            libvgpu_host_path: dir.join("libvgpu.so"),
+            ld_so_preload_host_path: None,
+            decision_key_file: key_file.clone(),
+            watch_interval_ms: 200,
+            health_interval_ms: 500,
+            host_dev_dir: env.cfg.paths.dev_dir.clone(),
+            ..DevicePluginConfig::default()
+        };
+
+        // The scheduler: HTTPS (the webhook needs it) with a self-signed certificate, metrics apart.
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let st = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl req failed");
+        let (https_port, metrics_port) = (common::free_port(), common::free_port());
+        let config = dir.join("scheduler.json");
+        std::fs::write(
+            &config,
+            json!({
+                "listen": format!("127.0.0.1:{https_port}"),
+                "metricsListen": format!("127.0.0.1:{metrics_port}"),
+                "decisionKeyFile": key_file,
+                "webhook": {"enabled": true},
+            })
+            .to_string(),
+        )
+        .expect("scheduler config");
+        let log = std::fs::File::create(dir.join("scheduler.log")).expect("scheduler log");
+        let scheduler = Stopped(
+            Command::new(scheduler_binary())
+                .args(["serve", "--config"])
+                .arg(&config)
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .env("KUBECONFIG", &kubeconfig)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("starting hami-scheduler"),
+        );
+        let cp = Self {
+            rt,
+            api,
+            _scheduler: scheduler,
+            https_port,
+            metrics_port,
+            plugin_dir,
+            registered,
+            dir,
+        };
+        cp.wait("the scheduler's metrics", || {
+            http_get(metrics_port, "/metrics").is_some()
+        });
+        (cp, vec![("KUBECONFIG", kubeconfig)])
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("scheduler.log")).unwrap_or_default()
+    }
+
+    /// Polls `cond` every 100 ms (30 s at most).
+    fn wait(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; scheduler log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// POSTs JSON to the scheduler over HTTPS (`curl`, self-signed certificate); the JSON answer.
+    fn post(&self, path: &str, body: &Value) -> Value {
+        let mut child = Command::new("curl")
+            .args([
+                "-sk",
+                "--fail-with-body",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ])
+            .arg(format!("https://127.0.0.1:{}{path}", self.https_port))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("curl stdin");
+            stdin.write_all(body.to_string().as_bytes()).expect("curl stdin");
+        }
+        let out = child.wait_with_output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "POST {path}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").unwrap_or_default()
+    }
+
+    /// Filter and bind `pod` onto the node, as kube-scheduler drives an extender.
+    fn schedule(&self, pod: &Value) -> Value {
+        let f = self.post(
+            "/filter",
+            &json!({"Pod": pod, "Nodes": null, "NodeNames": [NODE]}),
+        );
+        assert_eq!(f["NodeNames"], json!([NODE]), "filter: {f}");
+        self.bind(pod)
+    }
+
+    fn bind(&self, pod: &Value) -> Value {
+        self.post(
+            "/bind",
+            &json!({
+                "PodName": pod["metadata"]["name"], "PodNamespace": pod["metadata"]["namespace"],
+                "PodUID": pod["metadata"]["uid"], "Node": NODE,
+            }),
+        )
+    }
+
+    fn annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        self.api
+            .pod(namespace, name)?
+            .metadata
+            .annotations?
+            .get(key)
+            .cloned()
+    }
+
+    /// The kubelet: waits for the plugin's registration, connects, and reads the advertised device IDs.
+    fn connect(&mut self) -> (DevicePluginClient<tonic::transport::Channel>, Vec<String>) {
+        let dir = self.plugin_dir.clone();
+        let registered = &mut self.registered;
+        self.rt.block_on(async move {
+            let r = tokio::time::timeout(Duration::from_secs(60), registered.recv())
+                .await
+                .expect("the device plugin registers")
+                .expect("registration channel");
+            let ch = unix_channel(&dir.join(&r.endpoint)).await.expect("plugin socket");
+            let mut c = DevicePluginClient::new(ch);
+            let mut stream = c
+                .list_and_watch(proto::Empty {})
+                .await
+                .expect("ListAndWatch")
+                .into_inner();
+            let first = stream
+                .message()
+                .await
+                .expect("ListAndWatch")
+                .expect("a device list");
+            (c, first.devices.into_iter().map(|d| d.id).collect())
+        })
+    }
+
+    /// Allocate for one container with one device on GPU `uuid`, as the kubelet calls it.
+    fn allocate(
+        &self,
+        c: &mut DevicePluginClient<tonic::transport::Channel>,
+        ids: &[String],
+        uuid: &str,
+    ) -> Result<(), String> {
+        let id = ids
+            .iter()
+            .find(|i| i.starts_with(uuid))
+            .unwrap_or_else(|| panic!("no device id on {uuid}: {ids:?}"));
+        let req = proto::AllocateRequest {
+            container_requests: vec![proto::ContainerAllocateRequest {
+                devices_ids: vec![id.clone()],
+            }],
+        };
+        self.rt
+            .block_on(c.allocate(req))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A pod of one container asking one GPU with `mib` MiB and `cores` %, pending, for our scheduler.
+fn gpu_pod(namespace: &str, name: &str, uid: &str, mib: u64, cores: u32) -> Value {
+    let limits = json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": mib.to_string(), "nvidia.com/gpucores": cores.to_string()});
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": {"schedulerName": "hami-scheduler", "containers": [
+            {"name": "main", "image": "cuda", "resources": {"limits": limits, "requests": limits}}
+        ]},
+        "status": {"phase": "Pending"}
+    })
+}
+
+/// The control-plane scenario, once Prometheus scrapes the scheduler (so counters have a baseline).
+fn drive_control_plane(cp: &mut ControlPlane) {
+    // The agent registered the node and the scheduler reads it as ready.
+    cp.wait("the scheduler to see the registered node ready", || {
+        cp.metrics()
+            .contains("hami_scheduler_nodes{condition=\"ready\"} 1")
+    });
+    // Webhook: a GPU pod is mutated, a CPU pod allowed unchanged, a privileged GPU pod denied.
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scheduler/extender/tests/fixtures/admission");
+    for (file, allowed, patched) in [
+        ("gpu-pod.json", true, true),
+        ("cpu-pod.json", true, false),
+        ("c16-privileged-sidecar.json", false, false),
+    ] {
+        let review: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join(file)).expect("fixture"))
+                .expect("fixture JSON");
+        let r = cp.post("/webhook", &review);
+        assert_eq!(r["response"]["allowed"], allowed, "{file}: {r}");
+        assert_eq!(r["response"].get("patch").is_some(), patched, "{file}: {r}");
+    }
+    // Two pods (the tenants' pods: their UIDs are the agent's pod_uid labels), 60 % of a GPU each:
+    // one per GPU. The device plugin allocates both.
+    let (uid_a, uid_b) = (common::ids(1).0, common::ids(2).0);
+    let pods = [
+        gpu_pod("team-a", "train", &uid_a, 2458, 60),
+        gpu_pod("team-b", "infer", &uid_b, 2458, 60),
+    ];
+    let (mut client, ids) = cp.connect();
+    for p in &pods {
+        cp.api.insert_pod(serde_json::from_value(p.clone()).expect("pod"));
+        let r = cp.schedule(p);
+        assert!(r["Error"].as_str().unwrap_or_default().is_empty(), "bind: {r}");
+        let (ns, name) = (
+            p["metadata"]["namespace"].as_str().unwrap_or_default(),
+            p["metadata"]["name"].as_str().unwrap_or_default(),
+        );
+        let decision = cp.annotation(ns, name, DEVICES_ALLOCATED).expect("a decision");
+        let uuid = decision.split(',').next().unwrap_or_default().to_owned();
+        cp.allocate(&mut client, &ids, &uuid)
+            .unwrap_or_else(|e| panic!("Allocate for {name}: {e}"));
+        cp.wait("bind-phase success", || {
+            cp.annotation(ns, name, BIND_PHASE).as_deref() == Some("success")
+        });
+    }
+    // A forged decision (not signed with the scheduler's key) is refused by the plugin (C18).
+    let train_gpu = cp
+        .annotation("team-a", "train", DEVICES_ALLOCATED)
+        .expect("decision")
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let value = format!("{train_gpu},NVIDIA,500,5:;");
+    let now = now_s() as u64;
+    let mut forged = gpu_pod("team-a", "forged", "uid-forged", 500, 5);
+    forged["spec"]["nodeName"] = json!(NODE);
+    forged["metadata"]["annotations"] = json!({
+        VGPU_NODE: NODE, VGPU_TIME: now.to_string(), BIND_TIME: now.to_string(), BIND_PHASE: "allocating",
+        DEVICES_ALLOCATED: value, DEVICES_TO_ALLOCATE: value,
+        DECISION_SIGNATURE: sign_decision(b"not-the-key", "uid-forged", NODE, &value),
+    });
+    cp.api.insert_pod(serde_json::from_value(forged).expect("pod"));
+    assert!(
+        cp.allocate(&mut client, &ids, &train_gpu).is_err(),
+        "a forged decision was allocated"
+    );
+    cp.wait("the forged pod marked failed", || {
+        cp.annotation("team-a", "forged", BIND_PHASE).as_deref() == Some("failed")
+    });
+    // A bind the node cannot take any more (both GPUs 60 % allocated): a conflict.
+    let late = gpu_pod("team-b", "late", "uid-late", 2458, 60);
+    cp.api
+        .insert_pod(serde_json::from_value(late.clone()).expect("pod"));
+    let r = cp.bind(&late);
+    assert!(
+        !r["Error"].as_str().unwrap_or_default().is_empty(),
+        "bind should conflict: {r}"
+    );
+    // A pod no GPU can take: the filter finds no node.
+    let f = cp.post("/filter", &json!({"Pod": gpu_pod("team-b", "huge", "uid-huge", 100_000, 10), "Nodes": null, "NodeNames": [NODE]}));
+    assert_eq!(f["NodeNames"], json!([]), "{f}");
+    // A small pod bound but never started: pending in the scheduler.
+    let small = gpu_pod("team-a", "notebook", "uid-notebook", 400, 10);
+    cp.api
+        .insert_pod(serde_json::from_value(small.clone()).expect("pod"));
+    let r = cp.schedule(&small);
+    assert!(r["Error"].as_str().unwrap_or_default().is_empty(), "bind: {r}");
+    // One failed registration write (the agent retries it).
+    cp.api
+        .fail_next("PATCH", &format!("/api/v1/nodes/{NODE}"), 500, 1);
+}
+
+/// Starts the agent binary with extra environment (`KUBECONFIG` for its device plugin's API client).
+fn start_agent_with(env: &Env, vars: &[(&'static str, PathBuf)]) -> (Stopped, u16) {
+    let port = common::free_port();
+    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
+    let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hami-agent"));
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let agent = Stopped(cmd.spawn().expect("starting hami-agent"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/healthz").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not come up: {}",
+            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (agent, port)
+}
+
+/// A real Prometheus scraping `targets` (job name, port) every second; waits until every job is up.
+fn start_prometheus_jobs(env: &Env, targets: &[(&str, u16)], tsdb: Option<&Path>) -> (Stopped, u16) {
+    let dir = env.dir.join("prometheus");
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    let data = tsdb.map_or_else(|| dir.join("data"), Path::to_path_buf);
+    let _ = std::fs::remove_dir_all(&data);
+    let mut cfg =
+        String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
+    for (job, port) in targets {
+        cfg += &format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n");
+    }
+    let file = dir.join("prometheus.yml");
+    std::fs::write(&file, cfg).expect("prometheus.yml");
+    let port = common::free_port();
+    let prom = Stopped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting prometheus"),
+    );
+    let up = format!("/api/v1/query?query={}", encode("count(up == 1)"));
+    let want = format!("\"{}\"]", targets.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(port, &up).is_some_and(|b| b.contains(&want)) {
+        assert!(Instant::now() < deadline, "prometheus never scraped every target");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (prom, port)
 }
 
 /// The largest sample of an instant (`value`) or range (`values`) result.
@@ -385,7 +963,7 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn every_panel_query_returns_data_from_a_real_prometheus() {
-    let Some(stack) = Stack::start("dashboards", 2, 4096, None) else {
+    let Some(mut stack) = Stack::start("dashboards", 2, 4096, None, true) else {
         return;
     };
     let env = &stack.env;
@@ -449,6 +1027,8 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         "freeing tenant",
     );
     ok(env.spawn(&ca, &["--alloc", &s(MIB)], &[]), "exiting tenant");
+    // The scheduler, webhook, device plugin and registration series (module docs).
+    drive_control_plane(stack.cp.as_mut().expect("control plane"));
 
     let vars = |range_s: u64| {
         [
@@ -530,6 +1110,34 @@ fn every_panel_query_returns_data_from_a_real_prometheus() {
         std::thread::sleep(Duration::from_secs(1));
     };
     eprintln!("{queries} dashboard queries returned data");
+    // What both binaries expose is what their lists say: every agent metric (telemetry, device plugin,
+    // registration) with its labels, type and help, and every scheduler family a row of the reference.
+    let agent_defs: Vec<hami_api::metrics::MetricDef> = hami_agent::metrics::METRICS
+        .iter()
+        .chain(hami_agent::deviceplugin::metrics::METRICS)
+        .chain(hami_agent::registration::METRICS)
+        .copied()
+        .collect();
+    let agent_text = http_get(stack.agent_port, "/metrics").expect("agent /metrics");
+    let problems = hami_api::metrics::check_exposition(&agent_defs, &agent_text, true);
+    assert!(
+        problems.is_empty(),
+        "agent exposition vs its lists: {problems:#?}"
+    );
+    let documented = exported();
+    let scheduler_text = stack.cp.as_ref().expect("control plane").metrics();
+    let families: Vec<&str> = scheduler_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .filter(|n| n.starts_with("hami_"))
+        .collect();
+    assert!(families.len() >= 20, "{scheduler_text}");
+    for f in families {
+        assert!(
+            documented.contains(f),
+            "the scheduler exposes {f}, which docs/metrics.md lacks"
+        );
+    }
     // The second container is on the dashboards too (the cluster view sees both GPUs busy).
     let busy = stack.instant("sum by (container_id) (rate(hami_container_sm_seconds_total[4s]))");
     for cid in [&cid_a, &cid_b] {
@@ -565,7 +1173,7 @@ fn plot_scenario() {
         return;
     };
     std::fs::create_dir_all(&dir).expect("plots dir");
-    let Some(stack) = Stack::start("plots", 2, 80 * 1024, Some(&dir.join("tsdb"))) else {
+    let Some(stack) = Stack::start("plots", 2, 80 * 1024, Some(&dir.join("tsdb")), false) else {
         return;
     };
     let env = &stack.env;

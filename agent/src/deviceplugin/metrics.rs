@@ -71,6 +71,10 @@ impl PluginMetrics {
             IntCounter::with_opts(Opts::new(METRICS[2].name, help(METRICS[2].name))).map_err(err)?;
         let registrations =
             IntCounter::with_opts(Opts::new(METRICS[3].name, help(METRICS[3].name))).map_err(err)?;
+        // Every result's series exists from the start, so rate() sees the first allocation.
+        for result in ["ok", "not_found", "ambiguous", "refused", "error"] {
+            allocations.with_label_values(&[result]);
+        }
         registry.register(Box::new(allocations.clone())).map_err(err)?;
         registry
             .register(Box::new(allocate_seconds.clone()))

@@ -409,7 +409,10 @@ async fn bind(State(app): State<Arc<App>>, body: Bytes) -> Response {
             ExtenderBindingResult::default()
         }
         Err(e) => {
-            if matches!(e, Error::Placement { .. }) {
+            // Capacity taken since the filter (the node no longer fits, or a racing bind won the
+            // ledger) or the pod changed under the patch (409): the bind conflicts.
+            if matches!(e, Error::Placement { .. } | Error::NodeUnfit { .. }) || e.reason() == "api_conflict"
+            {
                 app.metrics.bind_conflicts.inc();
             }
             warn!(pod = %args.pod_name, node = %args.node, error = %e, "bind failed");
