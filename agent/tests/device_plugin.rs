@@ -2,14 +2,17 @@
 //! in a temporary directory, and a `DevicePlugin` client over the plugin's own socket) and the fake API
 //! server holding the scheduler's decisions (`reference/kubernetes-testing.md` §4).
 //!
-//! The plugin runs in-process ([`DevicePlugin::start`]) with an inventory channel the tests drive.
+//! The plugin runs in-process ([`DevicePlugin::start`]) with an inventory channel the tests drive,
+//! except in `the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05`, where it runs inside the
+//! real `hami-agent run` on the simulated GPU node (fake NVML for inventory and health, failures
+//! injected through the node's control file; privileged, skipped with a reason without root).
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::kubelet::{TestKubelet, allocate, devices, mounts, next, preferred};
@@ -642,4 +645,163 @@ async fn kubelet_restart_re_registers_and_serves_again() {
     let Rig { plugin, _scratch, .. } = rig;
     plugin.stop().await;
     assert!(!sock.exists());
+}
+
+/// Writes one command (`lost <gpu>`, `recover <gpu>`) to the simulated node's control file.
+fn node_control(node: &hami_fake_gpu::FakeNode, line: &str) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(node.dir().join(hami_fake_gpu::fs::CONTROL_FILE))
+        .unwrap();
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05() {
+    let Some(mut env) = common::Env::new("dp-binary", 2, 1024) else {
+        return;
+    };
+    let api = FakeApiServer::start().await.unwrap();
+    let kubeconfig = env.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let key_file = env.dir.join("decision-key");
+    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
+    let plugin_dir = env.dir.join("device-plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    let mut kubelet = TestKubelet::start(&plugin_dir);
+    env.cfg.node_name = NODE.to_owned();
+    env.cfg.nvml_lib = Some(common::fake_nvml());
+    env.cfg.device_plugin = DevicePluginConfig {
+        enabled: true,
+        plugin_dir: plugin_dir.clone(),
+        socket_name: "hami-test.sock".into(),
+        split_count: SPLIT,
+        libvgpu_host_path: env.dir.join("host/libvgpu.so"),
+        ld_so_preload_host_path: None,
+        decision_key_file: key_file,
+        watch_interval_ms: 100,
+        health_interval_ms: 100,
+        host_dev_dir: env.node.dir().to_path_buf(),
+        ..DevicePluginConfig::default()
+    };
+    let (_agent, port) = common::start_agent_with_env(
+        &env,
+        Path::new(env!("CARGO_BIN_EXE_hami-agent")),
+        &[("KUBECONFIG", kubeconfig.as_path())],
+    );
+    let truth = env.node.ground_truth();
+    let uuids: Vec<String> = truth.gpus.iter().map(|g| g.uuid.clone()).collect();
+
+    let (reg, mut c) = kubelet.connect().await;
+    assert_eq!(
+        reg,
+        proto::RegisterRequest {
+            version: "v1beta1".into(),
+            endpoint: "hami-test.sock".into(),
+            resource_name: "nvidia.com/gpu".into(),
+            options: Some(proto::DevicePluginOptions {
+                pre_start_required: true,
+                get_preferred_allocation_available: true,
+            }),
+        }
+    );
+    let mut stream = c.list_and_watch(proto::Empty {}).await.unwrap().into_inner();
+    let expect = |gpu1: &str| -> Vec<(String, String)> {
+        uuids
+            .iter()
+            .enumerate()
+            .flat_map(|(i, u)| {
+                (0..SPLIT).map(move |n| (id(u, n), if i == 1 { gpu1 } else { "Healthy" }.to_owned()))
+            })
+            .collect()
+    };
+    assert_eq!(
+        common::kubelet::health(&next(&mut stream).await),
+        expect("Healthy")
+    );
+
+    // One Allocate for a pod the scheduler placed on GPU 1 (decision signed with the shared key).
+    let value = format!("{},NVIDIA,512,20:;", uuids[1]);
+    bound_pod(&api, "job", &value);
+    let chosen = preferred(
+        &mut c,
+        &expect("Healthy").into_iter().map(|(i, _)| i).collect::<Vec<_>>(),
+        &[],
+        1,
+    )
+    .await;
+    assert!(chosen[0].starts_with(&uuids[1]), "{chosen:?}");
+    let r = allocate(&mut c, &chosen).await.unwrap();
+    assert_eq!(
+        r.envs,
+        env_map(&[
+            ("NVIDIA_VISIBLE_DEVICES", &uuids[1]),
+            ("CUDA_DEVICE_MEMORY_LIMIT_0", "512m"),
+            ("CUDA_DEVICE_SM_LIMIT", "20"),
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
+        ])
+    );
+    let dev = |n: &str| {
+        (
+            format!("/dev/{n}"),
+            env.node.dir().join(n).to_string_lossy().into_owned(),
+            "rw".to_owned(),
+        )
+    };
+    assert_eq!(devices(&r), [dev("nvidiactl"), dev("nvidia-uvm"), dev("nvidia1")]);
+    assert_eq!(
+        mounts(&r)[0],
+        (
+            "/usr/local/vgpu".to_owned(),
+            env.cfg
+                .paths
+                .regions_dir
+                .join("uid-job_main")
+                .to_string_lossy()
+                .into_owned(),
+            false
+        )
+    );
+    assert_eq!(
+        annotation(&api, "job", ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+
+    // C05: GPU 1 falls off the bus (NVML answers GPU_IS_LOST) and comes back; the open stream gets both
+    // changes, with no restart of the agent or of the stream.
+    node_control(&env.node, "lost 1");
+    assert!(env.node.ground_truth().gpus[1].lost);
+    assert_eq!(
+        common::kubelet::health(&next(&mut stream).await),
+        expect("Unhealthy")
+    );
+    node_control(&env.node, "recover 1");
+    assert_eq!(
+        common::kubelet::health(&next(&mut stream).await),
+        expect("Healthy")
+    );
+    let metrics = common::http_get(port, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "hami_device_plugin_registrations_total 1"),
+        "one registration in the agent's metrics:\n{metrics}"
+    );
+}
+
+/// Stores a pod bound to `NODE` with a signed single-container decision `value`, as the scheduler
+/// leaves it after bind.
+fn bound_pod(api: &FakeApiServer, name: &str, value: &str) {
+    api.insert_pod(pod(
+        name,
+        &[],
+        &["main"],
+        &decision(value, 100, KEY, &format!("uid-{name}")),
+    ));
+}
+
+/// [`env`], for tests whose `env` is the simulated node's environment.
+fn env_map(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    env(pairs)
 }
