@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{RawTracePoint, TracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
+use aya::programs::{Lsm, RawTracePoint, TracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use hami_ebpf_common::{
     AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, counter, file_kind, names,
@@ -44,6 +44,77 @@ const IOCTL_TRACEPOINTS: [(&str, &str, &str); 2] = [
     ("hami_ioctl_enter", "syscalls", "sys_enter_ioctl"),
     ("hami_ioctl_exit", "syscalls", "sys_exit_ioctl"),
 ];
+
+/// The BPF LSM program of the hard limit and its pin name in the links directory.
+const LSM_PROGRAM: &str = "hami_lsm_file_ioctl";
+/// See [`LSM_PROGRAM`].
+const LSM_PIN: &str = "lsm-hami_lsm_file_ioctl";
+
+/// How the kernel hard limit is enforced (agent `hard_limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HardLimitMechanism {
+    /// The ioctl exit program sends SIGKILL to a process whose allocation took its container past the
+    /// limit (its memory is freed at exit). Always available (`bpf_send_signal`).
+    Kill,
+    /// The BPF LSM `file_ioctl` program refuses the allocation with `ENOMEM` before the driver runs
+    /// (the kill stays armed behind it). Only where the kernel lets BPF LSM programs load and attach.
+    Lsm,
+}
+
+impl HardLimitMechanism {
+    /// The `mechanism` label of `hami_agent_hard_limit_mechanism`.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::Lsm => "lsm",
+        }
+    }
+}
+
+/// Loads and attaches the BPF LSM program and pins its link as `links_dir/`[`LSM_PIN`].
+fn attach_lsm(ebpf: &mut Ebpf, btf_path: &Path, links_dir: &Path) -> Result<()> {
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
+        .map_err(|e| AgentError::ebpf(format!("BTF {}", btf_path.display()), e))?;
+    let p: &mut Lsm = ebpf
+        .program_mut(LSM_PROGRAM)
+        .ok_or_else(|| AgentError::ebpf("program", format!("{LSM_PROGRAM} missing")))?
+        .try_into()
+        .map_err(|e| AgentError::ebpf(format!("program {LSM_PROGRAM}"), e))?;
+    p.load("file_ioctl", &btf)
+        .map_err(|e| AgentError::ebpf("load lsm/file_ioctl", e))?;
+    let id = p
+        .attach()
+        .map_err(|e| AgentError::ebpf("attach lsm/file_ioctl", e))?;
+    let link: FdLink = p
+        .take_link(id)
+        .map_err(|e| AgentError::ebpf("link lsm/file_ioctl", e))?
+        .into();
+    link.pin(links_dir.join(LSM_PIN))
+        .map_err(|e| AgentError::ebpf("pin lsm/file_ioctl", e))?;
+    Ok(())
+}
+
+/// With the hard limit on: BPF LSM when this kernel allows it (already pinned, or attached now),
+/// else the kill, saying why once.
+fn hard_limit_mechanism(ebpf: &mut Ebpf, cfg: &AgentConfig, links_dir: &Path) -> Option<HardLimitMechanism> {
+    if !cfg.hard_limit {
+        return None;
+    }
+    if links_dir.join(LSM_PIN).exists() {
+        return Some(HardLimitMechanism::Lsm);
+    }
+    match attach_lsm(ebpf, &cfg.paths.btf, links_dir) {
+        Ok(()) => {
+            tracing::info!("hard limit: BPF LSM file_ioctl attached; allocations past a limit get ENOMEM");
+            Some(HardLimitMechanism::Lsm)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "hard limit: BPF LSM refused by this kernel; falling back to SIGKILL from the ioctl tracepoint");
+            Some(HardLimitMechanism::Kill)
+        }
+    }
+}
 
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
@@ -279,6 +350,8 @@ pub struct Probes {
     pub uprobes_attached: usize,
     /// How the ioctl syscall is hooked (`Tracepoint` or `Raw`).
     pub hook: SyscallHook,
+    /// How the hard limit is enforced (`None`: the hard limit is off).
+    pub hard_limit: Option<HardLimitMechanism>,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -366,7 +439,9 @@ impl Probes {
             IOCTL_TRACEPOINTS.len()
         };
         let expected_links = RAW_TRACEPOINTS.len() + ioctl_links + UPROBES.len() * libs.len();
-        let pinned_links = std::fs::read_dir(&links_dir).map(|d| d.count()).unwrap_or(0);
+        let pinned_links = std::fs::read_dir(&links_dir)
+            .map(|d| d.flatten().filter(|e| e.file_name() != LSM_PIN).count())
+            .unwrap_or(0);
         let adopted = pinned_links == expected_links;
         let mut uprobes_attached = 0;
         if !adopted {
@@ -415,7 +490,13 @@ impl Probes {
                 }
             }
         }
+        let hard_limit = hard_limit_mechanism(&mut ebpf, cfg, &links_dir);
+        if !cfg.hard_limit && links_dir.join(LSM_PIN).exists() {
+            std::fs::remove_file(links_dir.join(LSM_PIN))
+                .map_err(|e| AgentError::io(links_dir.join(LSM_PIN), e))?;
+        }
         Ok(Self {
+            hard_limit,
             events: take(&mut ebpf, names::EVENTS)?,
             allocs: take(&mut ebpf, names::ALLOCS)?,
             objects: take(&mut ebpf, names::OBJECTS)?,

@@ -142,6 +142,12 @@ pub const METRICS: &[MetricDef] = &[
         "1",
         "Objects not recorded because the kernel's object map was full.",
     ),
+    MetricDef::gauge(
+        "hami_agent_hard_limit_mechanism",
+        &["node", "mechanism"],
+        "1",
+        "How the kernel hard limit is enforced: 1 for the active mechanism (`kill`: SIGKILL from the ioctl tracepoint; `lsm`: BPF LSM file_ioctl refuses with ENOMEM, where the kernel allows it), 0 for the other; both 0 when the hard limit is off.",
+    ),
     MetricDef::counter(
         "hami_agent_unmatched_frees_total",
         &["node"],
@@ -267,6 +273,12 @@ pub fn render(s: &Snapshot) -> Result<String> {
     gauge("hami_agent_live_objects", &["node"])?
         .with_label_values(&[s.node.as_str()])
         .set(to_i64(a.live_objects));
+    let mechanism = gauge("hami_agent_hard_limit_mechanism", &["node", "mechanism"])?;
+    for m in ["kill", "lsm"] {
+        mechanism
+            .with_label_values(&[s.node.as_str(), m])
+            .set(i64::from(a.hard_limit_mechanism.as_deref() == Some(m)));
+    }
 
     let mut buf = Vec::new();
     TextEncoder::new().encode(&reg.gather(), &mut buf).map_err(err)?;

@@ -4,14 +4,22 @@
 //!
 //! The regions are files under `paths.regions_dir` (the device plugin creates one per container; any
 //! depth up to 3, any name, exactly [`REGION_SIZE`] bytes). Each names its container by cgroup id
-//! (written by the processes that map it). Container device `i` is mapped to the `i`-th host GPU, by
-//! index, among those the container holds memory on: exact for single-GPU containers; multi-GPU
-//! containers need the device plugin to record host GPU identities in the region (not yet).
+//! (written by the processes that map it).
+//!
+//! Limits and device identities come from the container's trusted limits file
+//! (`hami_api::region::TrustedLimits`, `<region directory>.limits`, written by the device plugin at
+//! Allocate beside the tenant-writable directory and mounted read-only into the container): the
+//! hard limit of container device `i` is the file's `devices[i].memory_bytes`, on the host GPU whose
+//! NVML UUID is `devices[i].uuid`, so a tenant that rewrites its region header changes neither. The
+//! file is used only when it is a regular file (not a link) owned by root or the agent's user and
+//! writable by nobody else. Without one (a region made by hand), the region header's limits are used
+//! and container device `i` is taken to be the `i`-th host GPU, by index, among those the container
+//! holds memory on (exact for single-GPU containers).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use hami_api::region::{REGION_SIZE, Region};
+use hami_api::region::{LIMITS_MAX_BYTES, LIMITS_SUFFIX, REGION_SIZE, Region, TrustedLimits};
 use hami_ebpf_common::{GPU_UNKNOWN, LimitKey};
 
 use crate::attribution::{MemoryKind, UsageRow};
@@ -31,22 +39,77 @@ pub fn container_gpus(rows: &[UsageRow], cgroup_id: u64) -> Vec<u32> {
     gpus
 }
 
-/// The valid regions among `maps` that name their container, with its cgroup id.
-fn valid_regions(maps: &HashMap<PathBuf, memmap2::MmapMut>) -> impl Iterator<Item = (u64, &Region)> {
-    maps.values().filter_map(|m| {
+/// The valid regions among `maps` that name their container: (file, cgroup id, region).
+fn valid_regions(
+    maps: &HashMap<PathBuf, memmap2::MmapMut>,
+) -> impl Iterator<Item = (&PathBuf, u64, &Region)> {
+    maps.iter().filter_map(|(path, m)| {
         #[allow(unsafe_code, reason = "viewing the mapping as the region")]
         // SAFETY: page-aligned, REGION_SIZE long, lives as long as `maps`; any bytes are a valid Region
         // (integer atomics only).
         let region = unsafe { &*m.as_ptr().cast::<Region>() };
         let cg = region.cgroup_id();
-        (region.validate().is_ok() && cg != 0).then_some((cg, region))
+        (region.validate().is_ok() && cg != 0).then_some((path, cg, region))
     })
 }
 
-/// Mapped regions and the utilisation bookkeeping.
+/// The trusted limits file of the region file `region`: `<its directory>.limits`.
+#[must_use]
+pub fn trusted_limits_path(region: &Path) -> Option<PathBuf> {
+    let dir = region.parent()?;
+    let mut p = dir.as_os_str().to_owned();
+    p.push(LIMITS_SUFFIX);
+    Some(PathBuf::from(p))
+}
+
+/// Reads a trusted limits file: `Ok(None)` when there is none; an error when it is a link, not a
+/// regular file, owned by another user than root or the agent's, writable by group or others, or
+/// invalid.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn read_trusted_limits(path: &Path) -> Result<Option<TrustedLimits>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    #[allow(unsafe_code, reason = "geteuid(2) has no preconditions")]
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if !m.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if m.uid() != 0 && m.uid() != euid {
+        return Err(format!("owned by uid {}, not root or the agent's", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!("mode {:o} lets others write it", m.mode() & 0o7777));
+    }
+    let mut bytes = Vec::new();
+    f.take(LIMITS_MAX_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    TrustedLimits::parse(&bytes).map(Some).map_err(|e| e.to_string())
+}
+
+/// Mapped regions, their trusted limits, and the utilisation bookkeeping.
 #[derive(Default)]
 pub struct RegionWriter {
     maps: HashMap<PathBuf, memmap2::MmapMut>,
+    /// Trusted limits of the mapped regions (re-read at every scan).
+    trusted: HashMap<PathBuf, TrustedLimits>,
+    /// Trusted limits files refused (logged once each).
+    refused: std::collections::HashSet<PathBuf>,
+    /// GPU UUID (upper case) → host GPU index (the kernel's `gpu`), from NVML discovery.
+    gpus: HashMap<String, u32>,
     /// (cgroup, GPU) → (SM-µs, CLOCK_MONOTONIC ns) at the previous publication.
     last_sm: HashMap<(u64, u32), (u64, u64)>,
 }
@@ -64,11 +127,41 @@ fn region_files(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
 }
 
 impl RegionWriter {
-    /// Maps new region files under `dir` and drops the mappings of removed ones.
+    /// A writer that maps trusted UUIDs to the host GPUs `gpus` (NVML discovery).
+    #[must_use]
+    pub fn with_gpus(gpus: &[crate::snapshot::GpuInfo]) -> Self {
+        Self {
+            gpus: gpus
+                .iter()
+                .map(|g| (g.uuid.to_ascii_uppercase(), g.index))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Maps new region files under `dir`, drops the mappings of removed ones, and (re)reads their
+    /// trusted limits files.
     pub fn scan(&mut self, dir: &Path) {
         let mut files = Vec::new();
         region_files(dir, 3, &mut files);
         self.maps.retain(|p, _| files.contains(p));
+        self.trusted.clear();
+        for f in &files {
+            let Some(lp) = trusted_limits_path(f) else {
+                continue;
+            };
+            match read_trusted_limits(&lp) {
+                Ok(Some(t)) => {
+                    self.trusted.insert(f.clone(), t);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if self.refused.insert(lp.clone()) {
+                        tracing::warn!(file = %lp.display(), error = %e, "trusted limits file refused; the region header's limits apply");
+                    }
+                }
+            }
+        }
         for f in files {
             if self.maps.contains_key(&f) {
                 continue;
@@ -85,9 +178,36 @@ impl RegionWriter {
         }
     }
 
-    /// The hard limits the regions give, as keys of the programs' limit map: a single-device container's
-    /// limit holds on whichever GPU it uses (`gpu == GPU_UNKNOWN`); for several devices, container
-    /// device `i` is the `i`-th GPU of [`container_gpus`] (GPUs not used yet get no limit until they are).
+    /// The host GPU of each container device of the region `path` (container order), and its limit,
+    /// bytes: from the trusted limits file when there is one (GPUs by UUID), else from the header (GPUs
+    /// by the order of [`container_gpus`]). `None`: not known (yet).
+    fn devices(&self, path: &Path, region: &Region, cg: u64, rows: &[UsageRow]) -> Vec<(Option<u32>, u64)> {
+        let by_use = container_gpus(rows, cg);
+        match self.trusted.get(path) {
+            Some(t) => t
+                .devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let gpu = match self.gpus.get(&d.uuid.to_ascii_uppercase()) {
+                        Some(g) => Some(*g),
+                        // No NVML identity: a single device is whichever GPU the container uses.
+                        None if t.devices.len() == 1 => None,
+                        None => by_use.get(i).copied(),
+                    };
+                    (gpu, d.memory_bytes)
+                })
+                .collect(),
+            None => (0..region.device_count())
+                .map(|d| (by_use.get(d).copied(), region.limit(d)))
+                .collect(),
+        }
+    }
+
+    /// The hard limits the regions give, as keys of the programs' limit map (bytes): container device
+    /// `i` on its host GPU (see [`RegionWriter::devices`]); a single-device container whose GPU is not
+    /// known holds its limit on whichever GPU it uses (`gpu == GPU_UNKNOWN`); for several devices,
+    /// GPUs not known yet get no limit until they are.
     #[must_use]
     pub fn hard_limits(&self, rows: &[UsageRow]) -> Vec<(LimitKey, u64)> {
         let key = |cgroup_id, gpu| LimitKey {
@@ -96,16 +216,15 @@ impl RegionWriter {
             _pad: 0,
         };
         let mut out = Vec::new();
-        for (cg, region) in valid_regions(&self.maps) {
-            let limits: Vec<u64> = (0..region.device_count()).map(|d| region.limit(d)).collect();
-            match limits.as_slice() {
-                [l] => out.push((key(cg, GPU_UNKNOWN), *l)),
-                many => out.extend(
-                    container_gpus(rows, cg)
-                        .into_iter()
-                        .zip(many)
-                        .map(|(gpu, l)| (key(cg, gpu), *l)),
-                ),
+        for (path, cg, region) in valid_regions(&self.maps) {
+            let devices = self.devices(path, region, cg, rows);
+            let single = devices.len() == 1;
+            for (gpu, limit) in devices {
+                match gpu {
+                    Some(g) => out.push((key(cg, g), limit)),
+                    None if single => out.push((key(cg, GPU_UNKNOWN), limit)),
+                    None => {}
+                }
             }
         }
         out.retain(|(_, l)| *l > 0);
@@ -121,13 +240,27 @@ impl RegionWriter {
             .map(|r| ((r.key.cgroup_id, r.key.gpu), r))
             .collect();
         let mut n = 0;
-        for (cg, region) in valid_regions(&self.maps) {
-            let gpus: Vec<&UsageRow> = container_gpus(rows, cg)
-                .iter()
-                .filter_map(|g| by_key.get(&(cg, *g)).copied())
-                .collect();
+        let mapped: Vec<(u64, &Region, Vec<Option<u32>>)> = valid_regions(&self.maps)
+            .map(|(path, cg, region)| {
+                let mut gpus: Vec<Option<u32>> = self
+                    .devices(path, region, cg, rows)
+                    .into_iter()
+                    .map(|d| d.0)
+                    .collect();
+                if let [g @ None] = gpus.as_mut_slice() {
+                    *g = container_gpus(rows, cg).first().copied();
+                }
+                (cg, region, gpus)
+            })
+            .collect();
+        for (cg, region, gpus) in mapped {
             for dev in 0..region.device_count() {
-                let (bytes, sm) = match gpus.get(dev) {
+                let row = gpus
+                    .get(dev)
+                    .copied()
+                    .flatten()
+                    .and_then(|g| by_key.get(&(cg, g)).copied());
+                let (bytes, sm) = match row {
                     Some(r) => {
                         let key = (cg, r.key.gpu);
                         let pct = match self.last_sm.insert(key, (r.usage.sm_us, now_ns)) {

@@ -131,7 +131,7 @@ impl Agent {
             index: CgroupIndex::new(cgroup_root.clone()),
             cgroup_root,
             nvml,
-            regions: crate::regions::RegionWriter::default(),
+            regions: crate::regions::RegionWriter::with_gpus(&gpus),
             limit_keys: Vec::new(),
             cfg,
             probes,
@@ -361,6 +361,7 @@ impl Agent {
             unmatched_frees: self.state.anomalies.unmatched_frees,
             reconciled: self.state.anomalies.reconciled,
             hard_limit_kills: k[counter::HARD_LIMIT_KILLS as usize],
+            hard_limit_mechanism: self.probes.hard_limit.map(|m| m.label().to_owned()),
         };
         snapshot::build(&self.node, now, &self.gpus, &rows, &calls, &facts, stats)
     }
@@ -369,6 +370,12 @@ impl Agent {
     #[must_use]
     pub fn syscall_hook(&self) -> crate::config::SyscallHook {
         self.probes.hook
+    }
+
+    /// How the kernel hard limit is enforced (`None`: `hard_limit` is off).
+    #[must_use]
+    pub fn hard_limit_mechanism(&self) -> Option<crate::loader::HardLimitMechanism> {
+        self.probes.hard_limit
     }
 
     /// Whether pinned programs of this build were adopted at start.

@@ -102,6 +102,9 @@ pub struct AgentStats {
     pub reconciled: u64,
     /// Processes killed by the kernel hard limit (program counter).
     pub hard_limit_kills: u64,
+    /// How the kernel hard limit is enforced: `kill` or `lsm` (`None`: off).
+    #[serde(default)]
+    pub hard_limit_mechanism: Option<String>,
 }
 
 /// The snapshot.

@@ -512,3 +512,187 @@ fn hard_limit_kills_a_process_that_bypasses_the_interceptor() {
     );
     a.finish();
 }
+
+/// Creates a region file in `dir` as the first tenant process would (header limits `header`, bytes per
+/// device) for the container `cg`; the mapping is returned so the test can read what the agent writes.
+fn make_region(dir: &std::path::Path, header: &[u64], cg: &std::path::Path) -> memmap2::MmapMut {
+    std::fs::create_dir_all(dir).expect("region dir");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join("vgpu.cache"))
+        .expect("region file");
+    f.set_len(hami_api::region::REGION_SIZE as u64)
+        .expect("sizing the region");
+    #[allow(unsafe_code, reason = "mapping the region file as a tenant would")]
+    // SAFETY: a shared mapping of a REGION_SIZE file; Region is made of integer atomics.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .len(hami_api::region::REGION_SIZE)
+            .map_mut(&f)
+    }
+    .expect("mmap");
+    let r = region(&map);
+    r.init(header, &vec![0; header.len()]);
+    r.set_cgroup_id(common::cgroup_id(cg));
+    map
+}
+
+fn region(map: &memmap2::MmapMut) -> &hami_api::region::Region {
+    #[allow(unsafe_code, reason = "viewing the mapping as the region")]
+    // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; the reference lives no
+    // longer than the mapping.
+    unsafe {
+        &*map.as_ptr().cast::<hami_api::region::Region>()
+    }
+}
+
+/// Writes the trusted limits file of the region directory `dir` (`<dir>.limits`, mode 0444) as the
+/// device plugin does: (UUID, bytes) per container device.
+fn write_trusted(dir: &std::path::Path, devices: &[(&str, u64)]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t = hami_api::region::TrustedLimits {
+        version: hami_api::region::LIMITS_VERSION,
+        devices: devices
+            .iter()
+            .map(|(uuid, bytes)| hami_api::region::DeviceLimit {
+                uuid: (*uuid).to_owned(),
+                memory_bytes: *bytes,
+                sm_percent: 0,
+            })
+            .collect(),
+        on_region_error: hami_api::region::RegionFailure::Closed,
+    };
+    let path = hami_agent::regions::trusted_limits_path(&dir.join("vgpu.cache")).expect("a parent");
+    std::fs::write(&path, t.to_json()).expect("limits file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+}
+
+#[test]
+fn hard_limit_holds_the_trusted_limit_when_the_tenant_rewrites_its_region_header() {
+    // The device plugin's trusted file says 1 GiB; the tenant has written 100 GiB into its region
+    // header. The kernel hard limit follows the file: 600 MiB + 600 MiB of raw allocations kill the
+    // second process. The agent falls back from BPF LSM (refused on these kernels) to the kill, and
+    // says so.
+    use std::os::unix::process::ExitStatusExt as _;
+    let Some(mut env) = Env::new("trusted-hard-limit", 1, 4096) else {
+        return;
+    };
+    env.cfg.hard_limit = true;
+    let mut agent = env.agent();
+    assert_eq!(
+        agent.hard_limit_mechanism(),
+        Some(hami_agent::loader::HardLimitMechanism::Kill),
+        "BPF LSM is refused here, so the kill is the mechanism"
+    );
+    let c = env.container(15);
+    let dir = env.dir.join("regions/pod15_main");
+    let map = make_region(&dir, &[100 << 30], &c);
+    let uuid = env.node.ground_truth().gpus[0].uuid.clone();
+    write_trusted(&dir, &[(&uuid, 1 << 30)]);
+    assert_eq!(agent.publish_regions(), 1);
+    assert_eq!(region(&map).limit(0), 100 << 30, "the header says 100 GiB");
+
+    let six = (600 * MIB).to_string();
+    let mut a = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
+    a.words("raw-allocated");
+    settle(&mut agent);
+    let mut b = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
+    let b_pid = b.pid;
+    let status = b.status();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "killed at the trusted 1 GiB: {status:?}"
+    );
+    eventually("the killed process's memory is released", || {
+        env.node.ground_truth().bytes(b_pid, 0) == 0
+    });
+    assert_eq!(env.node.ground_truth().bytes(a.pid, 0), 600 * MIB);
+    let s = settle(&mut agent);
+    assert_eq!(s.agent.hard_limit_kills, 1);
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(
+        text.contains("hami_agent_hard_limit_mechanism{mechanism=\"kill\",node=\"test-node\"} 1")
+            && text.contains("hami_agent_hard_limit_mechanism{mechanism=\"lsm\",node=\"test-node\"} 0"),
+        "{text}"
+    );
+    a.finish();
+}
+
+#[test]
+fn a_two_gpu_container_maps_to_its_gpus_by_uuid_in_the_agent() {
+    // Three GPUs; the container holds GPU 2 (1 GiB) and GPU 0 (2 GiB), in that order. The agent binary
+    // (fake NVML for the UUIDs) maps container device 0 to GPU 2 and device 1 to GPU 0: the kernel's
+    // view lands in the right region slots, and the hard limit kills at 1 GiB on GPU 2 while 1.5 GiB
+    // on GPU 0 is fine.
+    use std::os::unix::process::ExitStatusExt as _;
+    let Some(mut env) = Env::new("multi-gpu-hard-limit", 3, 4096) else {
+        return;
+    };
+    env.cfg.hard_limit = true;
+    env.cfg.nvml_lib = Some(common::fake_nvml());
+    let c = env.container(16);
+    let dir = env.dir.join("regions/pod16_main");
+    let map = make_region(&dir, &[100 << 30, 100 << 30], &c);
+    let t = env.node.ground_truth();
+    write_trusted(&dir, &[(&t.gpus[2].uuid, 1 << 30), (&t.gpus[0].uuid, 2 << 30)]);
+    let (_agent, _port) = common::start_agent(&env, std::path::Path::new(env!("CARGO_BIN_EXE_hami-agent")));
+    let r = region(&map);
+    eventually("the agent published into the region", || {
+        r.header
+            .kernel_updated_ns
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+    });
+    let mut g0 = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            &(1536 * MIB).to_string(),
+            "--raw-device",
+            "0",
+            "--hold",
+        ],
+        &[],
+    );
+    g0.words("raw-allocated");
+    let mut g2 = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            &(600 * MIB).to_string(),
+            "--raw-device",
+            "2",
+            "--hold",
+        ],
+        &[],
+    );
+    g2.words("raw-allocated");
+    let kernel = |dev: usize| r.header.kernel_used_bytes[dev].load(std::sync::atomic::Ordering::Acquire);
+    eventually("the kernel's view is in the right slots", || {
+        kernel(0) == 600 * MIB && kernel(1) == 1536 * MIB
+    });
+    let mut over = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            &(600 * MIB).to_string(),
+            "--raw-device",
+            "2",
+            "--hold",
+        ],
+        &[],
+    );
+    let status = over.status();
+    assert_eq!(status.signal(), Some(9), "GPU 2 is limited to 1 GiB: {status:?}");
+    let t = env.node.ground_truth();
+    assert_eq!(
+        (t.bytes(g0.pid, 0), t.bytes(g2.pid, 2)),
+        (1536 * MIB, 600 * MIB),
+        "the others are untouched"
+    );
+    g0.finish();
+    g2.finish();
+}

@@ -152,6 +152,7 @@ impl DevicePlugin {
             inventory,
             pods,
             metrics,
+            cfg.on_region_error,
         ));
         let (stop, stop_rx) = watch::channel(false);
         let socket = cfg.plugin_dir.join(&cfg.socket_name);

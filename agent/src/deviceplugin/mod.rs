@@ -62,7 +62,11 @@
 //! `CUDA_DEVICE_SM_LIMIT` (cores of the first device), `CUDA_DEVICE_MEMORY_SHARED_CACHE`
 //! (`/usr/local/vgpu/vgpu.cache`); mounts: `libvgpu_host_path` at `/usr/local/vgpu/libvgpu.so`
 //! (read-only), the container's region directory `<paths.regions_dir>/<pod UID>_<container>` at
-//! `/usr/local/vgpu` (created 0777 when missing, never deleted or emptied: peer case C19), and
+//! `/usr/local/vgpu` (created 0777 when missing, never deleted or emptied: peer case C19), the
+//! container's trusted limits file `<paths.regions_dir>/<pod UID>_<container>.limits` (written by the
+//! agent at every Allocate, mode 0444, beside the directory, not in it) at `/usr/local/vgpu/limits`
+//! (read-only: the interceptor and the kernel hard limit trust it, never the tenant-writable region
+//! header), and
 //! `ld_so_preload_host_path` at `/etc/ld.so.preload` (read-only) when configured. The container's own
 //! `CUDA_DISABLE_CONTROL` does not remove the preload (unlike HAMi: it is an escape). Devices:
 //! `nvidiactl`, `nvidia-uvm` and `nvidia<minor>` of each GPU from `paths.dev_dir`.
@@ -104,7 +108,8 @@ pub use kubelet::{DevicePlugin, PluginSettings};
 ///   "cache_wait_ms": 2000,                              // cache mode: wait this long for the cache
 ///   "consistent_allocate": true,                        // Allocate decides on a fresh list
 ///   "host_dev_dir": "/dev",                             // the HOST's device directory
-///   "host_regions_dir": null                            // host path of paths.regions_dir; null: same
+///   "host_regions_dir": null,                           // host path of paths.regions_dir; null: same
+///   "on_region_error": "closed"                         // interceptor without a usable region: "open"
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +149,10 @@ pub struct DevicePluginConfig {
     /// Host path of the agent's `paths.regions_dir`, as the kubelet mounts region directories; `None`:
     /// the agent sees the host directory at the same path (the chart mounts it so).
     pub host_regions_dir: Option<PathBuf>,
+    /// What the interceptor does in a container whose shared region cannot be used: `closed` (refuse
+    /// device-memory allocations, the default) or `open` (each process holds itself to the limits
+    /// alone). Written into every container's trusted limits file, so the tenant cannot choose.
+    pub on_region_error: hami_api::region::RegionFailure,
 }
 
 impl Default for DevicePluginConfig {
@@ -163,6 +172,7 @@ impl Default for DevicePluginConfig {
             consistent_allocate: true,
             host_dev_dir: "/dev".into(),
             host_regions_dir: None,
+            on_region_error: hami_api::region::RegionFailure::Closed,
         }
     }
 }

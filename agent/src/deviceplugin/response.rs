@@ -20,6 +20,9 @@ pub const CONTAINER_LIBVGPU: &str = "/usr/local/vgpu/libvgpu.so";
 /// [`CONTAINER_REGION_DIR`].
 pub const CONTAINER_REGION_FILE: &str = "/usr/local/vgpu/vgpu.cache";
 
+/// Container path of the trusted limits file (read-only bind mount of [`limits_path`]).
+pub const CONTAINER_LIMITS_FILE: &str = hami_api::region::CONTAINER_LIMITS_FILE;
+
 /// Container path of the preload list.
 pub const CONTAINER_LD_SO_PRELOAD: &str = "/etc/ld.so.preload";
 
@@ -64,6 +67,37 @@ pub fn region_dir(regions_dir: &Path, pod_uid: &str, container: &str) -> Result<
     Ok(regions_dir.join(format!("{pod_uid}_{container}")))
 }
 
+/// The host path of a container's trusted limits file: `<region dir>.limits`, beside the
+/// tenant-writable region directory (in `regions_dir`, which only the agent writes).
+#[must_use]
+pub fn limits_path(region: &Path) -> PathBuf {
+    let mut p = region.as_os_str().to_owned();
+    p.push(hami_api::region::LIMITS_SUFFIX);
+    PathBuf::from(p)
+}
+
+/// The trusted limits of a container given `devices` (in container order): bytes and SM percent per
+/// device, with its UUID, and the interceptor's failure policy.
+#[must_use]
+pub fn trusted_limits(
+    devices: &ContainerDevices,
+    on_region_error: hami_api::region::RegionFailure,
+) -> hami_api::region::TrustedLimits {
+    hami_api::region::TrustedLimits {
+        version: hami_api::region::LIMITS_VERSION,
+        devices: devices
+            .0
+            .iter()
+            .map(|d| hami_api::region::DeviceLimit {
+                uuid: d.uuid.clone(),
+                memory_bytes: d.memory_mib.saturating_mul(1 << 20),
+                sm_percent: d.cores.min(100),
+            })
+            .collect(),
+        on_region_error,
+    }
+}
+
 /// The response for a container given `devices` (in container order), whose region directory is
 /// `region` on the host. `minors` maps GPU UUIDs to device minors.
 ///
@@ -98,6 +132,7 @@ pub fn container_response(
     };
     let mut mounts = vec![
         mount(CONTAINER_REGION_DIR, region, false),
+        mount(CONTAINER_LIMITS_FILE, &limits_path(region), true),
         mount(CONTAINER_LIBVGPU, &host.libvgpu, true),
     ];
     if let Some(p) = &host.ld_so_preload {
@@ -168,6 +203,7 @@ mod tests {
             m,
             [
                 ("/usr/local/vgpu", "/r/uid-1_app", false),
+                ("/usr/local/vgpu/limits", "/r/uid-1_app.limits", true),
                 ("/usr/local/vgpu/libvgpu.so", "/opt/hami/libvgpu.so", true),
                 ("/etc/ld.so.preload", "/opt/hami/ld.so.preload", true),
             ]
@@ -187,6 +223,11 @@ mod tests {
             ]
         );
         assert!(r.devices.iter().all(|d| d.permissions == "rw"));
+        let t = trusted_limits(&devices, hami_api::region::RegionFailure::Closed);
+        let t = hami_api::region::TrustedLimits::parse(t.to_json().as_bytes()).unwrap();
+        assert_eq!(t.memory_limits(), [3000 << 20, 5000 << 20]);
+        assert_eq!(t.sm_limits(), [30, 0]);
+        assert_eq!((t.index_of("GPU-b"), t.index_of("GPU-a")), (Some(0), Some(1)));
         let unknown = ContainerDevices(vec![ContainerDevice::new("GPU-z", "NVIDIA", 1, 0)]);
         assert!(container_response(&unknown, &minors, &region, &host).is_err());
     }

@@ -49,6 +49,8 @@ pub struct Context {
     pub pods: PodCache,
     /// Counters.
     pub metrics: PluginMetrics,
+    /// The interceptor's failure policy written into every trusted limits file.
+    pub on_region_error: hami_api::region::RegionFailure,
     /// Replica IDs handed to init containers → their pod's UID (the kubelet reuses them for the
     /// pod's next containers).
     reused_by: Mutex<HashMap<String, String>>,
@@ -74,6 +76,7 @@ impl Context {
         inventory: watch::Receiver<Vec<Gpu>>,
         pods: PodCache,
         metrics: PluginMetrics,
+        on_region_error: hami_api::region::RegionFailure,
     ) -> Self {
         Self {
             node,
@@ -85,6 +88,7 @@ impl Context {
             inventory,
             pods,
             metrics,
+            on_region_error,
             reused_by: Mutex::new(HashMap::new()),
             failed: Mutex::new(BTreeSet::new()),
         }
@@ -175,6 +179,10 @@ impl Context {
             let minors: HashMap<String, u32> = gpus.iter().map(|g| (g.uuid.clone(), g.minor)).collect();
             let resp = response::container_response(&choice.devices, &minors, &host_region, &self.host)?;
             ensure_region_dir(&region)?;
+            write_limits(
+                &response::limits_path(&region),
+                &response::trusted_limits(&choice.devices, self.on_region_error),
+            )?;
             match self.mark_allocated(&choice).await? {
                 Patched::Applied(pod) => {
                     self.pods.remember(&choice.resource_version, *pod);
@@ -283,6 +291,33 @@ fn ensure_region_dir(dir: &std::path::Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(AgentError::io(dir, e)),
     }
+}
+
+/// Writes a container's trusted limits file: a fresh file (mode 0444) in the same directory renamed
+/// over `path`, so a reader sees the old or the new limits, never a mix, and whatever was at `path`
+/// (even a symbolic link) is replaced rather than written through.
+fn write_limits(path: &std::path::Path, limits: &hami_api::region::TrustedLimits) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = path.with_extension(format!("limits.{}.{nanos}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(limits.to_json().as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        AgentError::io(path, e)
+    })
 }
 
 /// The label of an Allocate outcome in `hami_device_plugin_allocations_total`.

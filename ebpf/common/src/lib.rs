@@ -431,6 +431,19 @@ mod pod {
     unsafe impl aya::Pod for LimitKey {}
 }
 
+/// The hard-limit decision, shared by the kill (ioctl exit tracepoint, after the allocation, `used`
+/// already including it: `bytes` 0) and the BPF LSM refusal (`file_ioctl`, before it: `bytes` the
+/// request): whether the container's device memory `used` plus `bytes` exceeds `limit` (bytes; a
+/// limit of 0 never holds, since a key is only present for a limited container).
+#[inline(always)]
+#[must_use]
+pub fn over_hard_limit(used: u64, bytes: u64, limit: u64) -> bool {
+    limit != 0 && used.saturating_add(bytes) > limit
+}
+
+/// `ENOMEM`: what the BPF LSM program returns (negated) for an allocation past the hard limit.
+pub const ENOMEM: i32 = 12;
+
 /// Decoding of the RM parameter structures, shared by the kernel programs (reading the caller's memory
 /// with `bpf_probe_read_user`) and user-space tests (reading byte fixtures), so the layouts are
 /// tested on bytes without a kernel.
@@ -557,6 +570,58 @@ pub mod decode {
                 handle,
             }),
             _ => Some(Decoded::Ignored),
+        }
+    }
+
+    /// A device-memory allocation as requested, read *before* the driver runs (what a BPF LSM
+    /// `file_ioctl` program sees): `(client, parent, bytes)` of an `NV_ESC_RM_ALLOC` of
+    /// `NV01_MEMORY_LOCAL_USER` (NVOS21 or the ABI's NVOS64, not FINN-serialized) or of an
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` `ALLOC_SIZE`/`ALLOC_SIZE_RANGE` of vidmem. `None`: anything else,
+    /// or an unreadable payload (the call is then let through; the exit path still sees it).
+    #[inline(always)]
+    pub fn requested_alloc<R: Reader>(
+        r: &R,
+        nr: u32,
+        arg: u64,
+        size: u32,
+        abi: &AbiConfig,
+    ) -> Option<(u32, u32, u64)> {
+        if nr == nv::ESC_RM_ALLOC {
+            if size != nv::NVOS21_SIZE && size != abi.nvos64_size {
+                return None;
+            }
+            if r.u32_at(arg, 12)? != nv::CLASS_MEMORY_LOCAL_USER {
+                return None;
+            }
+            if size != nv::NVOS21_SIZE
+                && r.u32_at(arg, abi.nvos64_flags)? & nv::NVOS64_FLAGS_FINN_SERIALIZED != 0
+            {
+                return None;
+            }
+            let params = r.u64_at(arg, 16)?;
+            Some((
+                r.u32_at(arg, 0)?,
+                r.u32_at(arg, 4)?,
+                r.u64_at(params, nv::MEM_PARAMS_SIZE)?,
+            ))
+        } else if nr == nv::ESC_RM_VID_HEAP_CONTROL && size == nv::NVOS32_SIZE {
+            let function = r.u32_at(arg, nv::NVOS32_FUNCTION)?;
+            if function != nv::NVOS32_FUNCTION_ALLOC_SIZE && function != nv::NVOS32_FUNCTION_ALLOC_SIZE_RANGE
+            {
+                return None;
+            }
+            let flags = r.u32_at(arg, nv::NVOS32_FLAGS)?;
+            let attr = r.u32_at(arg, nv::NVOS32_ATTR)?;
+            if flags & nv::NVOS32_ALLOC_FLAGS_VIRTUAL != 0 || (attr >> 25) & 3 != 0 {
+                return None;
+            }
+            Some((
+                r.u32_at(arg, 0)?,
+                r.u32_at(arg, 4)?,
+                r.u64_at(arg, nv::NVOS32_SIZE_FIELD)?,
+            ))
+        } else {
+            None
         }
     }
 

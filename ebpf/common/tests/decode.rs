@@ -290,3 +290,44 @@ fn rm_free_and_heap_paths() {
         })
     );
 }
+
+#[test]
+fn requested_allocations_before_the_call_and_the_shared_hard_limit_decision() {
+    // What the LSM program reads before the driver runs: the request, whatever `status` holds.
+    let abi = AbiConfig::SINCE_535;
+    for variant in [RmAllocVariant::Nvos21, RmAllocVariant::Nvos64] {
+        let mem = Mem::default()
+            .with(ARG, alloc_595(variant, nv::CLASS_MEMORY_LOCAL_USER, 0, 0))
+            .with(PARAMS, fake::vidmem_alloc_params(0xc100_0001, 6 << 20));
+        let size = u32::try_from(variant.size()).unwrap();
+        assert_eq!(
+            decode::requested_alloc(&mem, nv::ESC_RM_ALLOC, ARG, size, &abi),
+            Some((0xc100_0001, 0xd000_0002, 6 << 20)),
+            "{variant:?}"
+        );
+        // Another class, another escape, or a truncated payload: not a device-memory request.
+        let dev = Mem::default().with(ARG, alloc_595(variant, nv::CLASS_DEVICE, 0, 0));
+        assert_eq!(
+            decode::requested_alloc(&dev, nv::ESC_RM_ALLOC, ARG, size, &abi),
+            None
+        );
+        assert_eq!(
+            decode::requested_alloc(&mem, nv::ESC_RM_FREE, ARG, size, &abi),
+            None
+        );
+        assert_eq!(
+            decode::requested_alloc(&mem, nv::ESC_RM_ALLOC, ARG, size + 8, &abi),
+            None
+        );
+    }
+    // The kill path compares after the allocation (bytes 0), the LSM before it (bytes requested).
+    let gib = 1u64 << 30;
+    assert!(!hami_ebpf_common::over_hard_limit(600 << 20, 400 << 20, gib));
+    assert!(hami_ebpf_common::over_hard_limit(600 << 20, 600 << 20, gib));
+    assert!(hami_ebpf_common::over_hard_limit(1200 << 20, 0, gib));
+    assert!(
+        !hami_ebpf_common::over_hard_limit(u64::MAX, u64::MAX, 0),
+        "0: no limit"
+    );
+    assert!(hami_ebpf_common::over_hard_limit(u64::MAX, 1, gib), "no wrap");
+}

@@ -8,6 +8,9 @@
 //!   written by the driver, and keeps the live device-memory objects in `HAMI_ALLOCS`, emitting one
 //!   event per allocation, failed allocation and free.
 //! * `sched_process_exit` / `sched_process_fork`: lifecycle of processes that used the driver.
+//! * `lsm/file_ioctl` (BPF LSM, loaded only with the hard limit on and where the kernel allows it):
+//!   refuses with `-ENOMEM`, before the driver runs, a device-memory allocation that would take the
+//!   container past its hard limit (the same decision as the kill, [`hami_ebpf_common::over_hard_limit`]).
 //! * uprobes on libcuda: managed allocations (invisible at the ioctl layer), frees, and per-cgroup call
 //!   counters for launches and allocation entry points.
 //!
@@ -30,9 +33,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_send_signal,
     },
-    macros::{map, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    macros::{lsm, map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
+    programs::{LsmContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use hami_ebpf_common::{
     AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, Pending, SYS_IOCTL,
@@ -112,6 +115,15 @@ unsafe fn file_of_fd(fd: u64, c: &KernelConfig) -> Option<FileKey> {
         }
         let fd_array: u64 = kread(fdt, k.fdt_fd)?;
         let file: u64 = kread(fd_array + fd * 8, 0)?;
+        file_key(file, c)
+    }
+}
+
+/// (dev, ino) of `struct file *file`.
+#[inline(always)]
+unsafe fn file_key(file: u64, c: &KernelConfig) -> Option<FileKey> {
+    let k = &c.kernel;
+    unsafe {
         let inode: u64 = kread(file, k.file_inode)?;
         let ino: u64 = kread(inode, k.inode_ino)?;
         let sb: u64 = kread(inode, k.inode_sb)?;
@@ -344,23 +356,8 @@ fn record_alloc(client: u32, handle: u32, parent: u32, bytes: u64, class: u32, n
 /// the agent's next write, a few milliseconds later).
 #[inline(always)]
 fn enforce_hard_limit(ev: &Event) {
-    let exact = LimitKey {
-        cgroup_id: ev.cgroup_id,
-        gpu: ev.gpu,
-        _pad: 0,
-    };
-    let any = LimitKey {
-        cgroup_id: ev.cgroup_id,
-        gpu: hami_ebpf_common::GPU_UNKNOWN,
-        _pad: 0,
-    };
-    // SAFETY: plain map lookups.
-    let (key, limit) = match unsafe { HAMI_LIMITS.get(exact) } {
-        Some(l) => (exact, *l),
-        None => match unsafe { HAMI_LIMITS.get(any) } {
-            Some(l) => (any, *l),
-            None => return,
-        },
+    let Some((key, limit)) = limit_of(ev.cgroup_id, ev.gpu) else {
+        return;
     };
     let used = match HAMI_LIMIT_USAGE.get_ptr_mut(key) {
         Some(p) => {
@@ -375,7 +372,7 @@ fn enforce_hard_limit(ev: &Event) {
             ev.bytes
         }
     };
-    if used > limit {
+    if hami_ebpf_common::over_hard_limit(used, 0, limit) {
         // SAFETY: signals the current task (the allocating thread's process).
         unsafe { bpf_send_signal(9) };
         bump(counter::HARD_LIMIT_KILLS);
@@ -384,6 +381,77 @@ fn enforce_hard_limit(ev: &Event) {
         k.aux = limit;
         emit(&k);
     }
+}
+
+/// The container's hard limit on `gpu` (or on every GPU): (map key, bytes).
+#[inline(always)]
+fn limit_of(cgroup_id: u64, gpu: u32) -> Option<(LimitKey, u64)> {
+    let exact = LimitKey {
+        cgroup_id,
+        gpu,
+        _pad: 0,
+    };
+    let any = LimitKey {
+        cgroup_id,
+        gpu: hami_ebpf_common::GPU_UNKNOWN,
+        _pad: 0,
+    };
+    // SAFETY: plain map lookups.
+    match unsafe { HAMI_LIMITS.get(exact) } {
+        Some(l) => Some((exact, *l)),
+        None => unsafe { HAMI_LIMITS.get(any) }.map(|l| (any, *l)),
+    }
+}
+
+/// BPF LSM `file_ioctl(struct file *file, unsigned int cmd, unsigned long arg)` (+ the previous
+/// program's `retval`): refuses with `-ENOMEM` a device-memory allocation on `nvidiactl` that would
+/// take the caller's container past its hard limit, before the driver allocates anything.
+#[lsm(hook = "file_ioctl")]
+pub fn hami_lsm_file_ioctl(ctx: LsmContext) -> i32 {
+    let retval: i32 = ctx.arg(3);
+    if retval != 0 {
+        return retval;
+    }
+    let (file, cmd, arg): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    // SAFETY: reads through helpers only.
+    if unsafe { lsm_refuses(file, cmd & 0xffff_ffff, arg) } == Some(true) {
+        -hami_ebpf_common::ENOMEM
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+unsafe fn lsm_refuses(file: u64, cmd: u64, arg: u64) -> Option<bool> {
+    if !candidate(cmd) {
+        return Some(false);
+    }
+    let c = config()?;
+    let key = unsafe { file_key(file, &c)? };
+    // SAFETY: plain map lookup.
+    if unsafe { *HAMI_DEVICE_FILES.get(key)? } != file_kind::CTL {
+        return Some(false);
+    }
+    let mut nr = (cmd & 0xff) as u32;
+    let mut size = ((cmd >> 16) & 0x3fff) as u32;
+    let mut ptr = arg;
+    if nr == nv::ESC_IOCTL_XFER_CMD {
+        if size != nv::XFER_SIZE {
+            return Some(false);
+        }
+        nr = unsafe { uread::<u32>(arg, 0)? } & 0xff;
+        size = unsafe { uread::<u32>(arg, 4)? };
+        ptr = unsafe { uread::<u64>(arg, 8)? };
+    }
+    let (client, parent, bytes) = decode::requested_alloc(&UserMem, nr, ptr, size, &c.abi)?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let gpu = gpu_of(tgid, client, parent).unwrap_or(hami_ebpf_common::GPU_UNKNOWN);
+    // SAFETY: helper without preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (key, limit) = limit_of(cgroup_id, gpu)?;
+    // SAFETY: plain map lookup.
+    let used = unsafe { HAMI_LIMIT_USAGE.get(key) }.copied().unwrap_or(0);
+    Some(hami_ebpf_common::over_hard_limit(used, bytes, limit))
 }
 
 #[inline(always)]
