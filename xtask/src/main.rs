@@ -5,8 +5,8 @@
 //!   workspace member inheriting the workspace lints, docs/metrics.md being current, the Helm chart
 //!   check, the test suite, and a short simulator smoke run. It installs what it needs first: rustfmt
 //!   and clippy, a nightly toolchain with rust-src and bpf-linker 0.10.4 (the eBPF programs), and, as
-//!   root, the Debian packages fuse3, prometheus, npm, python3-venv and gcc when missing (network
-//!   access to the Rust, Debian, npm and PyPI servers is assumed).
+//!   root, the Debian packages fuse3, prometheus, npm, python3-venv, gcc, openssl and curl when missing
+//!   (network access to the Rust, Debian, npm and PyPI servers is assumed).
 //! - `cargo xtask bench [criterion args]`: the placement benchmarks (`cargo bench -p hami-policy`);
 //!   `cargo xtask bench agent` / `bench interceptor` (root): the telemetry and interceptor overheads.
 //! - `cargo xtask lint`: formatting and clippy only.
@@ -101,13 +101,17 @@ fn ci() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     // (package, command whose success shows it is there)
-    let wanted: [(&str, &[&str]); 5] = [
+    let wanted: [(&str, &[&str]); 7] = [
         ("fuse3", &["fusermount3", "--version"]),
         ("prometheus", &["prometheus", "--version"]),
         // Helm comes from an npm package, kubernetes-validate from PyPI into a venv (chart check).
         ("npm", &["npm", "--version"]),
         ("python3-venv", &["python3", "-c", "import ensurepip"]),
         ("gcc", &["cc", "--version"]),
+        // The dashboards test serves the webhook over TLS with an openssl-made certificate and posts
+        // AdmissionReviews to it with curl, as the API server would.
+        ("openssl", &["openssl", "version"]),
+        ("curl", &["curl", "--version"]),
     ];
     let missing: Vec<&str> = wanted
         .into_iter()
