@@ -20,8 +20,8 @@
 //!    the Binding and the signed decision stored on the pod.
 //! 4. **Kubelet.** Over the plugin's socket: ListAndWatch (every replica healthy),
 //!    GetPreferredAllocation and Allocate with the advertised IDs; the response carries the limits
-//!    (`1024m`, SM 30), the container's region directory, the library and the device specs, and the
-//!    pod's bind phase becomes `success`.
+//!    (`1024m`, SM 30), the container's region directory, the trusted limits file (read-only, naming
+//!    the GPU), the library and the device specs, and the pod's bind phase becomes `success`.
 //! 5. **Container.** The tenant (`hami-cuda-workload`) starts in the pod's cgroup with the response's
 //!    env, and its mounts bind-mounted in a private mount namespace. It allocates 600 MiB (granted;
 //!    `cuMemGetInfo` reports the 1024 MiB limit as total), and a second process of the same container
@@ -549,6 +549,15 @@ async fn one_pod_from_admission_to_its_limit_and_release() {
         mounted.contains(&("/usr/local/vgpu/libvgpu.so".to_owned(), lib, true)),
         "{mounted:?}"
     );
+    // The trusted limits file the device plugin wrote beside the region directory (read-only; the
+    // interceptor takes the limits from it, not from the tenant's environment).
+    let limits_host = format!("{}.limits", region.display());
+    assert!(
+        mounted.contains(&("/usr/local/vgpu/limits".to_owned(), limits_host.clone(), true)),
+        "{mounted:?}"
+    );
+    let limits = std::fs::read_to_string(&limits_host).expect("the trusted limits file");
+    assert!(limits.contains(&gpu.uuid), "{limits}");
     let preload_host = host_vgpu.join("ld.so.preload");
     assert!(
         mounted.contains(&(
