@@ -137,7 +137,7 @@ const REFUSALS: &[(&str, &str)] = &[
     ),
     ("scheduler.admissionWebhook.failurePolicy=Retry", "failurePolicy"),
     ("scheduler.extender.config.notAField=1", "notAField"),
-    ("scheduler.extender.config.policy=fgd", "policy"),
+    ("scheduler.extender.config.policy=fastest", "policy"),
     ("agent.devicePlugin.notAField=1", "notAField"),
 ];
 

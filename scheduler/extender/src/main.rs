@@ -285,7 +285,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     )
     .await?;
     info!(addr = %running.addr, webhook = cfg.webhook.enabled, "serving");
-    let _ = tokio::signal::ctrl_c().await;
-    running.stop();
+    // Kubernetes stops a pod with SIGTERM; SIGINT for a terminal.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!(grace_secs = cfg.shutdown_grace_secs, "stopping: draining binds");
+    running
+        .shutdown(std::time::Duration::from_secs(cfg.shutdown_grace_secs))
+        .await;
     Ok(())
 }
