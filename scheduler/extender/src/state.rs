@@ -20,6 +20,18 @@
 //! register or usage annotation, no heartbeat (when required) or one older than the stale limit, or a
 //! node deleted from the API.
 //!
+//! **Host CPU and memory are kube-scheduler's.** kube-scheduler's `NodeResourcesFit` runs before the
+//! extender's filter and counts every pod on the node; the extender sees only GPU pods, so a host check
+//! here could only be an incomplete duplicate (false passes and, with assumed pods, false refusals).
+//! Requests are therefore recorded GPU-only (host CPU and memory zero), and the fragmentation-aware
+//! policies' shapes are GPU-only too.
+//!
+//! **Namespace quota** (`webhook.quotas` of the config): a placement that would take the pod's namespace
+//! past its GPU memory or cores limit, counted from the ledger with each pod's effective (per-GPU peak)
+//! charge (C02), is refused with reason `QuotaExceeded` (unresolvable when the pod alone exceeds it).
+//! The check runs in the filter and again in [`SchedulerState::prepare_bind`] under the state's write
+//! lock, so two binds racing at the boundary cannot both pass. `ResourceQuota` objects are not read.
+//!
 //! **Pending-allocation rule (no node lock).** The device plugin's Allocate gets device IDs but no pod
 //! identity; it matches a container to a decision by the exact devices and the decision's signature.
 //! To keep that match unambiguous, a node is filtered out (reason `PendingAllocationConflict`, in
