@@ -1,5 +1,5 @@
 //! The extender's state and every decision over it, pure: no I/O, no clock (callers pass `now` in Unix
-//! seconds), no async. The reflector edge ([`crate::kube`]) feeds it API objects; the HTTP handlers
+//! seconds), no async. The reflector edge ([`crate::apiserver`]) feeds it API objects; the HTTP handlers
 //! ([`crate::http`]) ask it to filter, prioritize and prepare binds.
 //!
 //! **What it holds.** Per node: the inventory from `hami.io/node-nvidia-register` plus allocatable host
