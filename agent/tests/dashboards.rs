@@ -58,6 +58,8 @@ const MAY_BE_ZERO: &[&str] = &[
     "hami_agent_ringbuf_dropped_total",
     "hami_agent_alloc_map_full_total",
     "hami_agent_unmatched_frees_total",
+    // Hard-limit mode is off here: both mechanisms report 0.
+    "hami_agent_hard_limit_mechanism",
 ];
 
 fn dashboards_dir() -> PathBuf {
@@ -170,7 +172,9 @@ fn metric_names(expr: &str) -> Vec<String> {
             end += 1;
         }
         if !preceded {
-            out.push(expr[start..end].to_owned());
+            // A histogram is queried through its `_bucket` series; the metric lists name the histogram.
+            let name = &expr[start..end];
+            out.push(name.strip_suffix("_bucket").unwrap_or(name).to_owned());
         }
         i = end;
     }
