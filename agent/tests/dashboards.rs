@@ -391,12 +391,13 @@ impl Stack {
         } else {
             (None, Vec::new())
         };
-        let (agent, agent_port) = start_agent_with(&env, &vars);
+        let (agent, agent_port) =
+            common::start_agent_with_env(&env, Path::new(env!("CARGO_BIN_EXE_hami-agent")), &vars);
         let mut targets = vec![("hami-agent", agent_port)];
         if let Some(cp) = &cp {
             targets.push(("hami-scheduler", cp.metrics_port));
         }
-        let (prom, prom_port) = start_prometheus_jobs(&env, &targets, tsdb);
+        let (prom, prom_port) = common::start_prometheus_jobs(&env, &targets, tsdb);
         Some(Self {
             _prom: prom,
             prom_port,
@@ -441,27 +442,6 @@ impl Stack {
 const NODE: &str = "test-node";
 /// The decision key shared by the scheduler and the device plugin.
 const KEY: &[u8] = b"dashboards-decision-key";
-
-/// `hami-scheduler`, built if this test ran alone (`cargo test -p hami-agent` builds only this package).
-fn scheduler_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-scheduler", "--bin", "hami-scheduler"]);
-    if target.ends_with("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().is_ok_and(|s| s.success()),
-        "cargo build -p hami-scheduler failed"
-    );
-    target.join("hami-scheduler")
-}
 
 /// A tool the control plane needs (`openssl` for the webhook's certificate, `curl` for HTTPS calls).
 fn tool(name: &str, version_arg: &str) {
@@ -607,7 +587,7 @@ impl ControlPlane {
         .expect("scheduler config");
         let log = std::fs::File::create(dir.join("scheduler.log")).expect("scheduler log");
         let scheduler = Stopped(
-            Command::new(scheduler_binary())
+            Command::new(common::scheduler_binary())
                 .args(["serve", "--config"])
                 .arg(&config)
                 .arg("--tls-cert-file")
@@ -871,67 +851,6 @@ fn drive_control_plane(cp: &mut ControlPlane) {
     // One failed registration write (the agent retries it).
     cp.api
         .fail_next("PATCH", &format!("/api/v1/nodes/{NODE}"), 500, 1);
-}
-
-/// Starts the agent binary with extra environment (`KUBECONFIG` for its device plugin's API client).
-fn start_agent_with(env: &Env, vars: &[(&'static str, PathBuf)]) -> (Stopped, u16) {
-    let port = common::free_port();
-    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
-    let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hami-agent"));
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let agent = Stopped(cmd.spawn().expect("starting hami-agent"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/healthz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not come up: {}",
-            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (agent, port)
-}
-
-/// A real Prometheus scraping `targets` (job name, port) every second; waits until every job is up.
-fn start_prometheus_jobs(env: &Env, targets: &[(&str, u16)], tsdb: Option<&Path>) -> (Stopped, u16) {
-    let dir = env.dir.join("prometheus");
-    std::fs::create_dir_all(&dir).expect("prometheus dir");
-    let data = tsdb.map_or_else(|| dir.join("data"), Path::to_path_buf);
-    let _ = std::fs::remove_dir_all(&data);
-    let mut cfg =
-        String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
-    for (job, port) in targets {
-        cfg += &format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n");
-    }
-    let file = dir.join("prometheus.yml");
-    std::fs::write(&file, cfg).expect("prometheus.yml");
-    let port = common::free_port();
-    let prom = Stopped(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", file.display()))
-            .arg(format!("--storage.tsdb.path={}", data.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting prometheus"),
-    );
-    let up = format!("/api/v1/query?query={}", encode("count(up == 1)"));
-    let want = format!("\"{}\"]", targets.len());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(port, &up).is_some_and(|b| b.contains(&want)) {
-        assert!(Instant::now() < deadline, "prometheus never scraped every target");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (prom, port)
 }
 
 /// The largest sample of an instant (`value`) or range (`values`) result.

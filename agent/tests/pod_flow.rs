@@ -80,34 +80,6 @@ const GPU_MIB: u64 = 2048;
 const MIB: u64 = 1 << 20;
 const NAMESPACE: &str = "ml";
 
-/// `target/<profile>` of this test binary.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-/// The `hami-scheduler` binary, built (or brought up to date) first: it is another package's binary,
-/// which `cargo test -p hami-agent` does not build.
-fn scheduler_binary() -> PathBuf {
-    let t = target_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-scheduler", "--bin", "hami-scheduler"]);
-    if t.ends_with("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().is_ok_and(|s| s.success()),
-        "cargo build -p hami-scheduler failed"
-    );
-    let bin = t.join("hami-scheduler");
-    assert!(bin.exists(), "{} after building", bin.display());
-    bin
-}
-
 /// Polls `f` every 50 ms until it returns `Some` (20 s at most).
 async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -155,7 +127,7 @@ impl Scheduler {
         .unwrap();
         let log = dir.join("scheduler.log");
         let process = Stopped(
-            Command::new(scheduler_binary())
+            Command::new(common::scheduler_binary())
                 .arg("serve")
                 .arg("--config")
                 .arg(&config)

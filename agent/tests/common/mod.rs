@@ -17,12 +17,37 @@ use hami_fake_gpu::model::DeviceModel;
 use hami_fake_gpu::node::privileged_or_skip;
 
 /// `target/<profile>` of this test binary.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     exe.parent()
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf()
+}
+
+/// Runs `cargo build <args>` in this test binary's profile (`--release` under `target/release`) and
+/// asserts that it succeeded.
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").args(args);
+    if target_dir().ends_with("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().is_ok_and(|s| s.success()),
+        "cargo build {} failed",
+        args.join(" ")
+    );
+}
+
+/// The `hami-scheduler` binary, built (or brought up to date) first: it is another package's binary,
+/// which `cargo test -p hami-agent` does not build.
+pub(crate) fn scheduler_binary() -> PathBuf {
+    cargo_build(&["-p", "hami-scheduler", "--bin", "hami-scheduler"]);
+    let bin = target_dir().join("hami-scheduler");
+    assert!(bin.exists(), "{} after building", bin.display());
+    bin
 }
 
 /// The tenant program and the fake libcuda, building them if this test ran alone (`cargo test -p
@@ -63,32 +88,14 @@ pub(crate) fn fake_nvml() -> PathBuf {
     if let Some(p) = find(&t) {
         return p;
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-fake-nvml"]);
-    if t.ends_with("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().is_ok_and(|s| s.success()),
-        "cargo build -p hami-fake-nvml failed"
-    );
+    cargo_build(&["-p", "hami-fake-nvml"]);
     find(&t).expect("libnvidia_ml.so after building hami-fake-nvml")
 }
 
 /// The interceptor library, built fresh (a cdylib is only a by-product of `cargo test`).
 pub(crate) fn libvgpu() -> PathBuf {
     let t = target_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-interceptor"]);
-    if t.ends_with("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().is_ok_and(|s| s.success()),
-        "cargo build -p hami-interceptor failed"
-    );
+    cargo_build(&["-p", "hami-interceptor"]);
     [t.join("libvgpu.so"), t.join("deps/libvgpu.so")]
         .into_iter()
         .find(|p| p.exists())
@@ -226,10 +233,15 @@ impl Env {
             cg.display(),
             self.workload.display()
         );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("hami-cuda-workload")
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(script).arg("hami-cuda-workload");
+        self.start_tenant(sh, args, env)
+    }
+
+    /// Runs `sh` (a `sh -c` command line that ends by exec'ing the tenant program) with the tenant's
+    /// `args`, `env` and the simulated node's environment, piped; the tenant once it told its pid.
+    fn start_tenant(&self, mut sh: Command, args: &[&str], env: &[(&str, &str)]) -> Tenant {
+        let mut child = sh
             .args(args)
             .envs(env.iter().copied())
             .env("HAMI_FAKE_GPU_DIR", self.node.dir())
@@ -471,20 +483,36 @@ impl Drop for Stopped {
 /// Starts the agent binary on `env` (HTTP on a free loopback port) and waits for `/healthz`. Returns
 /// the process and its port.
 pub(crate) fn start_agent(env: &Env, agent_binary: &Path) -> (Stopped, u16) {
+    launch_agent(
+        env,
+        agent_binary,
+        &[] as &[(&str, &Path)],
+        Duration::from_secs(20),
+    )
+}
+
+/// Starts the agent binary on `env` with extra environment `vars` and waits (`up_within` at most)
+/// until it answers `/healthz`.
+fn launch_agent<V: AsRef<std::ffi::OsStr>>(
+    env: &Env,
+    agent_binary: &Path,
+    vars: &[(&str, V)],
+    up_within: Duration,
+) -> (Stopped, u16) {
     let port = free_port();
     let cfg = env.config_file(&format!("127.0.0.1:{port}"));
     let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
-    let agent = Stopped(
-        Command::new(agent_binary)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting hami-agent"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut cmd = Command::new(agent_binary);
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let agent = Stopped(cmd.spawn().expect("starting hami-agent"));
+    let deadline = Instant::now() + up_within;
     while http_get(port, "/healthz").is_none() {
         assert!(
             Instant::now() < deadline,
@@ -518,22 +546,31 @@ pub(crate) fn prometheus_or_skip(test: &str) -> bool {
 /// Starts a real Prometheus scraping the agent on `agent_port` every second (data in `tsdb`, default
 /// under the scratch directory) and waits for its first sample. Returns the process and its port.
 pub(crate) fn start_prometheus(env: &Env, agent_port: u16, tsdb: Option<&Path>) -> (Stopped, u16) {
+    start_prometheus_jobs(env, &[("hami-agent", agent_port)], tsdb)
+}
+
+/// A real Prometheus scraping `targets` (job name, port) every second (data in `tsdb`, default under
+/// the scratch directory); waits until every job is up. Returns the process and its port.
+pub(crate) fn start_prometheus_jobs(
+    env: &Env,
+    targets: &[(&str, u16)],
+    tsdb: Option<&Path>,
+) -> (Stopped, u16) {
     let dir = env.dir.join("prometheus");
     std::fs::create_dir_all(&dir).expect("prometheus dir");
     let data = tsdb.map_or_else(|| dir.join("data"), Path::to_path_buf);
     let _ = std::fs::remove_dir_all(&data);
-    let cfg = dir.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: hami-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
-        ),
-    )
-    .expect("prometheus.yml");
+    let mut cfg =
+        String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
+    for (job, port) in targets {
+        cfg += &format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n");
+    }
+    let file = dir.join("prometheus.yml");
+    std::fs::write(&file, cfg).expect("prometheus.yml");
     let port = free_port();
     let prom = Stopped(
         Command::new("prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--config.file={}", file.display()))
             .arg(format!("--storage.tsdb.path={}", data.display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
@@ -541,10 +578,14 @@ pub(crate) fn start_prometheus(env: &Env, agent_port: u16, tsdb: Option<&Path>) 
             .spawn()
             .expect("starting prometheus"),
     );
-    let up = format!("/api/v1/query?query={}", encode("up{job=\"hami-agent\"} == 1"));
+    let up = format!("/api/v1/query?query={}", encode("count(up == 1)"));
+    let want = format!("\"{}\"]", targets.len());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !http_get(port, &up).is_some_and(|b| b.contains("\"value\"")) {
-        assert!(Instant::now() < deadline, "prometheus never scraped the agent");
+    while !http_get(port, &up).is_some_and(|b| b.contains(&want)) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped every target: {targets:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (prom, port)
@@ -560,31 +601,13 @@ pub(crate) mod kubelet;
 // container runtime starts a container from an Allocate response.
 
 /// Like [`start_agent`], with extra environment for the agent process (e.g. `KUBECONFIG`, which the
-/// device plugin's API client reads).
-pub(crate) fn start_agent_with_env(env: &Env, agent_binary: &Path, vars: &[(&str, &Path)]) -> (Stopped, u16) {
-    let port = free_port();
-    let cfg = env.config_file(&format!("127.0.0.1:{port}"));
-    let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
-    let mut cmd = Command::new(agent_binary);
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .env("HAMI_FAKE_GPU_DIR", env.node.dir())
-        .stdout(Stdio::null())
-        .stderr(log);
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let agent = Stopped(cmd.spawn().expect("starting hami-agent"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/healthz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not come up: {}",
-            std::fs::read_to_string(env.dir.join("agent.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (agent, port)
+/// device plugin's API client reads); waits 30 s at most.
+pub(crate) fn start_agent_with_env<V: AsRef<std::ffi::OsStr>>(
+    env: &Env,
+    agent_binary: &Path,
+    vars: &[(&str, V)],
+) -> (Stopped, u16) {
+    launch_agent(env, agent_binary, vars, Duration::from_secs(30))
 }
 
 /// Single-quotes `s` for `sh`.
@@ -628,24 +651,8 @@ impl Env {
             "echo $$ > {} && exec unshare -m --propagation private sh -c \"$0\" \"$@\"",
             sh_quote(&cg.join("cgroup.procs").to_string_lossy())
         );
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(outer)
-            .arg(script)
-            .arg(&self.workload)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("HAMI_FAKE_GPU_DIR", self.node.dir())
-            .env("LD_LIBRARY_PATH", &self.lib_dir)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the tenant");
-        let out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut t = Tenant { child, out, pid: 0 };
-        t.pid = t.words("pid ")[0].parse().expect("pid line");
-        t
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(outer).arg(script).arg(&self.workload);
+        self.start_tenant(sh, args, env)
     }
 }
