@@ -197,22 +197,25 @@ fn env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
+/// The registration the plugin sends the kubelet: v1beta1, socket `hami-test.sock`, `nvidia.com/gpu`,
+/// PreStartContainer and GetPreferredAllocation on.
+fn registration() -> proto::RegisterRequest {
+    proto::RegisterRequest {
+        version: "v1beta1".into(),
+        endpoint: "hami-test.sock".into(),
+        resource_name: "nvidia.com/gpu".into(),
+        options: Some(proto::DevicePluginOptions {
+            pre_start_required: true,
+            get_preferred_allocation_available: true,
+        }),
+    }
+}
+
 #[tokio::test]
 async fn registers_and_advertises_replicas_with_health_and_numa() {
     let mut rig = Rig::new("register").await;
     let (reg, mut c) = rig.connect().await;
-    assert_eq!(
-        reg,
-        proto::RegisterRequest {
-            version: "v1beta1".into(),
-            endpoint: "hami-test.sock".into(),
-            resource_name: "nvidia.com/gpu".into(),
-            options: Some(proto::DevicePluginOptions {
-                pre_start_required: true,
-                get_preferred_allocation_available: true,
-            }),
-        }
-    );
+    assert_eq!(reg, registration());
     assert_eq!(rig.plugin.socket(), rig.plugin_dir.join("hami-test.sock"));
     let opts = c
         .get_device_plugin_options(proto::Empty {})
@@ -694,18 +697,7 @@ async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05() {
     let uuids: Vec<String> = truth.gpus.iter().map(|g| g.uuid.clone()).collect();
 
     let (reg, mut c) = kubelet.connect().await;
-    assert_eq!(
-        reg,
-        proto::RegisterRequest {
-            version: "v1beta1".into(),
-            endpoint: "hami-test.sock".into(),
-            resource_name: "nvidia.com/gpu".into(),
-            options: Some(proto::DevicePluginOptions {
-                pre_start_required: true,
-                get_preferred_allocation_available: true,
-            }),
-        }
-    );
+    assert_eq!(reg, registration());
     let mut stream = c.list_and_watch(proto::Empty {}).await.unwrap().into_inner();
     let expect = |gpu1: &str| -> Vec<(String, String)> {
         uuids
