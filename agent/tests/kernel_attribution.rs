@@ -457,7 +457,6 @@ fn hard_limit_kills_a_process_that_bypasses_the_interceptor() {
     // The container's region says 1 GiB. A tenant holds 600 MiB; another process of the container,
     // using raw RM ioctls (no interceptor), allocates 600 MiB more: the kernel kills it (SIGKILL from the
     // eBPF program), the kill is counted, and its memory is released; the first tenant is untouched.
-    use std::os::unix::process::ExitStatusExt as _;
     let Some(mut env) = Env::new("hard-limit", 1, 4096) else {
         return;
     };
@@ -465,41 +464,10 @@ fn hard_limit_kills_a_process_that_bypasses_the_interceptor() {
     let mut agent = env.agent();
     let c = env.container(14);
     let dir = env.dir.join("regions/pod14_main");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.join("vgpu.cache"))
-        .unwrap();
-    f.set_len(hami_api::region::REGION_SIZE as u64).unwrap();
-    #[allow(unsafe_code, reason = "mapping the region file as the device plugin would")]
-    // SAFETY: a shared mapping of a REGION_SIZE file; Region is made of integer atomics.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .len(hami_api::region::REGION_SIZE)
-            .map_mut(&f)
-    }
-    .unwrap();
-    #[allow(unsafe_code, reason = "viewing the mapping as the region")]
-    // SAFETY: page-aligned, REGION_SIZE long, any bytes are a valid Region; `map` outlives `r`.
-    let r = unsafe { &*map.as_ptr().cast::<hami_api::region::Region>() };
-    r.init(&[1 << 30], &[0]);
-    r.set_cgroup_id(common::cgroup_id(&c));
+    let _map = make_region(&dir, &[1 << 30], &c);
     assert_eq!(agent.publish_regions(), 1);
 
-    let six = (600 * MIB).to_string();
-    let mut a = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
-    a.words("raw-allocated");
-    settle(&mut agent);
-    let mut b = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
-    let b_pid = b.pid;
-    let status = b.status();
-    assert_eq!(status.signal(), Some(9), "killed by the hard limit: {status:?}");
-    eventually("the killed process's memory is released", || {
-        env.node.ground_truth().bytes(b_pid, 0) == 0
-    });
-    assert_eq!(env.node.ground_truth().bytes(a.pid, 0), 600 * MIB);
+    let a = second_raw_600_mib_is_killed(&env, &mut agent, &c, "killed by the hard limit");
     let s = settle(&mut agent);
     assert_eq!(attributed(&s, &c, 0), 600 * MIB);
     let kills: u64 = container(&s, &c).gpus.iter().map(|g| g.hard_limit_kills).sum();
@@ -511,6 +479,31 @@ fn hard_limit_kills_a_process_that_bypasses_the_interceptor() {
         "{text}"
     );
     a.finish();
+}
+
+/// Two processes of container `c` allocate 600 MiB each with raw RM ioctls (no interceptor), the
+/// second once the agent has seen the first: the kernel kills the second (`killed`: why it must be) and
+/// its memory is released, while the first keeps its 600 MiB. The first, still holding.
+fn second_raw_600_mib_is_killed(
+    env: &Env,
+    agent: &mut hami_agent::service::Agent,
+    c: &std::path::Path,
+    killed: &str,
+) -> common::Tenant {
+    use std::os::unix::process::ExitStatusExt as _;
+    let six = (600 * MIB).to_string();
+    let mut a = env.spawn(c, &["--raw-alloc", &six, "--hold"], &[]);
+    a.words("raw-allocated");
+    settle(agent);
+    let mut b = env.spawn(c, &["--raw-alloc", &six, "--hold"], &[]);
+    let b_pid = b.pid;
+    let status = b.status();
+    assert_eq!(status.signal(), Some(9), "{killed}: {status:?}");
+    eventually("the killed process's memory is released", || {
+        env.node.ground_truth().bytes(b_pid, 0) == 0
+    });
+    assert_eq!(env.node.ground_truth().bytes(a.pid, 0), 600 * MIB);
+    a
 }
 
 /// Creates a region file in `dir` as the first tenant process would (header limits `header`, bytes per
@@ -575,7 +568,6 @@ fn hard_limit_holds_the_trusted_limit_when_the_tenant_rewrites_its_region_header
     // header. The kernel hard limit follows the file: 600 MiB + 600 MiB of raw allocations kill the
     // second process. The agent falls back from BPF LSM (refused on these kernels) to the kill, and
     // says so.
-    use std::os::unix::process::ExitStatusExt as _;
     let Some(mut env) = Env::new("trusted-hard-limit", 1, 4096) else {
         return;
     };
@@ -594,22 +586,7 @@ fn hard_limit_holds_the_trusted_limit_when_the_tenant_rewrites_its_region_header
     assert_eq!(agent.publish_regions(), 1);
     assert_eq!(region(&map).limit(0), 100 << 30, "the header says 100 GiB");
 
-    let six = (600 * MIB).to_string();
-    let mut a = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
-    a.words("raw-allocated");
-    settle(&mut agent);
-    let mut b = env.spawn(&c, &["--raw-alloc", &six, "--hold"], &[]);
-    let b_pid = b.pid;
-    let status = b.status();
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "killed at the trusted 1 GiB: {status:?}"
-    );
-    eventually("the killed process's memory is released", || {
-        env.node.ground_truth().bytes(b_pid, 0) == 0
-    });
-    assert_eq!(env.node.ground_truth().bytes(a.pid, 0), 600 * MIB);
+    let a = second_raw_600_mib_is_killed(&env, &mut agent, &c, "killed at the trusted 1 GiB");
     let s = settle(&mut agent);
     assert_eq!(s.agent.hard_limit_kills, 1);
     let text = hami_agent::metrics::render(&s).unwrap();
