@@ -89,16 +89,13 @@ fn settings() -> Settings {
 async fn reflectors_build_state_and_follow_updates() {
     let fake = FakeApiServer::start().await.expect("fake");
     fake.insert_node(node("n1", &gpus("n1", 2, 16_000)));
-    let mut held = gpu_pod("held", 1, 3000, 30);
-    held.metadata.annotations = Some(
-        [
+    let mut held = common::annotated(
+        gpu_pod("held", 1, 3000, 30),
+        &[
             (VGPU_NODE, "n1"),
             (DEVICES_ALLOCATED, "GPU-n1-1,NVIDIA,3000,30:;"),
             (BIND_PHASE, "success"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
+        ],
     );
     held.spec.as_mut().expect("spec").node_name = Some("n1".into());
     fake.insert_pod(held);

@@ -23,18 +23,13 @@ use serde_json::Value;
 
 /// A pod bound to `node` holding `mib` MiB and `cores` % of GPU `uuid`.
 fn held(name: &str, node: &str, uuid: &str, mib: u64, cores: u32) -> Pod {
-    let mut p = gpu_pod(name, 1, mib, cores);
-    p.metadata.annotations = Some(
-        [
-            (VGPU_NODE.to_owned(), node.to_owned()),
-            (
-                DEVICES_ALLOCATED.to_owned(),
-                format!("{uuid},NVIDIA,{mib},{cores}:;"),
-            ),
-            (BIND_PHASE.to_owned(), "success".to_owned()),
-        ]
-        .into_iter()
-        .collect(),
+    let mut p = common::annotated(
+        gpu_pod(name, 1, mib, cores),
+        &[
+            (VGPU_NODE, node),
+            (DEVICES_ALLOCATED, &format!("{uuid},NVIDIA,{mib},{cores}:;")),
+            (BIND_PHASE, "success"),
+        ],
     );
     p.spec.as_mut().expect("spec").node_name = Some(node.to_owned());
     p

@@ -113,16 +113,13 @@ async fn prioritize_scores_zero_to_ten() {
     .await;
     {
         // A pod already running there (Allocate done: bind-phase success).
-        let mut x = gpu_pod("x", 1, 4000, 20);
-        x.metadata.annotations = Some(
-            [
+        let x = common::annotated(
+            gpu_pod("x", 1, 4000, 20),
+            &[
                 ("hami.io/vgpu-node", "busy"),
                 ("hami.io/vgpu-devices-allocated", "GPU-busy-0,NVIDIA,4000,20:;"),
                 ("hami.io/bind-phase", "success"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
+            ],
         );
         assert!(ext.app.write_state().apply_pod(&x).is_empty());
     }

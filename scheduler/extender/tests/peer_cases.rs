@@ -175,18 +175,7 @@ async fn c05_unhealthy_gpus_are_never_chosen() {
     let mut mixed = gpus("m", 2, 16_000);
     mixed[0].healthy = false;
     let (fake, ext) = setup(&[node("s", &sick), node("m", &mixed)], Settings::default()).await;
-    let pod = fake.insert_pod(pod_with(
-        "p",
-        vec![],
-        vec![common::ctr(
-            "c",
-            &[
-                ("nvidia.com/gpu", "1"),
-                ("nvidia.com/gpumem-percentage", "10"),
-                ("nvidia.com/gpucores", "20"),
-            ],
-        )],
-    ));
+    let pod = fake.insert_pod(common::gpu_share_pod("p", 10, 20));
     let f = filter(&ext, &pod, &["s", "m"]).await;
     assert_eq!(f["FailedAndUnresolvableNodes"]["s"], "1/1 CardNotHealth");
     assert_eq!(f["NodeNames"], serde_json::json!(["m"]));
@@ -215,13 +204,10 @@ async fn c06_two_gpus_are_two_physical_gpus() {
     assert_ne!(d.0[0].0[0].uuid, d.0[0].0[1].uuid);
     // Fill GPU 1's remaining three slots with one-GPU pods pinned to it.
     for i in 0..3 {
-        let mut p = gpu_pod(&format!("f{i}"), 1, 100, 1);
-        p.metadata.annotations = Some(
-            [("nvidia.com/use-gpuuuid".to_owned(), "GPU-n-1".to_owned())]
-                .into_iter()
-                .collect(),
-        );
-        let p = fake.insert_pod(p);
+        let p = fake.insert_pod(common::annotated(
+            gpu_pod(&format!("f{i}"), 1, 100, 1),
+            &[("nvidia.com/use-gpuuuid", "GPU-n-1")],
+        ));
         assert_eq!(bind(&ext, &p, "n").await, "", "f{i}");
         // Let the device plugin's Allocate "finish" so the next decision is not held up.
         let mut stored = fake.pod("default", &format!("f{i}")).expect("pod");

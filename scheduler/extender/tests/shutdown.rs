@@ -264,19 +264,15 @@ async fn stop_mid_bind_then_restart_matches_the_api() {
 async fn decision_left_by_a_killed_bind_is_replaced() {
     let fake = FakeApiServer::start().await.expect("fake");
     fake.insert_node(node("n", &gpus("n", 2, 16_000)));
-    let mut orphan = gpu_pod("o", 1, 5000, 20);
-    orphan.metadata.annotations = Some(
-        [
+    let orphan = fake.insert_pod(common::annotated(
+        gpu_pod("o", 1, 5000, 20),
+        &[
             (VGPU_NODE, "n"),
             (DEVICES_ALLOCATED, "GPU-n-1,NVIDIA,5000,20:;"),
             (DEVICES_TO_ALLOCATE, "GPU-n-1,NVIDIA,5000,20:;"),
             (BIND_PHASE, "allocating"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-    );
-    let orphan = fake.insert_pod(orphan);
+        ],
+    ));
     let (clock, _) = clock();
     let ext = extender(fake.client(), Settings::default(), clock).await;
     assert!(ext.app.read_state().holds("uid-o"), "counted until settled");

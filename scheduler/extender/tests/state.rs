@@ -201,18 +201,7 @@ fn c05_health_flips() {
     let mut gs = gpus("n", 1, 16_000);
     gs[0].healthy = false;
     st.apply_node(&node("n", &gs));
-    let pod = common::pod_with(
-        "p",
-        vec![],
-        vec![common::ctr(
-            "c",
-            &[
-                ("nvidia.com/gpu", "1"),
-                ("nvidia.com/gpumem-percentage", "10"),
-                ("nvidia.com/gpucores", "20"),
-            ],
-        )],
-    );
+    let pod = common::gpu_share_pod("p", 10, 20);
     let v = verdicts(&st, &pod, &["n"]);
     assert_eq!(v.unresolvable["n"], "1/1 CardNotHealth");
     gs[0].healthy = true;

@@ -158,25 +158,58 @@ pub fn pod_with(name: &str, init: Vec<Container>, app: Vec<Container>) -> Pod {
     }
 }
 
+/// `pod` with exactly these annotations.
+pub fn annotated(mut pod: Pod, pairs: &[(&str, &str)]) -> Pod {
+    pod.metadata.annotations = Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+    pod
+}
+
+/// A pod with one app container asking one GPU by share: `mem_percent` % of its memory and `cores` %
+/// of its cores.
+pub fn gpu_share_pod(name: &str, mem_percent: u32, cores: u32) -> Pod {
+    pod_with(
+        name,
+        vec![],
+        vec![ctr(
+            "c",
+            &[
+                ("nvidia.com/gpu", "1"),
+                ("nvidia.com/gpumem-percentage", &mem_percent.to_string()),
+                ("nvidia.com/gpucores", &cores.to_string()),
+            ],
+        )],
+    )
+}
+
 /// A pod with one app container asking `count` GPUs with `mib` MiB and `cores` % each.
 pub fn gpu_pod(name: &str, count: u32, mib: u64, cores: u32) -> Pod {
     pod_with(name, vec![], vec![gpu_ctr("main", count, mib, cores)])
 }
 
-/// An extender without an API client (filter and prioritize only), state filled with `nodes`.
-pub async fn offline_extender(settings: Settings, nodes: &[Node]) -> Running {
+/// An extender on a free loopback port, signing with [`KEY`], default serve options.
+async fn start_on_loopback(settings: Settings, client: Option<kube::Client>, clock: Clock) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (clock, _) = clock();
-    let running = start(
+    start(
         settings,
-        None,
+        client,
         KEY.to_vec(),
         clock,
         listener,
         ServeOptions::default(),
     )
     .await
-    .expect("start");
+    .expect("start")
+}
+
+/// An extender without an API client (filter and prioritize only), state filled with `nodes`.
+pub async fn offline_extender(settings: Settings, nodes: &[Node]) -> Running {
+    let (clock, _) = clock();
+    let running = start_on_loopback(settings, None, clock).await;
     {
         let mut st = running.app.write_state();
         for n in nodes {
@@ -188,17 +221,7 @@ pub async fn offline_extender(settings: Settings, nodes: &[Node]) -> Running {
 
 /// An extender against a (fake) API server, ready (reflectors synced).
 pub async fn extender(client: kube::Client, settings: Settings, clock: Clock) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let running = start(
-        settings,
-        Some(client),
-        KEY.to_vec(),
-        clock,
-        listener,
-        ServeOptions::default(),
-    )
-    .await
-    .expect("start");
+    let running = start_on_loopback(settings, Some(client), clock).await;
     assert!(
         running.wait_ready(Duration::from_secs(10)).await,
         "reflectors synced"
