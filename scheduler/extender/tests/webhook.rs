@@ -102,6 +102,27 @@ async fn post(
     Ok((status, bytes.to_vec()))
 }
 
+/// The webhook's state for `config`, default resource names and request defaults, its metrics in
+/// `registry`.
+fn webhook_state(config: WebhookConfig, registry: &prometheus::Registry) -> WebhookState {
+    WebhookState::new(
+        config,
+        ResourceNames::default(),
+        RequestDefaults::default(),
+        registry,
+    )
+    .unwrap()
+}
+
+/// A fresh self-signed certificate for `localhost` written to `cert_path` and `key_path`; the
+/// certificate's PEM.
+fn write_self_signed(cert_path: &std::path::Path, key_path: &std::path::Path) -> String {
+    let (cert, key) = certgen::self_signed(&["localhost".to_owned()]).unwrap();
+    std::fs::write(cert_path, &cert).unwrap();
+    std::fs::write(key_path, &key).unwrap();
+    cert
+}
+
 /// The webhook served over HTTPS on 127.0.0.1 with a fresh self-signed certificate for `localhost`.
 struct Server {
     addr: std::net::SocketAddr,
@@ -114,18 +135,10 @@ struct Server {
 impl Server {
     async fn start(config: WebhookConfig) -> Self {
         let dir = TempDir::new();
-        let (cert, key) = certgen::self_signed(&["localhost".to_owned()]).unwrap();
         let (cert_path, key_path) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
-        std::fs::write(&cert_path, &cert).unwrap();
-        std::fs::write(&key_path, &key).unwrap();
+        let cert = write_self_signed(&cert_path, &key_path);
         let registry = prometheus::Registry::new();
-        let state = WebhookState::new(
-            config,
-            ResourceNames::default(),
-            RequestDefaults::default(),
-            &registry,
-        )
-        .unwrap();
+        let state = webhook_state(config, &registry);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -196,6 +209,17 @@ fn patched(review: &Value, response: &Value) -> Value {
         json_patch::patch(&mut pod, &p).unwrap();
     }
     pod
+}
+
+/// The response to fixture `name` from a webhook with the default configuration.
+async fn admitted_by_default(name: &str) -> Value {
+    let server = Server::start(WebhookConfig::default()).await;
+    server.admit(&fixture(name)).await
+}
+
+/// The denial of fixture `name` by a webhook with the default configuration: its message.
+async fn denied_by_default(name: &str) -> String {
+    denial(&admitted_by_default(name).await)
 }
 
 fn assert_allowed_unchanged(response: &Value) {
@@ -295,8 +319,7 @@ async fn gpu_pod_is_mutated_exactly() {
 
 #[tokio::test]
 async fn pod_without_managed_resources_is_allowed_without_patch() {
-    let server = Server::start(WebhookConfig::default()).await;
-    assert_allowed_unchanged(&server.admit(&fixture("cpu-pod.json")).await);
+    assert_allowed_unchanged(&admitted_by_default("cpu-pod.json").await);
 }
 
 #[tokio::test]
@@ -345,21 +368,18 @@ async fn scheduler_name_rules() {
 
 #[tokio::test]
 async fn c16_privileged_sidecar_with_gpu_container_is_denied_naming_it() {
-    let server = Server::start(WebhookConfig::default()).await;
-    let why = denial(&server.admit(&fixture("c16-privileged-sidecar.json")).await);
+    let why = denied_by_default("c16-privileged-sidecar.json").await;
     assert!(why.contains("container \"net-tuner\" is privileged"), "{why}");
 }
 
 #[tokio::test]
 async fn c16_privileged_pod_without_gpu_is_allowed_unchanged() {
-    let server = Server::start(WebhookConfig::default()).await;
-    assert_allowed_unchanged(&server.admit(&fixture("c16-privileged-only.json")).await);
+    assert_allowed_unchanged(&admitted_by_default("c16-privileged-only.json").await);
 }
 
 #[tokio::test]
 async fn c16_privileged_init_container_with_gpu_app_is_denied_naming_it() {
-    let server = Server::start(WebhookConfig::default()).await;
-    let why = denial(&server.admit(&fixture("c16-privileged-init.json")).await);
+    let why = denied_by_default("c16-privileged-init.json").await;
     assert!(why.contains("container \"sysctl\" is privileged"), "{why}");
 }
 
@@ -401,13 +421,14 @@ async fn c17_init_container_only_gpu_pod_is_mutated() {
     );
 }
 
-fn quota(namespace: &str, gpumem: u64) -> WebhookConfig {
+/// A configuration limiting `namespace` to `gpumem` MiB (and `gpucores` %, when given).
+fn quota(namespace: &str, gpumem: u64, gpucores: Option<u64>) -> WebhookConfig {
     WebhookConfig {
         quotas: [(
             namespace.to_owned(),
             QuotaLimits {
                 gpumem: Some(gpumem),
-                gpucores: None,
+                gpucores,
             },
         )]
         .into(),
@@ -418,7 +439,7 @@ fn quota(namespace: &str, gpumem: u64) -> WebhookConfig {
 #[tokio::test]
 async fn c17_quota_counts_the_init_container() {
     // The init container asks for 4096 MiB; the namespace may hold 2048.
-    let server = Server::start(quota("team-a", 2048)).await;
+    let server = Server::start(quota("team-a", 2048, None)).await;
     let why = denial(&server.admit(&fixture("c17-init-gpu.json")).await);
     assert!(
         why.contains("ResourceQuotaNotFit") && why.contains("nvidia.com/gpumem"),
@@ -442,7 +463,7 @@ fn gpu_container(name: &str, mib: u64) -> Value {
 
 #[tokio::test]
 async fn c02_effective_request_is_the_biggest_init_container_or_the_app_sum() {
-    let server = Server::start(quota("team-a", 24000)).await;
+    let server = Server::start(quota("team-a", 24000, None)).await;
     // Three init containers of 10240 MiB each run one after another: 10240 is needed, not 30720.
     let mut review = fixture("c17-init-gpu.json");
     set(
@@ -528,8 +549,7 @@ async fn c18_forged_annotations_are_stripped_from_our_pod() {
 
 #[tokio::test]
 async fn c18_attacker_pod_pinned_to_a_node_is_denied() {
-    let server = Server::start(WebhookConfig::default()).await;
-    let why = denial(&server.admit(&fixture("c18-attacker.json")).await);
+    let why = denied_by_default("c18-attacker.json").await;
     assert!(why.contains("spec.nodeName") && why.contains("node-1"), "{why}");
 }
 
@@ -639,8 +659,7 @@ async fn c16_privileged_ephemeral_container_on_a_gpu_pod_is_denied() {
 
 #[tokio::test]
 async fn preset_node_name_is_denied() {
-    let server = Server::start(WebhookConfig::default()).await;
-    let why = denial(&server.admit(&fixture("node-name-preset.json")).await);
+    let why = denied_by_default("node-name-preset.json").await;
     assert!(why.contains("spec.nodeName is preset to \"node-1\""), "{why}");
 }
 
@@ -809,24 +828,7 @@ const FUZZ_POINTERS: &[&str] = &[
 ];
 
 fn fuzz_state() -> WebhookState {
-    let config = WebhookConfig {
-        quotas: [(
-            "ml".to_owned(),
-            QuotaLimits {
-                gpumem: Some(1),
-                gpucores: Some(1),
-            },
-        )]
-        .into(),
-        ..WebhookConfig::default()
-    };
-    WebhookState::new(
-        config,
-        ResourceNames::default(),
-        RequestDefaults::default(),
-        &prometheus::Registry::new(),
-    )
-    .unwrap()
+    webhook_state(quota("ml", 1, Some(1)), &prometheus::Registry::new())
 }
 
 /// Every reply is a 400 or a 200 AdmissionReview v1 with a response.
@@ -927,9 +929,7 @@ async fn metrics_count_requests_by_operation_and_result() {
 async fn rotated_certificate_is_served_without_restart() {
     let dir = TempDir::new();
     let (cert_path, key_path) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
-    let (cert_a, key_a) = certgen::self_signed(&["localhost".to_owned()]).unwrap();
-    std::fs::write(&cert_path, &cert_a).unwrap();
-    std::fs::write(&key_path, &key_a).unwrap();
+    let cert_a = write_self_signed(&cert_path, &key_path);
     let cert = Arc::new(ReloadingCert::new(&cert_path, &key_path, Duration::ZERO).unwrap());
     let listener = TlsListener::new(
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -937,13 +937,7 @@ async fn rotated_certificate_is_served_without_restart() {
     )
     .unwrap();
     let addr = axum::serve::Listener::local_addr(&listener).unwrap();
-    let state = WebhookState::new(
-        WebhookConfig::default(),
-        ResourceNames::default(),
-        RequestDefaults::default(),
-        &prometheus::Registry::new(),
-    )
-    .unwrap();
+    let state = webhook_state(WebhookConfig::default(), &prometheus::Registry::new());
     let task = tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
     let body = || serde_json::to_vec(&fixture("cpu-pod.json")).unwrap();
 
@@ -961,13 +955,7 @@ async fn rotated_certificate_is_served_without_restart() {
 async fn serve_tls_refuses_a_missing_certificate() {
     let dir = TempDir::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let state = WebhookState::new(
-        WebhookConfig::default(),
-        ResourceNames::default(),
-        RequestDefaults::default(),
-        &prometheus::Registry::new(),
-    )
-    .unwrap();
+    let state = webhook_state(WebhookConfig::default(), &prometheus::Registry::new());
     let e = tls::serve_tls(
         listener,
         router(state),
