@@ -51,6 +51,17 @@ fn pod(ns: &str, name: &str, node: Option<&str>, labels: &[(&str, &str)]) -> Pod
     }
 }
 
+/// The next event of a pod watch, within 5 s.
+async fn next_event(
+    stream: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin),
+) -> WatchEvent<Pod> {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("the watch goes on")
+        .expect("an event, not an error")
+}
+
 fn api_code(err: &kube::Error) -> Option<(u16, String)> {
     match err {
         kube::Error::Api(status) => Some((status.code, status.reason.clone())),
@@ -243,55 +254,31 @@ async fn pods_create_list_select_and_delete() {
         let all = all.clone();
         async move { all.list(&lp).await }
     };
-    assert_eq!(
-        names(list(ListParams::default()).await.unwrap().items),
-        ["p1", "p2", "p3"]
-    );
+    let listed = |lp: ListParams| {
+        let list = list(lp);
+        async move { names(list.await.unwrap().items) }
+    };
+    assert_eq!(listed(ListParams::default()).await, ["p1", "p2", "p3"]);
     assert_eq!(
         names(ns_a.list(&ListParams::default()).await.unwrap().items),
         ["p1", "p2"]
     );
     let by_field = |f: &str| ListParams::default().fields(f);
+    assert_eq!(listed(by_field("spec.nodeName=node-1")).await, ["p1", "p3"]);
     assert_eq!(
-        names(list(by_field("spec.nodeName=node-1")).await.unwrap().items),
+        listed(by_field("spec.nodeName==node-1,metadata.namespace=b")).await,
+        ["p3"]
+    );
+    assert_eq!(listed(by_field("spec.nodeName=")).await, ["p2"]);
+    assert_eq!(listed(by_field("spec.nodeName!=node-1")).await, ["p2"]);
+    assert_eq!(listed(by_field("status.phase=Running")).await, ["p3"]);
+    assert_eq!(listed(by_field("metadata.name=p2")).await, ["p2"]);
+    assert_eq!(
+        listed(ListParams::default().labels("app=web")).await,
         ["p1", "p3"]
     );
     assert_eq!(
-        names(
-            list(by_field("spec.nodeName==node-1,metadata.namespace=b"))
-                .await
-                .unwrap()
-                .items
-        ),
-        ["p3"]
-    );
-    assert_eq!(
-        names(list(by_field("spec.nodeName=")).await.unwrap().items),
-        ["p2"]
-    );
-    assert_eq!(
-        names(list(by_field("spec.nodeName!=node-1")).await.unwrap().items),
-        ["p2"]
-    );
-    assert_eq!(
-        names(list(by_field("status.phase=Running")).await.unwrap().items),
-        ["p3"]
-    );
-    assert_eq!(
-        names(list(by_field("metadata.name=p2")).await.unwrap().items),
-        ["p2"]
-    );
-    assert_eq!(
-        names(list(ListParams::default().labels("app=web")).await.unwrap().items),
-        ["p1", "p3"]
-    );
-    assert_eq!(
-        names(
-            list(ListParams::default().labels("app=web,tier=x"))
-                .await
-                .unwrap()
-                .items
-        ),
+        listed(ListParams::default().labels("app=web,tier=x")).await,
         ["p3"]
     );
     let bad = list(by_field("spec.containers=x")).await.unwrap_err();
@@ -333,28 +320,14 @@ async fn pod_updates_follow_the_apiserver_rules() {
         .unwrap_err();
     assert_eq!(api_code(&err), Some((422, "Invalid".to_owned())));
     // Status only through /status.
-    pods.patch(
-        "p",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running"}})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        server.pod("ns", "p").unwrap().status.unwrap().phase.as_deref(),
-        Some("Pending")
-    );
-    pods.patch_status(
-        "p",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running"}})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        server.pod("ns", "p").unwrap().status.unwrap().phase.as_deref(),
-        Some("Running")
-    );
+    let running = Patch::Merge(json!({"status": {"phase": "Running"}}));
+    let phase = || server.pod("ns", "p").unwrap().status.unwrap().phase;
+    pods.patch("p", &PatchParams::default(), &running).await.unwrap();
+    assert_eq!(phase().as_deref(), Some("Pending"));
+    pods.patch_status("p", &PatchParams::default(), &running)
+        .await
+        .unwrap();
+    assert_eq!(phase().as_deref(), Some("Running"));
     // Annotations must be strings: the typed decode refuses anything else.
     let err = pods
         .patch(
@@ -517,30 +490,18 @@ async fn watch_translates_selector_moves_and_expires_old_versions() {
         .create_subresource::<_, Status>("binding", "p", &PostParams::default(), &binding)
         .await
         .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut stream).await;
     assert!(
         matches!(&event, WatchEvent::Added(p) if p.metadata.name.as_deref() == Some("p")),
         "{event:?}"
     );
     server.set_pod_phase("ns", "p", "Running").unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut stream).await;
     assert!(
         matches!(&event, WatchEvent::Modified(p) if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
     );
     let deleted = server.delete_pod("ns", "p").unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut stream).await;
     assert!(
         matches!(&event, WatchEvent::Deleted(p) if p.metadata.resource_version == deleted.metadata.resource_version)
     );
@@ -559,11 +520,7 @@ async fn watch_translates_selector_moves_and_expires_old_versions() {
         .await
         .unwrap()
         .boxed();
-    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut stream).await;
     match event {
         WatchEvent::Error(status) => assert_eq!(status.code, 410),
         other => panic!("expected ERROR 410, got {other:?}"),
