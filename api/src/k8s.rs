@@ -253,22 +253,19 @@ pub fn pod_request(pod: &Pod, names: &ResourceNames, defaults: &RequestDefaults)
                 d.numa_bind = annotations.numa_bind;
                 d
             });
-        let cpu_milli = request_or_limit(c, "cpu")
-            .map(|q| {
-                Quantity::parse_non_negative(&q.0)
-                    .and_then(Quantity::to_milli_ceil)
-                    .map_err(|_| invalid(&c.name, "cpu", &q.0, "not a non-negative Kubernetes quantity"))
-            })
-            .transpose()?
-            .unwrap_or(0);
-        let memory_mib = request_or_limit(c, "memory")
-            .map(|q| {
-                Quantity::parse_non_negative(&q.0)
-                    .and_then(Quantity::to_mib_ceil)
-                    .map_err(|_| invalid(&c.name, "memory", &q.0, "not a non-negative Kubernetes quantity"))
-            })
-            .transpose()?
-            .unwrap_or(0);
+        // A host resource's request (else limit) in `conv`'s unit; 0 when absent.
+        let host = |resource: &str, conv: fn(Quantity) -> Result<u64>| -> Result<u64> {
+            request_or_limit(c, resource)
+                .map(|q| {
+                    Quantity::parse_non_negative(&q.0).and_then(conv).map_err(|_| {
+                        invalid(&c.name, resource, &q.0, "not a non-negative Kubernetes quantity")
+                    })
+                })
+                .transpose()
+                .map(|v| v.unwrap_or(0))
+        };
+        let cpu_milli = host("cpu", Quantity::to_milli_ceil)?;
+        let memory_mib = host("memory", Quantity::to_mib_ceil)?;
         containers.push(ContainerRequest {
             name: c.name.clone(),
             kind,

@@ -45,6 +45,22 @@ pub struct MetricDef {
 }
 
 impl MetricDef {
+    const fn new(
+        kind: MetricKind,
+        name: &'static str,
+        labels: &'static [&'static str],
+        unit: &'static str,
+        help: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            kind,
+            labels,
+            unit,
+            help,
+        }
+    }
+
     /// A counter.
     #[must_use]
     pub const fn counter(
@@ -53,13 +69,7 @@ impl MetricDef {
         unit: &'static str,
         help: &'static str,
     ) -> Self {
-        Self {
-            name,
-            kind: MetricKind::Counter,
-            labels,
-            unit,
-            help,
-        }
+        Self::new(MetricKind::Counter, name, labels, unit, help)
     }
 
     /// A gauge.
@@ -70,13 +80,7 @@ impl MetricDef {
         unit: &'static str,
         help: &'static str,
     ) -> Self {
-        Self {
-            name,
-            kind: MetricKind::Gauge,
-            labels,
-            unit,
-            help,
-        }
+        Self::new(MetricKind::Gauge, name, labels, unit, help)
     }
 
     /// A histogram.
@@ -87,13 +91,7 @@ impl MetricDef {
         unit: &'static str,
         help: &'static str,
     ) -> Self {
-        Self {
-            name,
-            kind: MetricKind::Histogram,
-            labels,
-            unit,
-            help,
-        }
+        Self::new(MetricKind::Histogram, name, labels, unit, help)
     }
 }
 
