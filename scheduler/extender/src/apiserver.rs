@@ -26,7 +26,10 @@
 //! patch, during the patch (the decision is then removed whether or not it landed), or before the
 //! Binding. A Binding already sent is never abandoned: its answer decides.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use futures::StreamExt;
 use hami_api::annotations::{
@@ -34,7 +37,7 @@ use hami_api::annotations::{
     DEVICES_TO_ALLOCATE, VGPU_NODE, VGPU_TIME, sign_decision,
 };
 use k8s_openapi::{
-    api::core::v1::{Binding, Event, Node, ObjectReference, Pod},
+    api::core::v1::{Binding, Event, ObjectReference, Pod},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
@@ -42,13 +45,14 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
 use crate::{
     error::{Error, Result},
     http::App,
-    state::BindPlan,
+    state::{BindPlan, SchedulerState},
     wire::ExtenderBindingArgs,
 };
 
@@ -57,72 +61,86 @@ pub const FIELD_MANAGER: &str = "hami-scheduler";
 
 /// Runs the Node reflector until the task is dropped.
 pub async fn run_node_reflector(app: Arc<App>, client: Client) {
-    let api: Api<Node> = Api::all(client);
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    while let Some(event) = stream.next().await {
-        let problems = {
-            let mut st = app.write_state();
-            match event {
-                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => st.apply_node(&n),
-                Ok(watcher::Event::Delete(n)) => {
-                    st.delete_node(&n);
-                    Vec::new()
-                }
-                Ok(watcher::Event::Init) => {
-                    st.begin_node_resync();
-                    Vec::new()
-                }
-                Ok(watcher::Event::InitDone) => {
-                    st.end_node_resync();
-                    app.nodes_synced.store(true, Ordering::Release);
-                    info!("node reflector synced");
-                    Vec::new()
-                }
-                Err(e) => {
-                    warn!(error = %e, "node watch failed; retrying with backoff");
-                    Vec::new()
-                }
-            }
-        };
-        for p in problems {
-            app.metrics.annotation_errors.with_label_values(&["node"]).inc();
-            warn!(problem = %p, "node annotation");
-        }
-    }
+    run_reflector(
+        app,
+        client,
+        Reflected {
+            kind: "node",
+            apply: SchedulerState::apply_node,
+            delete: SchedulerState::delete_node,
+            begin_resync: SchedulerState::begin_node_resync,
+            end_resync: SchedulerState::end_node_resync,
+            synced: |app| &app.nodes_synced,
+        },
+    )
+    .await;
 }
 
 /// Runs the Pod reflector (all namespaces) until the task is dropped.
 pub async fn run_pod_reflector(app: Arc<App>, client: Client) {
-    let api: Api<Pod> = Api::all(client);
+    run_reflector(
+        app,
+        client,
+        Reflected {
+            kind: "pod",
+            apply: SchedulerState::apply_pod,
+            delete: SchedulerState::delete_pod,
+            begin_resync: SchedulerState::begin_pod_resync,
+            end_resync: SchedulerState::end_pod_resync,
+            synced: |app| &app.pods_synced,
+        },
+    )
+    .await;
+}
+
+/// How a reflector of one kind feeds the state: the kind (in logs and the `annotation_errors` label),
+/// the state's handlers for it, and the flag its first full list sets.
+struct Reflected<K> {
+    kind: &'static str,
+    apply: fn(&mut SchedulerState, &K) -> Vec<String>,
+    delete: fn(&mut SchedulerState, &K),
+    begin_resync: fn(&mut SchedulerState),
+    end_resync: fn(&mut SchedulerState),
+    synced: fn(&App) -> &AtomicBool,
+}
+
+/// Watches every object of kind `K` (all namespaces) with backoff, applying each event to the state
+/// until the task is dropped.
+async fn run_reflector<K>(app: Arc<App>, client: Client, r: Reflected<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let kind = r.kind;
+    let api: Api<K> = Api::all(client);
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = stream.next().await {
         let problems = {
             let mut st = app.write_state();
             match event {
-                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => st.apply_pod(&p),
-                Ok(watcher::Event::Delete(p)) => {
-                    st.delete_pod(&p);
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (r.apply)(&mut st, &o),
+                Ok(watcher::Event::Delete(o)) => {
+                    (r.delete)(&mut st, &o);
                     Vec::new()
                 }
                 Ok(watcher::Event::Init) => {
-                    st.begin_pod_resync();
+                    (r.begin_resync)(&mut st);
                     Vec::new()
                 }
                 Ok(watcher::Event::InitDone) => {
-                    st.end_pod_resync();
-                    app.pods_synced.store(true, Ordering::Release);
-                    info!("pod reflector synced");
+                    (r.end_resync)(&mut st);
+                    (r.synced)(&app).store(true, Ordering::Release);
+                    info!("{kind} reflector synced");
                     Vec::new()
                 }
                 Err(e) => {
-                    warn!(error = %e, "pod watch failed; retrying with backoff");
+                    warn!(error = %e, "{kind} watch failed; retrying with backoff");
                     Vec::new()
                 }
             }
         };
         for p in problems {
-            app.metrics.annotation_errors.with_label_values(&["pod"]).inc();
-            warn!(problem = %p, "pod annotation");
+            app.metrics.annotation_errors.with_label_values(&[kind]).inc();
+            warn!(problem = %p, "{kind} annotation");
         }
     }
 }

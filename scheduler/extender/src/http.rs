@@ -248,6 +248,18 @@ fn decode<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, Err
     })
 }
 
+/// `body` decoded as the verb's request (`what`); a body that is not one is counted as the verb's
+/// `bad_request` (the caller answers 400).
+fn decode_request<T: DeserializeOwned>(
+    app: &App,
+    verb: &str,
+    what: &'static str,
+    body: &[u8],
+    started: Instant,
+) -> Result<T, Error> {
+    decode(what, body).inspect_err(|_| finish(app, verb, "bad_request", started))
+}
+
 fn finish(app: &App, verb: &str, result: &str, started: Instant) {
     app.metrics.requests.with_label_values(&[verb, result]).inc();
     app.metrics
@@ -348,12 +360,9 @@ pub fn prioritize_args(app: &App, args: &ExtenderArgs) -> Result<HostPriorityLis
 
 async fn filter(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let args: ExtenderArgs = match decode("ExtenderArgs", &body) {
+    let args: ExtenderArgs = match decode_request(&app, "filter", "ExtenderArgs", &body, started) {
         Ok(a) => a,
-        Err(e) => {
-            finish(&app, "filter", "bad_request", started);
-            return bad_request(&e);
-        }
+        Err(e) => return bad_request(&e),
     };
     let span = info_span!("filter", pod = %pod_key(&args.pod));
     let _enter = span.enter();
@@ -369,12 +378,9 @@ async fn filter(State(app): State<Arc<App>>, body: Bytes) -> Response {
 
 async fn prioritize(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let args: ExtenderArgs = match decode("ExtenderArgs", &body) {
+    let args: ExtenderArgs = match decode_request(&app, "prioritize", "ExtenderArgs", &body, started) {
         Ok(a) => a,
-        Err(e) => {
-            finish(&app, "prioritize", "bad_request", started);
-            return bad_request(&e);
-        }
+        Err(e) => return bad_request(&e),
     };
     let span = info_span!("prioritize", pod = %pod_key(&args.pod));
     let _enter = span.enter();
@@ -393,12 +399,10 @@ async fn prioritize(State(app): State<Arc<App>>, body: Bytes) -> Response {
 
 async fn bind(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let args: ExtenderBindingArgs = match decode("ExtenderBindingArgs", &body) {
+    let args: ExtenderBindingArgs = match decode_request(&app, "bind", "ExtenderBindingArgs", &body, started)
+    {
         Ok(a) => a,
-        Err(e) => {
-            finish(&app, "bind", "bad_request", started);
-            return bad_request(&e);
-        }
+        Err(e) => return bad_request(&e),
     };
     let span =
         info_span!("bind", pod = %format!("{}/{}", args.pod_namespace, args.pod_name), node = %args.node);
