@@ -98,6 +98,33 @@ impl WorkloadModel {
         let shapes = kept.into_iter().map(|(s, w)| (s, w / covered)).collect();
         Self { shapes }
     }
+
+    /// The total weight of the shapes that ask for more than one GPU.
+    #[must_use]
+    pub fn multi_gpu_weight(&self) -> f64 {
+        self.shapes
+            .iter()
+            .filter(|(s, _)| s.gpu.as_ref().is_some_and(|r| r.count > 1))
+            .map(|(_, p)| p)
+            .sum()
+    }
+
+    /// The same shapes with each weight divided by the shape's GPU count, `p_m / k_m` (CPU-only and
+    /// one-GPU shapes keep theirs); not renormalised, so one-GPU shapes weigh exactly what they weigh in
+    /// `self`. `F_n(M)` over this model counts a k-GPU shape's fragment per GPU it asks for rather
+    /// than per pod. `fgd-pack` scores with it (see [`crate::policies::FgdPolicy`] for why).
+    #[must_use]
+    pub fn per_requested_gpu(&self) -> Self {
+        let shapes = self
+            .shapes
+            .iter()
+            .map(|(s, p)| {
+                let k = s.gpu.as_ref().map_or(1, |r| r.count.max(1));
+                (s.clone(), p / f64::from(k))
+            })
+            .collect();
+        Self { shapes }
+    }
 }
 
 /// `F_n(m)` in GPUs for a node whose GPUs carry `gpus` and whose free host CPU is `free_cpu_milli`.
@@ -308,6 +335,40 @@ mod tests {
         assert!((m.shapes[1].1 - 1.0 / 3.0).abs() < 1e-12);
         let all = WorkloadModel::from_pods(&pods, 1.0);
         assert_eq!(all.shapes.len(), 3);
+    }
+
+    /// `per_requested_gpu` divides a k-GPU shape's weight by k and leaves CPU-only and one-GPU shapes
+    /// as they are.
+    #[test]
+    fn per_requested_gpu_weighs_multi_gpu_shapes_per_gpu() {
+        let pods = [
+            pod(1000, 1, 50),
+            pod(500, 0, 0),
+            pod(2000, 2, 100),
+            pod(8000, 8, 100),
+        ];
+        let m = WorkloadModel::from_pods(&pods, 1.0);
+        assert!((m.multi_gpu_weight() - 0.5).abs() < 1e-12);
+        let w = m.per_requested_gpu();
+        let weight = |model: &WorkloadModel, s: &TaskShape| {
+            model
+                .shapes
+                .iter()
+                .find(|(t, _)| t == s)
+                .map(|(_, p)| *p)
+                .unwrap()
+        };
+        for (s, k) in [
+            (shape(1000, 1, 50), 1.0),
+            (shape(500, 0, 0), 1.0),
+            (shape(2000, 2, 100), 2.0),
+            (shape(8000, 8, 100), 8.0),
+        ] {
+            assert!((weight(&w, &s) - 0.25 / k).abs() < 1e-12, "{s:?}");
+        }
+        let single = WorkloadModel::from_pods(&pods[..2], 1.0);
+        assert!(single.multi_gpu_weight().abs() < 1e-12);
+        assert_eq!(single.per_requested_gpu().shapes, single.shapes);
     }
 
     proptest::proptest! {
