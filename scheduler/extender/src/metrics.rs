@@ -363,7 +363,14 @@ impl Metrics {
         ] {
             must(m.registry.register(c));
         }
-        // Series that dashboards and alerts should see before the first event.
+        // Series that dashboards and alerts should see before the first event (a counter whose first
+        // sample already holds its first increments shows no rate() for them).
+        for verb in ["filter", "prioritize", "bind"] {
+            for result in ["ok", "error", "bad_request"] {
+                m.requests.with_label_values(&[verb, result]);
+            }
+            m.latency.with_label_values(&[verb]);
+        }
         for r in ["fit", "no_fit"] {
             m.filter_results.with_label_values(&[r]);
         }
