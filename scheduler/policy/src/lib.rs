@@ -25,7 +25,7 @@ pub use error::{Error, Result};
 pub use fit::{FitFailure, GpuOrder, Reason, ScoringWeights, fit_pod};
 pub use frag::{TaskShape, WorkloadModel, node_frag};
 pub use ledger::{Ledger, LedgerEntry};
-pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy};
+pub use policies::{ClusterNorm, POLICY_NAMES, Policy, Scored, build_policy, build_policy_in};
 pub use quota::{NamespaceQuota, QuotaExceeded, QuotaUsage, check_quota};
 pub use state::{DeviceGrant, GpuUsage, NodePlacement, NodeState};
 pub use usage::{MeasuredGpu, UsageAwarePolicy};

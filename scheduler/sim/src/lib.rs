@@ -18,7 +18,7 @@ use std::{
     },
 };
 
-use hami_policy::{ClusterNorm, POLICY_NAMES, WorkloadModel, build_policy};
+use hami_policy::{ClusterNorm, POLICY_NAMES, WorkloadModel, build_policy_in};
 
 pub use crate::error::{Error, Result};
 use crate::{
@@ -144,7 +144,8 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
     let nodes = load_nodes(cfg.nodes.as_deref())?;
     let policies = expand_policies(&cfg.policies)?;
     let capacity = nodes.gpu_count() * 1000;
-    let norm = ClusterNorm::of(&nodes.idle_states());
+    let idle = nodes.idle_states();
+    let norm = ClusterNorm::of(&idle);
     struct Job {
         trace: usize,
         policy: String,
@@ -206,7 +207,7 @@ pub fn simulate(cfg: &SimConfig, progress: &(dyn Fn(u64, u64) + Sync)) -> Result
                         seqs,
                     } = &traces[job.trace];
                     let seed = cfg.seeds[job.seed];
-                    let policy = match build_policy(&job.policy, Arc::clone(model), norm) {
+                    let policy = match build_policy_in(&job.policy, Arc::clone(model), norm, &idle) {
                         Ok(p) => p,
                         Err(e) => {
                             first_error
