@@ -155,6 +155,12 @@ impl Env {
         let lib_dir = dir.join("lib");
         std::fs::create_dir_all(&lib_dir).expect("lib dir");
         std::fs::copy(&lib, lib_dir.join("libcuda.so.1")).expect("copying the fake libcuda");
+        // The steps that can fail come before the bpffs mount, which only `Env`'s drop undoes: a
+        // panic here must not leave a mount behind.
+        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(gpus, memory_mib))
+            .expect("starting the simulated node");
+        let cg_root = cgroup2_root().join(format!("hami-test-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&cg_root).expect("test cgroup");
         let bpffs_mount = dir.join("bpf");
         std::fs::create_dir_all(&bpffs_mount).expect("bpffs mount point");
         let st = Command::new("mount")
@@ -162,11 +168,10 @@ impl Env {
             .arg(&bpffs_mount)
             .status()
             .expect("mount -t bpf");
-        assert!(st.success(), "mounting a bpffs at {}", bpffs_mount.display());
-        let node = FakeNode::start(&dir.join("node"), DeviceModel::uniform(gpus, memory_mib))
-            .expect("starting the simulated node");
-        let cg_root = cgroup2_root().join(format!("hami-test-{}-{test}", std::process::id()));
-        std::fs::create_dir_all(&cg_root).expect("test cgroup");
+        if !st.success() {
+            let _ = std::fs::remove_dir(&cg_root);
+            panic!("mounting a bpffs at {}", bpffs_mount.display());
+        }
         let cfg = AgentConfig {
             node_name: "test-node".into(),
             listen: "127.0.0.1:0".into(),

@@ -635,9 +635,12 @@ fn main() -> Result<()> {
         let ctx_addr = ctx as usize;
         type FnCtxSet = unsafe extern "C" fn(*mut c_void) -> c_int;
         let set_current = unsafe { lib.func::<FnCtxSet>("cuCtxSetCurrent")? } as usize;
+        // Every thread finishes its churn before any starts holding, so a holder is only ever refused
+        // by blocks that are held, never by another thread's short-lived one.
+        let churned = std::sync::Barrier::new(args.threads as usize);
         std::thread::scope(|sc| {
             for _ in 0..args.threads {
-                let held = &held;
+                let (held, churned) = (&held, &churned);
                 sc.spawn(move || {
                     // SAFETY: the addresses are the CUDA functions resolved above, with these signatures.
                     let (alloc, free, set): (FnMemAlloc, FnMemFree, FnCtxSet) = unsafe {
@@ -655,6 +658,7 @@ fn main() -> Result<()> {
                             unsafe { free(p) };
                         }
                     }
+                    churned.wait();
                     loop {
                         let mut p = 0u64;
                         if unsafe { alloc(&raw mut p, per) } != 0 {
