@@ -195,6 +195,9 @@ fn check_config(
     kube_scheduler_config: Option<PathBuf>,
     extenders: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    if config.is_none() && device_config.is_none() && kube_scheduler_config.is_none() && extenders.is_none() {
+        bail!("nothing to check: give --config, --device-config, --kube-scheduler-config or --extenders");
+    }
     let devices = device_config.as_deref().map(DeviceConfig::load).transpose()?;
     if let Some(path) = &config {
         let cfg = SchedulerConfig::load(path)?;
