@@ -216,6 +216,20 @@ impl PodRequest {
         init_peak.max(apps.saturating_add(sidecars))
     }
 
+    /// Index of the pod's only GPU-requesting container, if exactly one container asks for GPUs.
+    #[must_use]
+    pub fn single_gpu_container(&self) -> Option<usize> {
+        let mut gpu = self
+            .containers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.gpu.is_some());
+        match (gpu.next(), gpu.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    }
+
     /// Whether any container asks for GPUs.
     #[must_use]
     pub fn wants_gpu(&self) -> bool {

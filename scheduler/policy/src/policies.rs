@@ -249,14 +249,7 @@ impl Policy for RandomPolicy {
         rng: &mut dyn RngCore,
     ) -> NodePlacement {
         // One GPU container: draw `count` GPUs uniformly among those that fit it.
-        let gpu_containers: Vec<usize> = pod
-            .containers
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.gpu.is_some())
-            .map(|(i, _)| i)
-            .collect();
-        let [ci] = gpu_containers[..] else {
+        let Some(ci) = pod.single_gpu_container() else {
             return scored.placement;
         };
         let Some(req) = pod.containers[ci].gpu.as_ref() else {

@@ -176,14 +176,7 @@ impl Policy for UsageAwarePolicy {
             }
         };
         // Rule 2 inside the node: a lone one-GPU container goes to the busiest feasible GPU.
-        let gpu_containers: Vec<usize> = pod
-            .containers
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.gpu.is_some())
-            .map(|(i, _)| i)
-            .collect();
-        if let [ci] = gpu_containers[..]
+        if let Some(ci) = pod.single_gpu_container()
             && let Some(req) = filtered.containers[ci].gpu.as_ref()
             && req.count == 1
             && !node.measured.iter().all(Option::is_none)
