@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use hami_api::region::{LIMITS_MAX_BYTES, LIMITS_SUFFIX, REGION_SIZE, Region, TrustedLimits};
+use hami_api::region::{LIMITS_MAX_BYTES, LIMITS_SUFFIX, REGION_SIZE, Region, TrustedLimits, UNLIMITED};
 use hami_ebpf_common::{GPU_UNKNOWN, LimitKey};
 
 use crate::attribution::{MemoryKind, UsageRow};
@@ -227,7 +227,7 @@ impl RegionWriter {
                 }
             }
         }
-        out.retain(|(_, l)| *l > 0);
+        out.retain(|(_, l)| *l != UNLIMITED);
         out
     }
 

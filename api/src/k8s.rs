@@ -188,18 +188,33 @@ fn whole(container: &str, resource: &str, q: &K8sQuantity, max: u64) -> Result<u
 /// # Errors
 /// [`Error::InvalidResource`] for a value that is not a whole non-negative number, a count or MiB above
 /// `i32::MAX` (HAMi's range; `gpumem` is MiB, so `4Gi` is refused rather than read as 4 Gi MiB), or a
-/// percentage (`gpumem-percentage`, `gpucores`) above 100, or a priority other than 0 or 1.
+/// percentage (`gpumem-percentage`, `gpucores`) above 100, or a priority other than 0 or 1; and a
+/// memory request of zero (`gpumem: 0` or `gpumem-percentage: 0`): a GPU share without device memory
+/// has no meaning, and HAMi-core reads a zero limit as "no limit" (peer case C29: HAMi #2312, PR
+/// #2156), so it is refused here rather than turned into an unlimited device downstream.
 pub fn container_gpu_resources(c: &Container, names: &ResourceNames) -> Result<ContainerGpuResources> {
     let get = |resource: &str, max: u64| -> Result<Option<u64>> {
         limit_or_request(c, resource)
             .map(|q| whole(&c.name, resource, q, max))
             .transpose()
     };
+    // Memory requests are at least 1 (MiB or percent).
+    let memory = |resource: &str, max: u64| -> Result<Option<u64>> {
+        match get(resource, max)? {
+            Some(0) => Err(invalid(
+                &c.name,
+                resource,
+                limit_or_request(c, resource).map_or("0", |q| q.0.as_str()),
+                "zero device memory: a GPU share needs at least 1 (omit the resource for the whole GPU)",
+            )),
+            v => Ok(v),
+        }
+    };
     let narrow = |v: Option<u64>| v.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     Ok(ContainerGpuResources {
         count: narrow(get(&names.gpu, HAMI_INT32_MAX)?),
-        memory_mib: get(&names.memory, HAMI_INT32_MAX)?,
-        memory_percent: narrow(get(&names.memory_percentage, 100)?),
+        memory_mib: memory(&names.memory, HAMI_INT32_MAX)?,
+        memory_percent: narrow(memory(&names.memory_percentage, 100)?),
         cores: narrow(get(&names.cores, u64::from(FULL_GPU_CORES))?),
         priority: narrow(get(&names.priority, 1)?),
     })
@@ -446,6 +461,41 @@ mod tests {
             &pod(vec![], vec![ctr("n", &[("cpu", "1")], &[])]),
             &ResourceNames::default()
         ));
+    }
+
+    #[test]
+    fn c29_zero_memory_is_refused_naming_the_container() {
+        for (res, v) in [
+            ("nvidia.com/gpumem", "0"),
+            ("nvidia.com/gpumem-percentage", "0"),
+            ("nvidia.com/gpumem", "0M"),
+        ] {
+            let p = pod(
+                vec![],
+                vec![ctr("zero", &[("nvidia.com/gpu", "1"), (res, v)], &[])],
+            );
+            let e = pod_request(&p, &ResourceNames::default(), &RequestDefaults::default()).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidResource { container, resource, value, .. }
+                    if container == "zero" && resource == res && value == v),
+                "{res}={v}: {e}"
+            );
+            assert!(e.to_string().contains("zero device memory"), "{e}");
+        }
+        // The smallest share is accepted.
+        let p = pod(
+            vec![],
+            vec![ctr(
+                "one",
+                &[("nvidia.com/gpu", "1"), ("nvidia.com/gpumem", "1")],
+                &[],
+            )],
+        );
+        let req = pod_request(&p, &ResourceNames::default(), &RequestDefaults::default()).unwrap();
+        assert_eq!(
+            req.containers[0].gpu,
+            Some(DeviceRequest::new(1, MemoryRequest::Mib(1), 0))
+        );
     }
 
     #[test]

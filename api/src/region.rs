@@ -18,8 +18,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// `b"HAMIRGN1"` read as a little-endian u64; written last by the creator.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"HAMIRGN1");
-/// Layout version.
-pub const REGION_VERSION: u32 = 1;
+/// Layout version. Version 2 changed the meaning of a limit of 0 from "unlimited" to "nothing may be
+/// allocated" ([`UNLIMITED`] is the only "no limit"), so a version-1 reader refuses a version-2 region
+/// instead of reading its zero limits as unlimited.
+pub const REGION_VERSION: u32 = 2;
+
+/// The memory limit of a device without one, bytes: the largest value, so "used + requested ≤ limit"
+/// holds for every representable request with no special case. A limit of 0 means that nothing may be
+/// allocated; no limit value means "unlimited" but this one (peer case C29: HAMi-core reads a zero
+/// limit as unlimited, so a 0-MiB decision became a whole GPU).
+pub const UNLIMITED: u64 = u64::MAX;
 /// Devices per container.
 pub const MAX_DEVICES: usize = 16;
 /// Process slots per container.
@@ -35,7 +43,8 @@ pub struct Header {
     pub version: AtomicU32,
     /// Devices in use (`≤ MAX_DEVICES`).
     pub device_count: AtomicU32,
-    /// Device-memory limit per device, bytes; 0 means unlimited.
+    /// Device-memory limit per device, bytes; [`UNLIMITED`] means no limit, 0 means nothing may be
+    /// allocated.
     pub limit_bytes: [AtomicU64; MAX_DEVICES],
     /// SM limit per device, percent of the device's SMs (1..=100; 0 or 100 means no throttling).
     pub sm_limit_percent: [AtomicU32; MAX_DEVICES],
@@ -111,8 +120,9 @@ pub const LIMITS_SUFFIX: &str = ".limits";
 /// Where the trusted limits file appears in the container (a read-only bind mount of the host file).
 pub const CONTAINER_LIMITS_FILE: &str = "/usr/local/vgpu/limits";
 
-/// Version of the trusted limits format.
-pub const LIMITS_VERSION: u32 = 1;
+/// Version of the trusted limits format. Version 2: `memory_bytes` 0 means nothing may be allocated
+/// (version 1 read it as unlimited; a version-1 reader refuses a version-2 file and fails closed).
+pub const LIMITS_VERSION: u32 = 2;
 
 /// Largest trusted limits file accepted, bytes (16 devices of UUID and numbers fit in 2 KiB).
 pub const LIMITS_MAX_BYTES: usize = 16 * 1024;
@@ -138,7 +148,8 @@ pub enum RegionFailure {
 pub struct DeviceLimit {
     /// The physical GPU's UUID (`GPU-…`, as NVML and `cuDeviceGetUuid` name it).
     pub uuid: String,
-    /// Device-memory limit, bytes (0: unlimited).
+    /// Device-memory limit, bytes. There is no "unlimited": every decided device has an amount, and 0
+    /// means nothing may be allocated on it.
     pub memory_bytes: u64,
     /// SM limit, percent of the GPU's SMs (0 or 100: no throttling).
     pub sm_percent: u32,
@@ -245,11 +256,12 @@ pub struct OverLimit {
 
 impl Region {
     /// Initialises a zeroed region (the creator does this once, before anyone else maps it).
-    /// `limits` in bytes (0 = unlimited) and `sm` in percent, per device; the magic is written last.
+    /// `limits` in bytes ([`UNLIMITED`] for none, 0 for nothing) and `sm` in percent, per device;
+    /// devices beyond `limits` get [`UNLIMITED`]; the magic is written last.
     pub fn init(&self, limits: &[u64], sm: &[u32]) {
         let n = limits.len().min(MAX_DEVICES);
-        for (i, l) in limits.iter().take(n).enumerate() {
-            self.header.limit_bytes[i].store(*l, Ordering::Relaxed);
+        for (i, slot) in self.header.limit_bytes.iter().enumerate() {
+            slot.store(limits.get(i).copied().unwrap_or(UNLIMITED), Ordering::Relaxed);
             self.header.sm_limit_percent[i].store(sm.get(i).copied().unwrap_or(0), Ordering::Relaxed);
         }
         self.header.version.store(REGION_VERSION, Ordering::Relaxed);
@@ -285,13 +297,13 @@ impl Region {
         (self.header.device_count.load(Ordering::Relaxed) as usize).min(MAX_DEVICES)
     }
 
-    /// The limit of `dev`, bytes (0 = unlimited).
+    /// The limit of `dev`, bytes ([`UNLIMITED`] for none, and for a device beyond [`MAX_DEVICES`]).
     #[must_use]
     pub fn limit(&self, dev: usize) -> u64 {
         self.header
             .limit_bytes
             .get(dev)
-            .map_or(0, |l| l.load(Ordering::Relaxed))
+            .map_or(UNLIMITED, |l| l.load(Ordering::Relaxed))
     }
 
     /// The SM limit of `dev`, percent (0 = none).
@@ -365,7 +377,8 @@ impl Region {
         self.try_reserve_within(slot, dev, bytes, self.limit(dev), alive)
     }
 
-    /// [`Region::try_reserve`] against `limit` (bytes, 0 = unlimited) instead of the header's limit:
+    /// [`Region::try_reserve`] against `limit` (bytes, [`UNLIMITED`] for none, 0 refuses every
+    /// non-empty request) instead of the header's limit:
     /// the interceptor passes the limit of the trusted limits file, so a tenant that rewrites the
     /// header's limits gains nothing.
     ///
@@ -391,7 +404,7 @@ impl Region {
             let before = reserved.fetch_add(bytes, Ordering::AcqRel);
             let kernel = self.header.kernel_used_bytes[dev].load(Ordering::Acquire);
             let used = before.max(kernel);
-            if limit == 0 || used.checked_add(bytes).is_some_and(|t| t <= limit) {
+            if used.checked_add(bytes).is_some_and(|t| t <= limit) {
                 s.used_bytes[dev].fetch_add(bytes, Ordering::AcqRel);
                 return Ok(());
             }
@@ -509,8 +522,9 @@ mod tests {
         assert_eq!(r.validate(), Err(RegionError::NotInitialised(0)));
         r.init(&[GIB], &[30]);
         assert_eq!(r.validate(), Ok(()));
-        r.header.version.store(2, Ordering::Relaxed);
-        assert_eq!(r.validate(), Err(RegionError::Version(2)));
+        // A version-1 region (whose zero limits meant "unlimited") is refused.
+        r.header.version.store(1, Ordering::Relaxed);
+        assert_eq!(r.validate(), Err(RegionError::Version(1)));
     }
 
     #[test]
@@ -544,7 +558,7 @@ mod tests {
     #[test]
     fn release_saturates_and_unlimited_devices_only_count() {
         let r = zeroed();
-        r.init(&[0, GIB], &[0, 0]);
+        r.init(&[UNLIMITED, GIB], &[0, 0]);
         let a = r.attach(1, |_| true).unwrap();
         assert!(
             r.try_reserve(a, 0, 100 * GIB, |_| true).is_ok(),
@@ -560,6 +574,25 @@ mod tests {
             r.try_reserve(a, MAX_DEVICES, 1, |_| true).is_err(),
             "out of range"
         );
+    }
+
+    #[test]
+    fn c29_a_zero_limit_refuses_everything_and_is_never_unlimited() {
+        let r = zeroed();
+        r.init(&[0, GIB], &[0, 0]);
+        assert_eq!(r.limit(0), 0);
+        assert_eq!(r.limit(2), UNLIMITED, "devices beyond the limits are not limited");
+        let a = r.attach(1, |_| true).unwrap();
+        let e = r.try_reserve(a, 0, 1, |_| true).unwrap_err();
+        assert_eq!((e.limit, e.used, e.requested), (0, 0, 1));
+        assert!(r.try_reserve(a, 0, 100 * GIB, |_| true).is_err());
+        assert!(
+            r.try_reserve_within(a, 1, MIB, 0, |_| true).is_err(),
+            "a zero trusted limit"
+        );
+        assert_eq!(r.used(0), 0);
+        // An empty request changes nothing and is not an allocation.
+        assert!(r.try_reserve(a, 0, 0, |_| true).is_ok());
     }
 
     #[test]
@@ -602,16 +635,17 @@ mod tests {
         assert_eq!(back.memory_limits(), [3000 * MIB, 5000 * MIB]);
         assert_eq!(back.index_of("gpu-A"), Some(1));
         // Defaults to fail-closed when the field is absent.
-        let closed = TrustedLimits::parse(br#"{"version":1,"devices":[]}"#).unwrap();
+        let closed = TrustedLimits::parse(br#"{"version":2,"devices":[]}"#).unwrap();
         assert_eq!(closed.on_region_error, RegionFailure::Closed);
         for bad in [
-            &br#"{"version":2,"devices":[]}"#[..],
-            br#"{"version":1,"devices":[],"extra":1}"#,
-            br#"{"version":1,"devices":[{"uuid":"","memory_bytes":1,"sm_percent":0}]}"#,
-            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":101}]}"#,
-            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":0},{"uuid":"a","memory_bytes":1,"sm_percent":0}]}"#,
-            br#"{"version":1,"devices":[{"uuid":"a","memory_bytes":-1,"sm_percent":0}]}"#,
-            br#"{"version":1,"devices":[],"on_region_error":"maybe"}"#,
+            &br#"{"version":1,"devices":[]}"#[..],
+            br#"{"version":3,"devices":[]}"#,
+            br#"{"version":2,"devices":[],"extra":1}"#,
+            br#"{"version":2,"devices":[{"uuid":"","memory_bytes":1,"sm_percent":0}]}"#,
+            br#"{"version":2,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":101}]}"#,
+            br#"{"version":2,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":0},{"uuid":"a","memory_bytes":1,"sm_percent":0}]}"#,
+            br#"{"version":2,"devices":[{"uuid":"a","memory_bytes":-1,"sm_percent":0}]}"#,
+            br#"{"version":2,"devices":[],"on_region_error":"maybe"}"#,
             b"not json",
         ] {
             assert!(

@@ -173,6 +173,17 @@ impl Context {
                 }
             };
             self.fail_refused(&d.refused).await;
+            if let Some(zero) = choice.devices.0.iter().find(|d| d.memory_mib == 0) {
+                // No scheduler of ours writes a 0-MiB share (the webhook and the extender refuse the
+                // request); HAMi-core would read the 0 limit as "no limit" (peer case C29).
+                return Err(AgentError::plugin(
+                    format!("allocating pod {} container {}", choice.pod, choice.container),
+                    format!(
+                        "the decision gives GPU {} 0 MiB of device memory: refused, a GPU share needs memory",
+                        zero.uuid
+                    ),
+                ));
+            }
             let region = response::region_dir(&self.host.regions_dir, &choice.pod.uid, &choice.container)?;
             let host_region =
                 response::region_dir(&self.host.host_regions_dir, &choice.pod.uid, &choice.container)?;

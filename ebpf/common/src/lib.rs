@@ -433,12 +433,13 @@ mod pod {
 
 /// The hard-limit decision, shared by the kill (ioctl exit tracepoint, after the allocation, `used`
 /// already including it: `bytes` 0) and the BPF LSM refusal (`file_ioctl`, before it: `bytes` the
-/// request): whether the container's device memory `used` plus `bytes` exceeds `limit` (bytes; a
-/// limit of 0 never holds, since a key is only present for a limited container).
+/// request): whether the container's device memory `used` plus `bytes` exceeds `limit` (bytes). A
+/// key is only present for a limited container; a limit of 0 holds every allocation (it is never
+/// "unlimited", peer case C29).
 #[inline(always)]
 #[must_use]
 pub fn over_hard_limit(used: u64, bytes: u64, limit: u64) -> bool {
-    limit != 0 && used.saturating_add(bytes) > limit
+    used.saturating_add(bytes) > limit
 }
 
 /// `ENOMEM`: what the BPF LSM program returns (negated) for an allocation past the hard limit.

@@ -325,9 +325,9 @@ fn requested_allocations_before_the_call_and_the_shared_hard_limit_decision() {
     assert!(!hami_ebpf_common::over_hard_limit(600 << 20, 400 << 20, gib));
     assert!(hami_ebpf_common::over_hard_limit(600 << 20, 600 << 20, gib));
     assert!(hami_ebpf_common::over_hard_limit(1200 << 20, 0, gib));
-    assert!(
-        !hami_ebpf_common::over_hard_limit(u64::MAX, u64::MAX, 0),
-        "0: no limit"
-    );
+    // C29: a zero limit holds every allocation; it never means "no limit".
+    assert!(hami_ebpf_common::over_hard_limit(0, 1, 0), "0: nothing");
+    assert!(hami_ebpf_common::over_hard_limit(1, 0, 0), "0: nothing");
+    assert!(!hami_ebpf_common::over_hard_limit(0, 0, 0), "nothing held");
     assert!(hami_ebpf_common::over_hard_limit(u64::MAX, 1, gib), "no wrap");
 }
