@@ -315,7 +315,14 @@ fn candidates(
         let mut used = node.gpus[i];
         used.add(extra(i));
         let mem = req.memory.resolve(gpu.schedulable_memory_mib());
-        match device_eligible(gpu, req).and_then(|()| device_fit(gpu, used, mem, req.cores)) {
+        // A share that resolves to no memory (a percentage of a tiny GPU) is never placed: its limit
+        // would be 0 (peer case C29).
+        let share = if mem == 0 {
+            Err(Reason::InsufficientMemory)
+        } else {
+            device_eligible(gpu, req).and_then(|()| device_fit(gpu, used, mem, req.cores))
+        };
+        match share {
             Ok(()) => out.push((i, mem)),
             Err(r) => *failure.reasons.entry(r).or_insert(0) += 1,
         }
@@ -456,6 +463,13 @@ impl Search<'_> {
         };
         let mut keyed: Vec<(f64, (usize, u64))> = sorted.iter().map(|c| (key(c), *c)).collect();
         keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.0.cmp(&b.1.0)));
+        // Each GPU's policy key in micro-units, so that sets of equal summed keys compare equal exactly.
+        let mut micro = vec![0i64; gpus.len()];
+        for &(k, (i, _)) in &keyed {
+            if let Some(m) = micro.get_mut(i) {
+                *m = (k * 1e6).round() as i64;
+            }
+        }
         sorted = keyed.into_iter().map(|(_, c)| c).collect();
         let count = req.count as usize;
         if count == 1 {
@@ -505,16 +519,46 @@ impl Search<'_> {
                     }
                 }
                 let rank: usize = idx.iter().map(|&k| pool[k].0).sum();
-                sets.push((same_numa, links, rank, set));
+                let score: i64 = set.iter().map(|&(i, _)| micro[i]).sum();
+                sets.push(RankedSet {
+                    score,
+                    same_numa,
+                    links,
+                    rank,
+                    set,
+                });
             }
         }
-        sets.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
-        sets.into_iter().map(|s| s.3).collect()
+        let topology = |a: &RankedSet, b: &RankedSet| {
+            b.same_numa
+                .cmp(&a.same_numa)
+                .then(b.links.cmp(&a.links))
+                .then(a.rank.cmp(&b.rank))
+        };
+        if matches!(self.order, GpuOrder::Topology) || req.numa_bind {
+            // Topology first: the topology-aware policy, and numa-bind (all sets share a NUMA node).
+            sets.sort_by(topology);
+        } else {
+            // The policy's score first; NUMA and NVLink only break ties (peer case C26).
+            sets.sort_by(|a, b| a.score.cmp(&b.score).then_with(|| topology(a, b)));
+        }
+        sets.into_iter().map(|s| s.set).collect()
     }
 }
 
-/// A candidate set with its sort keys: all on one NUMA node, summed link score, summed policy rank.
-type RankedSet = (bool, u32, usize, Vec<(usize, u64)>);
+/// A candidate set with its sort keys.
+struct RankedSet {
+    /// Summed policy keys of its GPUs, micro-units (lower is better).
+    score: i64,
+    /// All its GPUs on one NUMA node.
+    same_numa: bool,
+    /// Summed link score of its pairs.
+    links: u32,
+    /// Summed positions of its GPUs in the policy order.
+    rank: usize,
+    /// (GPU, MiB) per member.
+    set: Vec<(usize, u64)>,
+}
 
 /// Lexicographic k-combinations of `0..n`.
 struct Combinations {

@@ -1,4 +1,4 @@
-//! Peer-project failure cases C01-C06, C08, C09 and C14 (`shared/cases/peer-bugs.md`), each asserting
+//! Peer-project failure cases C01-C06, C08, C09, C14, C21, C26 and C29 (placement side), each asserting
 //! the case's "Correct outcome" through the public placement API: `Cluster::decide`, `Cluster::commit`,
 //! the `Ledger` and `NodePlacement::to_pod_devices`.
 
@@ -728,4 +728,131 @@ fn c09_percent_memory_is_resolved_multiplying_first() {
     );
     let total: u64 = c.nodes[0].gpus.iter().map(|u| u.memory_mib).sum();
     assert_eq!(total, 6553 + 2 * 3276);
+}
+
+// ---- C21: each app container on a GPU is one slot ----
+
+/// C21: GPU-A with `deviceSplitCount: 2`. P1's two app containers (1 GPU, 1000 MiB each) both land on
+/// GPU-A and take both slots; P2 (1 GPU, 1000 MiB) is refused for GPU-A with slots exhausted, while
+/// memory and cores stay the plain sums.
+#[test]
+fn c21_two_app_containers_on_one_gpu_take_two_slots() {
+    for name in POLICY_NAMES {
+        let mut g = gpu("GPU-A", 0, 24 * GIB);
+        g.split_count = 2;
+        let mut c = cluster(vec![node("node-1", vec![g])]);
+        let pol = policy(name, &c);
+        let p1 = pod(
+            "p1",
+            "u1",
+            vec![app("a", mib(1, 1000, 10)), app("b", mib(1, 1000, 10))],
+        );
+        let d = place(&mut c, pol.as_ref(), &p1);
+        assert_eq!((gpus_of(&d, 0), gpus_of(&d, 1)), (vec![0], vec![0]), "{name}");
+        assert_eq!(
+            c.nodes[0].gpus[0],
+            GpuUsage {
+                slots: 2,
+                memory_mib: 2000,
+                cores: 20
+            },
+            "{name}"
+        );
+        let p2 = single("p2", mib(1, 1000, 0));
+        assert!(decide(&c, pol.as_ref(), &p2).is_none(), "{name}");
+        let why = c.explain(pol.as_ref(), &p2);
+        assert_eq!(
+            why[0].1.reasons.get(&Reason::SlotsExhausted),
+            Some(&1),
+            "{name}: {why:?}"
+        );
+    }
+}
+
+// ---- C26: the policy's score first, topology only breaks ties ----
+
+/// Four GPUs on NUMA [0, 0, 1, 1] where GPUs 1 and 3 hold 8 GiB each and 0 and 2 are idle.
+fn c26_cluster() -> Cluster {
+    let gs: Vec<_> = [0, 0, 1, 1]
+        .into_iter()
+        .zip(0u32..)
+        .map(|(numa, i)| {
+            let mut g = gpu(&format!("GPU-{i}"), i, 16 * GIB);
+            g.numa = Some(numa);
+            g
+        })
+        .collect();
+    let mut n = node("n", gs);
+    for i in [1, 3] {
+        n.gpus[i] = GpuUsage {
+            slots: 1,
+            memory_mib: 8 * GIB,
+            cores: 30,
+        };
+    }
+    cluster(vec![n])
+}
+
+/// C26: a 2-GPU request without `numa-bind`: spread takes the least loaded GPUs [0, 2] and binpack the
+/// most loaded that fit [1, 3], although each pair spans both NUMA nodes; topology decides only
+/// between equal scores (all idle: the same-NUMA pair [0, 1]); the topology-aware policy and
+/// `numa-bind` keep topology first ([0, 1], then a NUMA-local pair).
+#[test]
+fn c26_numa_only_breaks_ties_between_equal_scores() {
+    use hami_api::GpuPolicy;
+    let c = c26_cluster();
+    for name in ["binpack", "spread"] {
+        let pol = policy(name, &c);
+        for (gp, want) in [
+            (GpuPolicy::Spread, vec![0, 2]),
+            (GpuPolicy::Binpack, vec![1, 3]),
+            (GpuPolicy::TopologyAware, vec![0, 1]),
+        ] {
+            let mut p = single("p", mib(2, GIB, 10));
+            p.gpu_policy = Some(gp);
+            let mut got = gpus_of(&decide(&c, pol.as_ref(), &p).expect("fits"), 0);
+            got.sort_unstable();
+            assert_eq!(got, want, "node policy {name}, GPU policy {gp:?}");
+        }
+        // numa-bind: both GPUs on one NUMA node, the policy choosing within.
+        for (gp, want) in [(GpuPolicy::Spread, vec![0, 1]), (GpuPolicy::Binpack, vec![0, 1])] {
+            let mut req = mib(2, GIB, 10);
+            req.numa_bind = true;
+            let mut p = single("p", req);
+            p.gpu_policy = Some(gp);
+            let mut got = gpus_of(&decide(&c, pol.as_ref(), &p).expect("fits"), 0);
+            got.sort_unstable();
+            assert_eq!(got, want, "{name} {gp:?}: one NUMA node");
+        }
+    }
+    // All idle: equal scores, the same-NUMA pair wins the tie.
+    let idle = cluster(vec![node("n", c.nodes[0].inventory.gpus.clone())]);
+    for gp in [GpuPolicy::Spread, GpuPolicy::Binpack] {
+        let mut p = single("p", mib(2, GIB, 10));
+        p.gpu_policy = Some(gp);
+        let mut got = gpus_of(
+            &decide(&idle, policy("binpack", &idle).as_ref(), &p).expect("fits"),
+            0,
+        );
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1], "{gp:?}");
+    }
+}
+
+// ---- C29: no share without memory ----
+
+/// C29 in the placement core: a percentage that resolves to 0 MiB on a GPU (1 % of 50 MiB) is never
+/// placed there (its limit would be 0), while 2 % (1 MiB) is.
+#[test]
+fn c29_a_share_that_resolves_to_no_memory_is_not_placed() {
+    let c = cluster(vec![node("n", vec![gpu("GPU-tiny", 0, 50)])]);
+    for name in POLICY_NAMES {
+        let pol = policy(name, &c);
+        assert!(
+            decide(&c, pol.as_ref(), &single("p", pct(1, 1, 0))).is_none(),
+            "{name}"
+        );
+        let d = decide(&c, pol.as_ref(), &single("p", pct(1, 2, 0))).expect("1 MiB fits");
+        assert_eq!(d.placement.containers[0][0].memory_mib, 1, "{name}");
+    }
 }
