@@ -26,10 +26,7 @@
 //! patch, during the patch (the decision is then removed whether or not it landed), or before the
 //! Binding. A Binding already sent is never abandoned: its answer decides.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use futures::StreamExt;
 use hami_api::annotations::{
@@ -70,7 +67,6 @@ pub async fn run_node_reflector(app: Arc<App>, client: Client) {
             delete: SchedulerState::delete_node,
             begin_resync: SchedulerState::begin_node_resync,
             end_resync: SchedulerState::end_node_resync,
-            synced: |app| &app.nodes_synced,
         },
     )
     .await;
@@ -87,21 +83,20 @@ pub async fn run_pod_reflector(app: Arc<App>, client: Client) {
             delete: SchedulerState::delete_pod,
             begin_resync: SchedulerState::begin_pod_resync,
             end_resync: SchedulerState::end_pod_resync,
-            synced: |app| &app.pods_synced,
         },
     )
     .await;
 }
 
-/// How a reflector of one kind feeds the state: the kind (in logs and the `annotation_errors` label),
-/// the state's handlers for it, and the flag its first full list sets.
+/// How a reflector of one kind feeds the state: the kind (in logs and the `annotation_errors` label)
+/// and the state's handlers for it; `begin_resync` / `end_resync` also mark the kind's view
+/// incomplete / complete.
 struct Reflected<K> {
     kind: &'static str,
     apply: fn(&mut SchedulerState, &K) -> Vec<String>,
     delete: fn(&mut SchedulerState, &K),
     begin_resync: fn(&mut SchedulerState),
     end_resync: fn(&mut SchedulerState),
-    synced: fn(&App) -> &AtomicBool,
 }
 
 /// Watches every object of kind `K` (all namespaces) with backoff, applying each event to the state
@@ -128,7 +123,6 @@ where
                 }
                 Ok(watcher::Event::InitDone) => {
                     (r.end_resync)(&mut st);
-                    (r.synced)(&app).store(true, Ordering::Release);
                     info!("{kind} reflector synced");
                     Vec::new()
                 }
@@ -213,7 +207,7 @@ pub async fn bind(app: &App, args: &ExtenderBindingArgs) -> Result<()> {
     };
     let client = app.client.clone().ok_or(Error::NoClient("bind"))?;
     let api: Api<Pod> = Api::namespaced(client.clone(), &args.pod_namespace);
-    let cached = if app.bind_from_store.load(Ordering::Relaxed) && app.pods_synced.load(Ordering::Acquire) {
+    let cached = if app.bind_from_store.load(Ordering::Relaxed) && app.read_state().synced().pods {
         app.read_state()
             .unbound_pod(&args.pod_namespace, &args.pod_name)
             .filter(|p| args.pod_uid.is_empty() || p.metadata.uid.as_deref() == Some(args.pod_uid.as_str()))

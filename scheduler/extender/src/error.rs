@@ -84,6 +84,20 @@ pub enum Error {
         /// `refused` or `rolled back`.
         what: &'static str,
     },
+    /// The extender's view of the cluster is incomplete: its node or pod reflector has not finished a
+    /// list (at start, or while relisting after a lost watch). No decision is taken on a partial view,
+    /// where GPU memory and quota held by pods not yet read would look free (peer case C30);
+    /// kube-scheduler retries the pod.
+    #[error(
+        "pod {pod}: not placed yet: the extender has not finished reading the cluster's {kinds} \
+         (starting, or relisting after a lost watch); retry"
+    )]
+    NotSynced {
+        /// `namespace/name`.
+        pod: String,
+        /// The views still incomplete (`nodes`, `pods`, `nodes and pods`).
+        kinds: &'static str,
+    },
     /// A decision could not be encoded as HAMi's annotation (a device UUID or value out of range).
     #[error("pod {pod}: cannot encode the decision: {source}")]
     Encode {
@@ -184,6 +198,7 @@ impl Error {
             },
             Self::NoClient(_) => "no_client",
             Self::ShuttingDown { .. } => "shutting_down",
+            Self::NotSynced { .. } => "not_synced",
             Self::Encode { .. } => "encode",
             Self::Config { .. } | Self::ConfigValue { .. } => "config",
             Self::SchedulerConfig(_) => "scheduler_config",

@@ -64,10 +64,6 @@ pub struct App {
     pub metrics: Metrics,
     /// HMAC key for `hami.io/vgpu-decision-signature`.
     pub decision_key: Vec<u8>,
-    /// The Node reflector finished its first list.
-    pub nodes_synced: AtomicBool,
-    /// The Pod reflector finished its first list.
-    pub pods_synced: AtomicBool,
     /// Binds read the pod from the reflector's copy when it has one (else GET).
     pub bind_from_store: AtomicBool,
     /// Binds that read the pod from the reflector's copy / with a GET (counters, for tests and benches).
@@ -102,7 +98,9 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// An app over an empty state.
+    /// An app over an empty state. With an API client the state waits for the reflectors (nothing is
+    /// decided until both have listed, `SchedulerState::expect_reflectors`); without one it holds what
+    /// the caller feeds it.
     #[must_use]
     pub fn new(
         settings: Settings,
@@ -110,13 +108,15 @@ impl App {
         decision_key: Vec<u8>,
         clock: Clock,
     ) -> Self {
+        let mut state = SchedulerState::new(settings);
+        if client.is_some() {
+            state.expect_reflectors();
+        }
         Self {
-            state: RwLock::new(SchedulerState::new(settings)),
+            state: RwLock::new(state),
             client,
             metrics: Metrics::new(),
             decision_key,
-            nodes_synced: AtomicBool::new(false),
-            pods_synced: AtomicBool::new(false),
             bind_from_store: AtomicBool::new(true),
             bind_reads: [AtomicU64::new(0), AtomicU64::new(0)],
             clock,
@@ -202,20 +202,19 @@ impl App {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether both reflectors have synced (always true without an API client) and the extender is not
-    /// shutting down.
+    /// Whether the node and pod views are complete (always, without an API client: see [`Self::new`])
+    /// and the extender is not shutting down.
     #[must_use]
     pub fn ready(&self) -> bool {
-        !self.draining()
-            && (self.client.is_none()
-                || (self.nodes_synced.load(Ordering::Acquire) && self.pods_synced.load(Ordering::Acquire)))
+        !self.draining() && self.read_state().synced().complete()
     }
 }
 
 /// The webhook sees the extender's allocations: a namespace's quota use is what its pods hold now.
 impl crate::webhook::ClusterView for App {
-    fn quota_used(&self, namespace: &str) -> hami_policy::QuotaUsage {
-        self.read_state().quota_used(namespace)
+    fn quota_used(&self, namespace: &str) -> Option<hami_policy::QuotaUsage> {
+        let st = self.read_state();
+        st.synced().pods.then(|| st.quota_used(namespace))
     }
 }
 
@@ -271,6 +270,11 @@ fn finish(app: &App, verb: &str, result: &str, started: Instant) {
 /// The filter verdict for one request, without HTTP (also what the bench drives).
 #[must_use]
 pub fn filter_args(app: &App, args: &ExtenderArgs) -> ExtenderFilterResult {
+    filter_outcome(app, args).0
+}
+
+/// The filter verdict, with the error its `Error` field was written from.
+fn filter_outcome(app: &App, args: &ExtenderArgs) -> (ExtenderFilterResult, Option<Error>) {
     let (names, objects): (Vec<String>, HashMap<String, &Node>) = match (&args.node_names, &args.nodes) {
         (Some(names), _) => (names.clone(), HashMap::new()),
         (None, Some(list)) => {
@@ -295,7 +299,7 @@ pub fn filter_args(app: &App, args: &ExtenderArgs) -> ExtenderFilterResult {
     let fits: Vec<String> = match verdicts {
         Err(e) => {
             out.error = e.to_string();
-            return out;
+            return (out, Some(e));
         }
         Ok(None) => names,
         Ok(Some(v)) => {
@@ -319,7 +323,17 @@ pub fn filter_args(app: &App, args: &ExtenderArgs) -> ExtenderFilterResult {
             });
         }
     }
-    out
+    (out, None)
+}
+
+/// The `result` label of a request answered with `e`: `not_synced` for a refusal while a view is
+/// incomplete (retryable), else `error`.
+fn error_result(e: &Error) -> &'static str {
+    if matches!(e, Error::NotSynced { .. }) {
+        "not_synced"
+    } else {
+        "error"
+    }
 }
 
 /// The prioritize scores for one request, without HTTP: feasible nodes 0..=10 by the policy, the rest
@@ -366,9 +380,9 @@ async fn filter(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     let span = info_span!("filter", pod = %pod_key(&args.pod));
     let _enter = span.enter();
-    let out = filter_args(&app, &args);
+    let (out, error) = filter_outcome(&app, &args);
     app.metrics.observe_filter(&out);
-    let result = if out.error.is_empty() { "ok" } else { "error" };
+    let result = error.as_ref().map_or("ok", error_result);
     if !out.error.is_empty() {
         warn!(error = %out.error, "filter");
     }
@@ -388,6 +402,15 @@ async fn prioritize(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Ok(list) => {
             finish(&app, "prioritize", "ok", started);
             Json(list).into_response()
+        }
+        Err(e @ Error::NotSynced { .. }) => {
+            // No scores on a partial view; kube-scheduler goes on without this extender's scores.
+            finish(&app, "prioritize", "not_synced", started);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "Error": e.to_string() })),
+            )
+                .into_response()
         }
         Err(e) => {
             // HostPriorityList has no error field: an invalid pod is a client error.
@@ -420,7 +443,7 @@ async fn bind(State(app): State<Arc<App>>, body: Bytes) -> Response {
                 app.metrics.bind_conflicts.inc();
             }
             warn!(pod = %args.pod_name, node = %args.node, error = %e, "bind failed");
-            finish(&app, "bind", "error", started);
+            finish(&app, "bind", error_result(&e), started);
             ExtenderBindingResult { error: e.to_string() }
         }
     };
@@ -431,7 +454,11 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.ready() {
         (StatusCode::OK, "ok").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "reflectors not synced").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down, or the node or pod view is incomplete (listing)",
+        )
+            .into_response()
     }
 }
 

@@ -59,7 +59,7 @@ pub const METRICS: &[MetricDef] = &[
         "hami_scheduler_requests_total",
         &["verb", "result"],
         "1",
-        "Extender requests by verb (filter, prioritize, bind) and result (ok, error, bad_request).",
+        "Extender requests by verb (filter, prioritize, bind) and result (ok, error, not_synced: refused while the node or pod view is incomplete, bad_request).",
     ),
     MetricDef::histogram(
         "hami_scheduler_request_duration_seconds",
@@ -89,7 +89,7 @@ pub const METRICS: &[MetricDef] = &[
         "hami_scheduler_nodes",
         &["condition"],
         "1",
-        "Nodes by condition: ready, stale (heartbeat missing or old), invalid (malformed annotation), no_inventory.",
+        "Nodes by condition: ready, stale (heartbeat missing, old, or stamped in the future), invalid (malformed annotation), no_inventory, blocked (a live pod on it has an undecodable allocation: no new placements).",
     ),
     MetricDef::gauge(
         "hami_scheduler_node_heartbeat_timestamp_seconds",
@@ -101,7 +101,7 @@ pub const METRICS: &[MetricDef] = &[
         "hami_scheduler_pods",
         &["state"],
         "1",
-        "Pods holding GPUs in the extender's ledger (state allocated, pending ones included) and pods bound but not yet allocated by the device plugin within the pending timeout (state pending).",
+        "Pods holding GPUs in the extender's ledger (state allocated, pending ones included), pods bound but not yet allocated by the device plugin within the pending timeout (state pending), and live pods whose allocation annotation cannot be decoded (state undecodable; their nodes take no new placements).",
     ),
     MetricDef::gauge(
         "hami_gpu_memory_limit_bytes",
@@ -366,7 +366,7 @@ impl Metrics {
         // Series that dashboards and alerts should see before the first event (a counter whose first
         // sample already holds its first increments shows no rate() for them).
         for verb in ["filter", "prioritize", "bind"] {
-            for result in ["ok", "error", "bad_request"] {
+            for result in ["ok", "error", "not_synced", "bad_request"] {
                 m.requests.with_label_values(&[verb, result]);
             }
             m.latency.with_label_values(&[verb]);
@@ -408,6 +408,7 @@ impl Metrics {
             ("stale", counts.stale),
             ("invalid", counts.invalid),
             ("no_inventory", counts.no_inventory),
+            ("blocked", counts.blocked),
         ] {
             self.nodes.with_label_values(&[cond]).set(to_i64(n));
         }
@@ -444,6 +445,9 @@ impl Metrics {
         self.pods
             .with_label_values(&["pending"])
             .set(to_i64(pending as u64));
+        self.pods
+            .with_label_values(&["undecodable"])
+            .set(to_i64(state.undecodable().count() as u64));
         for (uid, r) in state.pod_records() {
             if r.devices.has_devices() {
                 self.pod_info

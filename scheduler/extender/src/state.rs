@@ -17,8 +17,16 @@
 //! re-laid onto the new inventory by UUID, so a GPU reported healthy again is schedulable at once (C05).
 //!
 //! **Unschedulable nodes** (reason in `FailedAndUnresolvableNodes`): no register annotation, a malformed
-//! register or usage annotation, no heartbeat (when required) or one older than the stale limit, or a
-//! node deleted from the API.
+//! register or usage annotation, no heartbeat (when required), one older than the stale limit, or one
+//! stamped more than [`HEARTBEAT_SKEW_SECS`] in the future (clock skew or a bad write: its age cannot be
+//! trusted, peer case C28), or a node deleted from the API.
+//!
+//! **Undecodable allocations** (peer case C25). A live pod whose `hami.io/vgpu-devices-allocated`
+//! names a node but cannot be decoded holds GPUs nobody can count. Its node takes no new placement
+//! (reason `UndecodableAllocation` naming the pod, in `FailedNodes`: it clears when the pod gets a valid
+//! decision, ends or is deleted) until every such pod on it is cleared; an allocation the pod held
+//! before the annotation went bad stays accounted. Only the scheduler writes that annotation (the
+//! webhook strips it from users), so a tenant cannot quarantine a node this way.
 //!
 //! **Host CPU and memory are kube-scheduler's.** kube-scheduler's `NodeResourcesFit` runs before the
 //! extender's filter and counts every pod on the node; the extender sees only GPU pods, so a host check
@@ -31,6 +39,13 @@
 //! charge (C02), is refused with reason `QuotaExceeded` (unresolvable when the pod alone exceeds it).
 //! The check runs in the filter and again in [`SchedulerState::prepare_bind`] under the state's write
 //! lock, so two binds racing at the boundary cannot both pass. `ResourceQuota` objects are not read.
+//!
+//! **Complete views only** (peer case C30). A state fed by reflectors ([`SchedulerState::expect_reflectors`])
+//! decides nothing until both the node and the pod reflector have finished a list, and again from the
+//! start of every relist (`Init`) to its end (`InitDone`): a missing pod would hide the GPU memory and
+//! the quota it holds. Filter, prioritize and bind answer [`Error::NotSynced`] meanwhile (retryable:
+//! kube-scheduler puts the pod back in its queue), and the webhook refuses quota-checked pods. Pods
+//! that ask for no managed resource are not held up.
 //!
 //! **Pending-allocation rule (no node lock).** The device plugin's Allocate gets device IDs but no pod
 //! identity; it matches a container to a decision by the exact devices and the decision's signature.
@@ -78,6 +93,13 @@ pub const PENDING_ALLOCATION_CONFLICT: &str = "PendingAllocationConflict";
 
 /// Reason prefix when placing the pod would take its namespace past its GPU quota.
 pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+
+/// Reason prefix while a live pod on the node has an allocation annotation that cannot be decoded.
+pub const UNDECODABLE_ALLOCATION: &str = "UndecodableAllocation";
+
+/// How far ahead of the extender's clock a heartbeat may be, seconds (clock skew between nodes);
+/// beyond it the heartbeat is not trusted and the node is unschedulable (peer case C28).
+pub const HEARTBEAT_SKEW_SECS: u64 = 30;
 
 /// Everything the core needs from the configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -409,12 +431,53 @@ pub struct VgpuView {
 pub struct NodeCounts {
     /// Schedulable.
     pub ready: u64,
-    /// Heartbeat missing or too old.
+    /// Heartbeat missing, too old, or stamped in the future.
     pub stale: u64,
     /// A malformed register or usage annotation.
     pub invalid: u64,
     /// No register annotation.
     pub no_inventory: u64,
+    /// Otherwise ready, but a live pod on it has an undecodable allocation (module docs).
+    pub blocked: u64,
+}
+
+/// A live pod whose allocation annotation cannot be decoded (module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// `namespace/name`.
+    pub pod: String,
+    /// The node it names (`spec.nodeName`, else `hami.io/vgpu-node`).
+    pub node: String,
+    /// The decoder's message.
+    pub error: String,
+}
+
+/// Whether the extender has read every node and every pod (module docs: "Complete views only").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewSync {
+    /// The node reflector finished its last list.
+    pub nodes: bool,
+    /// The pod reflector finished its last list.
+    pub pods: bool,
+}
+
+impl ViewSync {
+    /// Both views complete.
+    #[must_use]
+    pub fn complete(self) -> bool {
+        self.nodes && self.pods
+    }
+
+    /// The incomplete views as words for messages, `None` when both are complete.
+    #[must_use]
+    pub fn incomplete(self) -> Option<&'static str> {
+        match (self.nodes, self.pods) {
+            (true, true) => None,
+            (false, true) => Some("nodes"),
+            (true, false) => Some("pods"),
+            (false, false) => Some("nodes and pods"),
+        }
+    }
 }
 
 /// The extender's state (module docs).
@@ -429,6 +492,10 @@ pub struct SchedulerState {
     by_node: HashMap<String, BTreeSet<String>>,
     node_resync: Option<HashSet<String>>,
     pod_resync: Option<HashSet<String>>,
+    /// Whether the node and pod views are complete (module docs).
+    synced: ViewSync,
+    /// Live pods whose allocation annotation cannot be decoded, by UID (module docs).
+    undecodable: HashMap<String, Undecodable>,
     /// Binds of this extender between [`SchedulerState::prepare_bind`] and their outcome.
     in_flight: HashSet<String>,
     /// Requests seen by the filter (fragmentation-aware policies only); a mutex so the filter can
@@ -480,6 +547,38 @@ impl SchedulerState {
             by_node: HashMap::new(),
             node_resync: None,
             pod_resync: None,
+            synced: ViewSync {
+                nodes: true,
+                pods: true,
+            },
+            undecodable: HashMap::new(),
+        }
+    }
+
+    /// Marks both views incomplete until their reflectors finish a list ([`Self::end_node_resync`],
+    /// [`Self::end_pod_resync`]). A state fed by hand (tests, benches, the simulator) is complete as
+    /// fed and never calls this.
+    pub fn expect_reflectors(&mut self) {
+        self.synced = ViewSync {
+            nodes: false,
+            pods: false,
+        };
+    }
+
+    /// Whether the node and pod views are complete.
+    #[must_use]
+    pub fn synced(&self) -> ViewSync {
+        self.synced
+    }
+
+    /// [`Error::NotSynced`] for `pod` while a view is incomplete.
+    fn require_synced(&self, pod: &Pod) -> Result<()> {
+        match self.synced.incomplete() {
+            None => Ok(()),
+            Some(kinds) => Err(Error::NotSynced {
+                pod: pod_key(pod),
+                kinds,
+            }),
         }
     }
 
@@ -623,10 +722,12 @@ impl SchedulerState {
     /// are treated as deleted.
     pub fn begin_node_resync(&mut self) {
         self.node_resync = Some(HashSet::new());
+        self.synced.nodes = false;
     }
 
     /// Ends a node relist (`InitDone`).
     pub fn end_node_resync(&mut self) {
+        self.synced.nodes = true;
         if let Some(seen) = self.node_resync.take() {
             for info in &mut self.infos {
                 if !seen.contains(&info.name) {
@@ -766,6 +867,8 @@ impl SchedulerState {
         if let Some(seen) = self.pod_resync.as_mut() {
             seen.insert(uid.to_owned());
         }
+        // Set again below if the allocation still cannot be read.
+        self.undecodable.remove(uid);
         let key = pod_key(pod);
         let unbound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none());
         if unbound && !phase_is_terminal(pod) && uses_managed_resources(pod, &self.settings.names) {
@@ -798,7 +901,16 @@ impl SchedulerState {
         let devices = match PodDevices::decode(alloc) {
             Ok(d) => d,
             Err(e) => {
+                // Whatever the pod held before stays accounted; its node takes nothing new.
                 problems.push(format!("pod {}: {e}", pod_key(pod)));
+                self.undecodable.insert(
+                    uid.to_owned(),
+                    Undecodable {
+                        pod: pod_key(pod),
+                        node: spec_node.unwrap_or(node).to_owned(),
+                        error: e.to_string(),
+                    },
+                );
                 return problems;
             }
         };
@@ -862,6 +974,7 @@ impl SchedulerState {
     pub fn delete_pod(&mut self, pod: &Pod) {
         if let Some(uid) = pod.metadata.uid.as_deref() {
             self.release(uid);
+            self.undecodable.remove(uid);
             let key = pod_key(pod);
             if self
                 .unbound
@@ -884,12 +997,14 @@ impl SchedulerState {
     /// Starts a pod relist (`Init`): pods not applied before [`Self::end_pod_resync`] are deleted.
     pub fn begin_pod_resync(&mut self) {
         self.pod_resync = Some(HashSet::new());
+        self.synced.pods = false;
     }
 
     /// Ends a pod relist (`InitDone`): releases the pods the relist no longer has (deletes missed while
     /// the watch was down, the kube-rs form of a tombstone). Binds of this extender still in flight are
     /// kept (their own outcome settles them).
     pub fn end_pod_resync(&mut self) {
+        self.synced.pods = true;
         if let Some(seen) = self.pod_resync.take() {
             let gone: Vec<String> = self
                 .pods
@@ -900,6 +1015,7 @@ impl SchedulerState {
             for uid in gone {
                 self.release(&uid);
             }
+            self.undecodable.retain(|uid, _| seen.contains(uid));
             self.unbound
                 .retain(|_, p| p.metadata.uid.as_deref().is_some_and(|u| seen.contains(u)));
         }
@@ -979,6 +1095,11 @@ impl SchedulerState {
             }
             AnnotationState::Missing => None,
             AnnotationState::Invalid(e) => Some(format!("invalid {NODE_NVIDIA_USAGE}: {e}")),
+            AnnotationState::Valid(hb) if hb.saturating_sub(now) > HEARTBEAT_SKEW_SECS => Some(format!(
+                "untrusted heartbeat: {NODE_NVIDIA_USAGE} is stamped {}s in the future (clock skew \
+                 beyond {HEARTBEAT_SKEW_SECS}s or a bad write): the agent's liveness cannot be told",
+                hb - now
+            )),
             AnnotationState::Valid(hb) => {
                 let age = now.saturating_sub(*hb);
                 (age > self.settings.stale_after_secs).then(|| {
@@ -1003,6 +1124,9 @@ impl SchedulerState {
     ) -> std::result::Result<hami_policy::Scored, Unfit> {
         if let Some(why) = self.unavailable(info, now) {
             return Err(Unfit::Unresolvable(why));
+        }
+        if let Some(why) = self.undecodable_on(&info.name) {
+            return Err(Unfit::Resolvable(why));
         }
         let cordoned: Vec<&String> = info
             .cordoned
@@ -1055,6 +1179,26 @@ impl SchedulerState {
         }
     }
 
+    /// Why the node is blocked by undecodable allocations (module docs), naming the pods.
+    fn undecodable_on(&self, node: &str) -> Option<String> {
+        let mut bad: Vec<&Undecodable> = self.undecodable.values().filter(|u| u.node == node).collect();
+        if bad.is_empty() {
+            return None;
+        }
+        bad.sort_by(|a, b| a.pod.cmp(&b.pod));
+        let list: Vec<String> = bad.iter().map(|u| format!("{} ({})", u.pod, u.error)).collect();
+        Some(format!(
+            "{UNDECODABLE_ALLOCATION}: the allocation of live pod(s) {} on this node cannot be read, so \
+             what they hold is unknown; no new placement here until they get a valid decision or end",
+            list.join("; ")
+        ))
+    }
+
+    /// Live pods whose allocation annotation cannot be decoded.
+    pub fn undecodable(&self) -> impl Iterator<Item = &Undecodable> {
+        self.undecodable.values()
+    }
+
     fn pending_conflict(
         &self,
         node: &NodeState,
@@ -1096,7 +1240,8 @@ impl SchedulerState {
     /// GPU, every candidate passes.
     ///
     /// # Errors
-    /// [`Error::InvalidPod`] for a pod whose request or annotations are invalid.
+    /// [`Error::InvalidPod`] for a pod whose request or annotations are invalid; [`Error::NotSynced`]
+    /// while a view is incomplete (module docs).
     pub fn evaluate_nodes(
         &self,
         pod: &Pod,
@@ -1107,6 +1252,7 @@ impl SchedulerState {
         let Some(req) = self.request(pod)? else {
             return Ok(None);
         };
+        self.require_synced(pod)?;
         self.observe(&req);
         let policy = self.policy_for(pod)?;
         let quota = self.quota_of(&req.namespace);
@@ -1151,7 +1297,8 @@ impl SchedulerState {
     ///
     /// # Errors
     /// [`Error::InvalidPod`], [`Error::PodMismatch`] (the pod already holds an allocation),
-    /// [`Error::NodeUnfit`] (with HAMi's reason), [`Error::Placement`] (a racing bind won).
+    /// [`Error::NodeUnfit`] (with HAMi's reason), [`Error::Placement`] (a racing bind won),
+    /// [`Error::NotSynced`] while a view is incomplete (module docs).
     pub fn prepare_bind(&mut self, pod: &Pod, node: &str, now: u64) -> Result<BindPlan> {
         let key = pod_key(pod);
         let Some(req) = self.request(pod)? else {
@@ -1160,6 +1307,7 @@ impl SchedulerState {
                 devices: None,
             });
         };
+        self.require_synced(pod)?;
         if let Some(rec) = self.pods.get(&req.uid) {
             if rec.bound || self.in_flight.contains(&req.uid) {
                 return Err(Error::PodMismatch {
@@ -1319,6 +1467,7 @@ impl SchedulerState {
                 (AnnotationState::Missing, _) => c.no_inventory += 1,
                 (AnnotationState::Invalid(_), _) | (_, AnnotationState::Invalid(_)) => c.invalid += 1,
                 _ if self.unavailable(info, now).is_some() => c.stale += 1,
+                _ if self.undecodable.values().any(|u| u.node == info.name) => c.blocked += 1,
                 _ => c.ready += 1,
             }
         }

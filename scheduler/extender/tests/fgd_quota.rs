@@ -8,10 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    args_names, bind_args, clock, ctr, eventually, extender, gpu_ctr, gpu_pod, gpus, node, offline_extender,
-    pod_with, post,
+    args_names, bind_args, clock, ctr, eventually, extender, gpu_ctr, gpu_pod, gpus, held, node,
+    offline_extender, pod_with, post,
 };
-use hami_api::annotations::{BIND_PHASE, DEVICES_ALLOCATED, DEVICES_TO_ALLOCATE, VGPU_NODE};
+use hami_api::annotations::{BIND_PHASE, DEVICES_TO_ALLOCATE};
 use hami_fake_apiserver::FakeApiServer;
 use hami_policy::{GpuUsage, ModelSource, NamespaceQuota, node_frag};
 use hami_scheduler::{
@@ -20,20 +20,6 @@ use hami_scheduler::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-
-/// A pod bound to `node` holding `mib` MiB and `cores` % of GPU `uuid`.
-fn held(name: &str, node: &str, uuid: &str, mib: u64, cores: u32) -> Pod {
-    let mut p = common::annotated(
-        gpu_pod(name, 1, mib, cores),
-        &[
-            (VGPU_NODE, node),
-            (DEVICES_ALLOCATED, &format!("{uuid},NVIDIA,{mib},{cores}:;")),
-            (BIND_PHASE, "success"),
-        ],
-    );
-    p.spec.as_mut().expect("spec").node_name = Some(node.to_owned());
-    p
-}
 
 fn best(priorities: &Value) -> String {
     priorities

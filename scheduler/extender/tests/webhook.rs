@@ -134,11 +134,16 @@ struct Server {
 
 impl Server {
     async fn start(config: WebhookConfig) -> Self {
+        let registry = prometheus::Registry::new();
+        let state = webhook_state(config, &registry);
+        Self::serve(state, registry).await
+    }
+
+    /// Serves `state` (metrics in `registry`).
+    async fn serve(state: WebhookState, registry: prometheus::Registry) -> Self {
         let dir = TempDir::new();
         let (cert_path, key_path) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
         let cert = write_self_signed(&cert_path, &key_path);
-        let registry = prometheus::Registry::new();
-        let state = webhook_state(config, &registry);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -495,6 +500,64 @@ async fn c02_effective_request_is_the_biggest_init_container_or_the_app_sum() {
         .remove("initContainers");
     let why = denial(&server.admit(&review).await);
     assert!(why.contains("requested 32000"), "{why}");
+}
+
+/// C29: a zero memory request beside a GPU count is denied naming the container and the resource,
+/// with or without a namespace quota (0 would count as nothing against the quota and the GPU, and
+/// become an unlimited device in HAMi-core).
+#[tokio::test]
+async fn c29_zero_memory_request_is_denied_naming_the_container() {
+    for config in [WebhookConfig::default(), quota("ml", 0, None)] {
+        let server = Server::start(config).await;
+        for (resource, value) in [("nvidia.com/gpumem", "0"), ("nvidia.com/gpumem-percentage", "0")] {
+            let mut review = fixture("gpu-pod.json");
+            let q = json!({"nvidia.com/gpu": "1", resource: value});
+            set(
+                &mut review,
+                "/request/object/spec/containers/1/resources",
+                resources(q.clone(), q),
+            );
+            let why = denial(&server.admit(&review).await);
+            assert!(
+                why.contains("container \"infer\"")
+                    && why.contains(resource)
+                    && why.contains("zero device memory"),
+                "{resource}={value}: {why}"
+            );
+        }
+    }
+}
+
+/// A cluster view whose pod view is still incomplete (the extender starting or relisting).
+struct Unsynced;
+
+impl hami_scheduler::webhook::ClusterView for Unsynced {
+    fn quota_used(&self, _namespace: &str) -> Option<hami_policy::QuotaUsage> {
+        None
+    }
+}
+
+/// C30: while the scheduler has not read the cluster's pods, a pod in a namespace with a GPU quota is
+/// denied with a reason (its namespace's use is unknown); pods of namespaces without a quota, and pods
+/// without GPU resources, are admitted as usual.
+#[tokio::test]
+async fn c30_quota_checked_pods_are_denied_until_the_pods_are_read() {
+    let registry = prometheus::Registry::new();
+    let state =
+        webhook_state(quota("team-a", 1_000_000, None), &registry).with_cluster_view(Arc::new(Unsynced));
+    let server = Server::serve(state, registry).await;
+    let mut review = fixture("c17-init-gpu.json");
+    set(&mut review, "/request/namespace", json!("team-a"));
+    let why = denial(&server.admit(&review).await);
+    assert!(
+        why.contains("\"team-a\" has a GPU quota") && why.contains("not finished reading"),
+        "{why}"
+    );
+    set(&mut review, "/request/namespace", json!("team-b"));
+    assert_eq!(server.admit(&review).await["allowed"], true);
+    let mut cpu = fixture("cpu-pod.json");
+    set(&mut cpu, "/request/namespace", json!("team-a"));
+    assert_allowed_unchanged(&server.admit(&cpu).await);
 }
 
 // ---------------------------------------------------------------------------------------------------

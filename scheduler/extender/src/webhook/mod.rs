@@ -150,9 +150,11 @@ pub trait ClusterView: Send + Sync {
         None
     }
 
-    /// GPU memory and cores the namespace's placed pods already hold.
-    fn quota_used(&self, _namespace: &str) -> QuotaUsage {
-        QuotaUsage::default()
+    /// GPU memory and cores the namespace's placed pods already hold; `None` while the view of the
+    /// cluster's pods is incomplete (the extender starting or relisting), when a quota cannot be
+    /// checked (peer case C30).
+    fn quota_used(&self, _namespace: &str) -> Option<QuotaUsage> {
+        Some(QuotaUsage::default())
     }
 }
 

@@ -409,8 +409,17 @@ pub(super) fn create(ctx: &Context<'_>, namespace: &str, obj: &Value) -> Verdict
                 memory_mib: effective(&memory),
                 cores: effective(&cores),
             };
-            if let Err(e) = check_quota(&quota, ctx.view.quota_used(namespace), demand) {
-                problems.push(format!("namespace {namespace:?}: {e}"));
+            match ctx.view.quota_used(namespace) {
+                Some(used) => {
+                    if let Err(e) = check_quota(&quota, used, demand) {
+                        problems.push(format!("namespace {namespace:?}: {e}"));
+                    }
+                }
+                None => problems.push(format!(
+                    "namespace {namespace:?} has a GPU quota, and the scheduler has not finished reading \
+                     the cluster's pods (starting, or relisting after a lost watch), so what the namespace \
+                     holds is not known yet; retry shortly"
+                )),
             }
         }
     }

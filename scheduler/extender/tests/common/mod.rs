@@ -191,8 +191,30 @@ pub fn gpu_pod(name: &str, count: u32, mib: u64, cores: u32) -> Pod {
     pod_with(name, vec![], vec![gpu_ctr("main", count, mib, cores)])
 }
 
-/// An extender on a free loopback port, signing with [`KEY`], default serve options.
-async fn start_on_loopback(settings: Settings, client: Option<kube::Client>, clock: Clock) -> Running {
+/// A pod in `namespace` bound to `node`, holding `mib` MiB and `cores` % of GPU `uuid` (decision
+/// annotation as the extender writes it, bind phase `success`).
+pub fn held_in(namespace: &str, name: &str, node: &str, uuid: &str, mib: u64, cores: u32) -> Pod {
+    let mut p = annotated(
+        gpu_pod(name, 1, mib, cores),
+        &[
+            (VGPU_NODE, node),
+            (DEVICES_ALLOCATED, &format!("{uuid},NVIDIA,{mib},{cores}:;")),
+            (hami_api::annotations::BIND_PHASE, "success"),
+        ],
+    );
+    p.metadata.namespace = Some(namespace.to_owned());
+    p.spec.as_mut().expect("spec").node_name = Some(node.to_owned());
+    p
+}
+
+/// [`held_in`] the `default` namespace.
+pub fn held(name: &str, node: &str, uuid: &str, mib: u64, cores: u32) -> Pod {
+    held_in("default", name, node, uuid, mib, cores)
+}
+
+/// An extender on a free loopback port, signing with [`KEY`], default serve options; not waiting
+/// for its reflectors.
+pub async fn start_on_loopback(settings: Settings, client: Option<kube::Client>, clock: Clock) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     start(
         settings,
