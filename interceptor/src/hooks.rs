@@ -3,6 +3,8 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void};
 
+use hami_api::region::UNLIMITED;
+
 use crate::state::{Enforcer, Mode, mode};
 use crate::symbols::{hook_for_real, real};
 use crate::{
@@ -17,7 +19,8 @@ const PROP_LOCATION_ID: usize = 12;
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 const LOCATION_DEVICE: u32 = 1;
 
-fn current_device() -> Option<usize> {
+/// The CUDA ordinal of the calling thread's current context (`cuCtxGetDevice`).
+pub(crate) fn current_device() -> Option<usize> {
     let f = real::cuCtxGetDevice()?;
     let mut dev: c_int = -1;
     // SAFETY: a valid out-pointer.
@@ -60,6 +63,10 @@ fn on_device(
         Mode::Off => alloc(),
         Mode::Broken(why) => {
             crate::log(|| format!("refusing an allocation: {why}"));
+            CUDA_ERROR_OUT_OF_MEMORY
+        }
+        Mode::Waiting(path) => {
+            crate::log(|| format!("refusing an allocation: no limits yet ({path} does not exist)"));
             CUDA_ERROR_OUT_OF_MEMORY
         }
         Mode::On(e) => match ordinal() {
@@ -338,7 +345,7 @@ pub(crate) unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CUresu
         && let Some(dev) = current_device().and_then(|o| e.index(o))
     {
         let limit = e.limit(dev);
-        if limit > 0 {
+        if limit != UNLIMITED {
             // SAFETY: written by the driver above.
             unsafe {
                 let t = (*total as u64).min(limit);
@@ -364,7 +371,7 @@ pub(crate) unsafe fn device_total_mem(bytes: *mut usize, dev: c_int) -> CUresult
         && let Some(d) = usize::try_from(dev).ok().and_then(|o| e.index(o))
     {
         let limit = e.limit(d);
-        if limit > 0 {
+        if limit != UNLIMITED {
             // SAFETY: written by the driver above.
             unsafe { *bytes = usize::try_from((*bytes as u64).min(limit)).unwrap_or(usize::MAX) };
         }
@@ -420,7 +427,7 @@ fn nvml_limit(device: *mut c_void) -> Option<(u64, u64)> {
         usize::try_from(idx).ok()?
     };
     let limit = e.limit(dev);
-    (limit > 0).then(|| (limit, e.region.used(dev)))
+    (limit != UNLIMITED).then(|| (limit, e.region.used(dev)))
 }
 
 /// `nvmlMemory_t` = `{ total, free, used }` (u64 each, `nvml.h`).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use hami_api::region::{MAX_DEVICES, REGION_SIZE, Region, RegionFailure, TrustedLimits};
+use hami_api::region::{MAX_DEVICES, REGION_SIZE, Region, RegionFailure, TrustedLimits, UNLIMITED};
 
 /// Whether and how this process enforces limits.
 pub(crate) enum Mode {
@@ -18,11 +18,16 @@ pub(crate) enum Mode {
     On(Box<Enforcer>),
     /// Configured but unusable: refuse allocations (fail-closed), with the reason.
     Broken(String),
+    /// Limits from the environment only, and this process carries none while the container's region
+    /// (the path) does not exist yet: allocations are refused until a process with limits creates it,
+    /// after which this process is held to the region's limits (peer case C27: a process without
+    /// limits never creates or seeds a region).
+    Waiting(String),
 }
 
 /// The limits a process enforces, per container device (the region's device index).
 pub(crate) struct Limits {
-    /// Bytes per device (0: unlimited).
+    /// Bytes per device ([`UNLIMITED`] for none; 0: nothing may be allocated).
     memory: [u64; MAX_DEVICES],
     /// Percent per device (0: none).
     sm: [u32; MAX_DEVICES],
@@ -34,7 +39,7 @@ pub(crate) struct Limits {
 impl Limits {
     fn from_trusted(t: &TrustedLimits) -> Self {
         let mut l = Self {
-            memory: [0; MAX_DEVICES],
+            memory: [UNLIMITED; MAX_DEVICES],
             sm: [0; MAX_DEVICES],
             uuids: Some(t.devices.iter().map(|d| d.uuid.clone()).collect()),
         };
@@ -48,7 +53,7 @@ impl Limits {
     /// The limits a region holds (env mode: frozen by the region's creator).
     fn from_region(r: &Region) -> Self {
         let mut l = Self {
-            memory: [0; MAX_DEVICES],
+            memory: [UNLIMITED; MAX_DEVICES],
             sm: [0; MAX_DEVICES],
             uuids: None,
         };
@@ -122,9 +127,9 @@ impl Enforcer {
             .collect()
     }
 
-    /// The memory limit of container device `dev`, bytes (0: unlimited).
+    /// The memory limit of container device `dev`, bytes ([`UNLIMITED`] for none).
     pub(crate) fn limit(&self, dev: usize) -> u64 {
-        self.limits.memory.get(dev).copied().unwrap_or(0)
+        self.limits.memory.get(dev).copied().unwrap_or(UNLIMITED)
     }
 
     /// The SM limit of container device `dev`, percent (0: none).
@@ -165,6 +170,11 @@ impl Enforcer {
             .uuids
             .as_ref()
             .and_then(|u| u.iter().position(|x| x.eq_ignore_ascii_case(uuid)))
+    }
+
+    /// The UUID of container device `dev` (trusted limits only).
+    pub(crate) fn uuid(&self, dev: usize) -> Option<&str> {
+        self.limits.uuids.as_ref()?.get(dev).map(String::as_str)
     }
 
     /// Whether devices are identified by UUID (trusted limits).
@@ -307,7 +317,7 @@ fn compare_env(t: &TrustedLimits, env: Result<&(Vec<u64>, Vec<u32>, bool), &Stri
                 && mem
                     .iter()
                     .enumerate()
-                    .any(|(i, m)| file_mem.get(i).copied().unwrap_or(0) != *m))
+                    .any(|(i, m)| file_mem.get(i).copied().unwrap_or(UNLIMITED) != *m))
                 || t.devices.first().map_or(0, |d| d.sm_percent) != sm.first().copied().unwrap_or(0);
             if differs {
                 crate::log(|| {
@@ -342,7 +352,7 @@ fn private_region(limits: &[u64], sm: &[u32]) -> Result<&'static Region, String>
 fn env_limits() -> Result<(Vec<u64>, Vec<u32>, bool), String> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let all = var(hami_api::env::CUDA_DEVICE_MEMORY_LIMIT);
-    let mut limits = vec![0u64; MAX_DEVICES];
+    let mut limits = vec![UNLIMITED; MAX_DEVICES];
     let mut any = false;
     for (i, l) in limits.iter_mut().enumerate() {
         let value = var(&hami_api::env::memory_limit_var(i)).or_else(|| all.clone());
@@ -358,28 +368,37 @@ fn env_limits() -> Result<(Vec<u64>, Vec<u32>, bool), String> {
     Ok((limits, vec![sm; MAX_DEVICES], any))
 }
 
-fn map_region(path: &str, limits: &[u64], sm: &[u32]) -> Result<&'static Region, String> {
-    let created = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .open(path);
-    let (file, fresh) = match created {
-        Ok(f) => {
-            f.set_len(REGION_SIZE as u64)
-                .map_err(|e| format!("{path}: {e}"))?;
-            (f, true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| format!("{path}: {e}"))?,
-            false,
-        ),
-        Err(e) => return Err(format!("{path}: {e}")),
+/// Maps the container's region at `path`. With `seed` (limits in bytes and SM percent per device) a
+/// missing region is created, mode 0666 whatever the umask (every user of the container maps it),
+/// and initialised with them; without, only an existing region is mapped (`Ok(None)`: none yet).
+fn map_region(path: &str, seed: Option<(&[u64], &[u32])>) -> Result<Option<&'static Region>, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let open_existing = || OpenOptions::new().read(true).write(true).open(path);
+    let (file, fresh) = match seed {
+        Some(_) => match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(path)
+        {
+            Ok(f) => {
+                f.set_permissions(std::fs::Permissions::from_mode(0o666))
+                    .map_err(|e| format!("{path}: chmod: {e}"))?;
+                f.set_len(REGION_SIZE as u64)
+                    .map_err(|e| format!("{path}: {e}"))?;
+                (f, true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                (open_existing().map_err(|e| format!("{path}: {e}"))?, false)
+            }
+            Err(e) => return Err(format!("{path}: {e}")),
+        },
+        None => match open_existing() {
+            Ok(f) => (f, false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{path}: {e}")),
+        },
     };
     // Wait for a concurrent creator to size the file.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -397,13 +416,13 @@ fn map_region(path: &str, limits: &[u64], sm: &[u32]) -> Result<&'static Region,
     // SAFETY: the mapping is page-aligned, REGION_SIZE long, lives for the process, and every field of
     // Region is an integer atomic (any bytes are a valid Region).
     let region: &'static Region = unsafe { &*map.as_ptr().cast::<Region>() };
-    if fresh {
+    if fresh && let Some((limits, sm)) = seed {
         region.init(limits, sm);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match region.validate() {
-            Ok(()) => return Ok(region),
+            Ok(()) => return Ok(Some(region)),
             Err(e) if Instant::now() > deadline => return Err(format!("{path}: {e}")),
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
@@ -459,7 +478,23 @@ fn trusted_region() -> Option<String> {
 
 pub(crate) fn mode() -> &'static Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
-    MODE.get_or_init(setup)
+    /// The mode of a process that waited for its region ([`Mode::Waiting`]) once the region exists.
+    static LATE: OnceLock<Mode> = OnceLock::new();
+    let mode = MODE.get_or_init(setup);
+    let Mode::Waiting(path) = mode else {
+        return mode;
+    };
+    if let Some(late) = LATE.get() {
+        return late;
+    }
+    match map_region(path, None) {
+        Ok(Some(region)) => LATE.get_or_init(|| {
+            attach(region);
+            enforcer(region, Limits::from_region(region))
+        }),
+        Ok(None) => mode,
+        Err(e) => LATE.get_or_init(|| Mode::Broken(e)),
+    }
 }
 
 fn enforcer(region: &'static Region, limits: Limits) -> Mode {
@@ -494,7 +529,9 @@ fn setup() -> Mode {
         let path = trusted_region().unwrap_or_else(|| format!("{TRUSTED_REGION_DIR}/vgpu.cache"));
         let (mem, sm) = (t.memory_limits(), t.sm_limits());
         let limits = Limits::from_trusted(&t);
-        return match map_region(&path, &mem, &sm) {
+        let mapped = map_region(&path, Some((&mem, &sm)))
+            .and_then(|r| r.ok_or_else(|| format!("{path}: not created")));
+        return match mapped {
             Ok(region) => {
                 attach(region);
                 enforcer(region, limits)
@@ -530,11 +567,35 @@ fn setup() -> Mode {
             Mode::Off
         };
     };
-    match map_region(&path, &limits, &sm) {
-        Ok(region) => {
+    if !any {
+        // No limits of its own: held to an existing region's, never creating one (C27).
+        return match map_region(&path, None) {
+            Ok(Some(region)) => {
+                attach(region);
+                enforcer(region, Limits::from_region(region))
+            }
+            Ok(None) => {
+                crate::log(|| format!("{path} does not exist yet and this process has no limits: waiting"));
+                Mode::Waiting(path)
+            }
+            Err(e) => Mode::Broken(e),
+        };
+    }
+    match map_region(&path, Some((&limits, &sm))) {
+        Ok(Some(region)) => {
             attach(region);
-            enforcer(region, Limits::from_region(region))
+            // The stricter of the region's and this process's limits holds, for this process and for
+            // every later one (the header only ever goes down here).
+            for (i, l) in limits.iter().enumerate().take(MAX_DEVICES) {
+                region.header.limit_bytes[i].fetch_min(*l, Ordering::AcqRel);
+            }
+            let mut own = Limits::from_region(region);
+            for (i, l) in limits.iter().enumerate().take(MAX_DEVICES) {
+                own.memory[i] = own.memory[i].min(*l);
+            }
+            enforcer(region, own)
         }
+        Ok(None) => Mode::Broken(format!("{path}: not created")),
         Err(e) => Mode::Broken(e),
     }
 }

@@ -2,53 +2,75 @@
 //! `cuLaunchCooperativeKernel` and `cuGraphLaunch`; HAMi-core leaves the last two unthrottled) wait a
 //! delay chosen by a controller fed by the container's measured utilisation.
 //!
-//! Control law (one controller thread per process, every [`PERIOD`]):
-//! - measure the container's SM utilisation `U` (percent): the agent's figure in the region when it wrote
-//!   a new one within 3 s (it measures per container on host pids; each value is used once), else the sum
-//!   of NVML's `nvmlDeviceGetProcessUtilization` samples for the pids of the container's process slots
-//!   over the last period (HAMi's model; needs the container to see host pids);
+//! Every container device has its own delay, driven only by its own utilisation against its own limit
+//! (peer case C23: HAMi-core once refilled one shared budget from GPU 0's utilisation and gated every
+//! device with it, so a multi-GPU container throttled the wrong GPU). A launch waits the delay of the
+//! device of the current context.
+//!
+//! Control law (one controller thread per process, every [`PERIOD`], for each limited device):
+//! - measure the container's SM utilisation `U` on that device (percent): the agent's figure in the
+//!   region when it wrote a new one within 3 s (it measures per container and GPU on host pids; each
+//!   value is used once), else the sum of NVML's `nvmlDeviceGetProcessUtilization` samples of that GPU
+//!   for the pids of the container's process slots over the last period (HAMi's model; needs the
+//!   container to see host pids);
 //! - a launch followed by a wait of `d` gives `U = k / (k + d)` for kernels of duration `k`, so the
 //!   measurement gives `k ≈ d·U / (100 − U)` and the delay that reaches the target `T` is
 //!   `d* = k · (100 − T) / T`; the controller moves halfway to `d*` each period (`d ← (d + d*) / 2`);
 //! - when `U ≥ 99` (no idle time to learn `k` from) the delay doubles (starting at 1 ms); when the
 //!   container is idle the delay is kept.
 //!
-//! The launch fast path, with no SM limit, is one atomic load; with a limit it adds one more load and the
-//! sleep. The controller is restarted in a forked child (threads do not survive `fork`).
+//! The launch fast path, with no SM limit on any device, is one atomic load; with a limit it adds the
+//! current device's lookup (`cuCtxGetDevice`), one load and the sleep. The controller is restarted in
+//! a forked child (threads do not survive `fork`).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::state::{Mode, mode};
+use hami_api::region::MAX_DEVICES;
+
+use crate::state::{Enforcer, Mode, mode};
 
 /// Controller period.
 pub(crate) const PERIOD: Duration = Duration::from_millis(100);
 
-/// The delay before each launch, ns.
-static DELAY_NS: AtomicU64 = AtomicU64::new(0);
-/// The SM target of device 0 in percent (0: not yet read; `u32::MAX`: no limit).
-static TARGET: AtomicU32 = AtomicU32::new(0);
+/// The delay before each launch per container device, ns.
+static DELAY_NS: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
+/// Whether any container device has an SM limit: [`UNREAD`], [`NONE`] or [`SOME`].
+static LIMITED: AtomicU32 = AtomicU32::new(UNREAD);
+const UNREAD: u32 = 0;
+const NONE: u32 = 1;
+const SOME: u32 = 2;
 /// The pid whose controller runs (0: none).
 static CONTROLLER: AtomicU32 = AtomicU32::new(0);
+
+/// The SM target of container device `dev`, percent, when it is throttled (1..=99).
+fn target(e: &Enforcer, dev: usize) -> Option<u32> {
+    match e.sm_limit(dev) {
+        l @ 1..=99 => Some(l),
+        _ => None,
+    }
+}
 
 /// Called before every launch.
 #[inline]
 pub(crate) fn before_launch() {
-    let t = TARGET.load(Ordering::Relaxed);
-    if t == u32::MAX {
+    let mut limited = LIMITED.load(Ordering::Relaxed);
+    if limited == NONE {
         return;
     }
-    if t == 0 {
-        let target = match mode() {
-            Mode::On(e) => match e.sm_limit(0) {
-                l @ 1..=99 => l,
-                _ => u32::MAX,
-            },
-            _ => u32::MAX,
+    let Mode::On(e) = mode() else {
+        LIMITED.store(NONE, Ordering::Relaxed);
+        return;
+    };
+    if limited == UNREAD {
+        limited = if (0..MAX_DEVICES).any(|d| target(e, d).is_some()) {
+            SOME
+        } else {
+            NONE
         };
-        TARGET.store(target, Ordering::Relaxed);
-        if target == u32::MAX {
+        LIMITED.store(limited, Ordering::Relaxed);
+        if limited == NONE {
             return;
         }
     }
@@ -56,7 +78,10 @@ pub(crate) fn before_launch() {
     if CONTROLLER.load(Ordering::Acquire) != pid {
         start_controller(pid);
     }
-    let d = DELAY_NS.load(Ordering::Relaxed);
+    let Some(dev) = crate::hooks::current_device().and_then(|o| e.index(o)) else {
+        return;
+    };
+    let d = DELAY_NS.get(dev).map_or(0, |d| d.load(Ordering::Relaxed));
     if d > 0 {
         std::thread::sleep(Duration::from_nanos(d));
     }
@@ -105,6 +130,7 @@ pub(crate) fn next_delay(d: u64, u: f64, t: f64) -> u64 {
 
 type NvmlInit = unsafe extern "C" fn() -> i32;
 type NvmlHandle = unsafe extern "C" fn(u32, *mut *mut c_void) -> i32;
+type NvmlHandleByUuid = unsafe extern "C" fn(*const std::ffi::c_char, *mut *mut c_void) -> i32;
 type NvmlProcUtil = unsafe extern "C" fn(*mut c_void, *mut Sample, *mut u32, u64) -> i32;
 
 /// `nvmlProcessUtilizationSample_t` (`nvml.h`).
@@ -126,13 +152,17 @@ fn nvml_fn<T: Copy>(name: &std::ffi::CStr) -> Option<T> {
         .then(|| unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
 }
 
-/// Per-process NVML access for the fallback measurement.
+/// Per-process NVML access to one GPU for the fallback measurement.
 struct Nvml {
     dev: *mut c_void,
     util: NvmlProcUtil,
     seen_us: u64,
     buf: Vec<Sample>,
 }
+
+// SAFETY: the handle is an opaque NVML device handle, valid for the process; only the controller
+// thread that opened it uses it.
+unsafe impl Send for Nvml {}
 
 fn wall_us() -> u64 {
     std::time::SystemTime::now()
@@ -151,15 +181,32 @@ fn monotonic_ns() -> u64 {
 }
 
 impl Nvml {
-    fn open() -> Option<Self> {
+    /// The GPU of container device `dev`: by UUID with trusted limits, else by index (HAMi's rule).
+    fn open(e: &Enforcer, dev: usize) -> Option<Self> {
         let init = nvml_fn::<NvmlInit>(c"nvmlInit_v2")?;
-        let handle = nvml_fn::<NvmlHandle>(c"nvmlDeviceGetHandleByIndex_v2")?;
         let util = nvml_fn::<NvmlProcUtil>(c"nvmlDeviceGetProcessUtilization")?;
-        let mut dev: *mut c_void = std::ptr::null_mut();
-        // SAFETY: plain NVML calls with valid out-pointers.
-        if unsafe { init() } != 0 || unsafe { handle(0, &raw mut dev) } != 0 {
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        // SAFETY: plain NVML call.
+        if unsafe { init() } != 0 {
             return None;
         }
+        let rc = match e.uuid(dev) {
+            Some(uuid) => {
+                let by_uuid = nvml_fn::<NvmlHandleByUuid>(c"nvmlDeviceGetHandleByUUID")?;
+                let c = std::ffi::CString::new(uuid).ok()?;
+                // SAFETY: a NUL-terminated UUID and a valid out-pointer.
+                unsafe { by_uuid(c.as_ptr(), &raw mut handle) }
+            }
+            None => {
+                let by_index = nvml_fn::<NvmlHandle>(c"nvmlDeviceGetHandleByIndex_v2")?;
+                // SAFETY: a valid out-pointer.
+                unsafe { by_index(u32::try_from(dev).ok()?, &raw mut handle) }
+            }
+        };
+        if rc != 0 {
+            return None;
+        }
+        let dev = handle;
         Some(Self {
             dev,
             util,
@@ -190,35 +237,61 @@ impl Nvml {
 /// The agent's figure is used when it was written within this long.
 const AGENT_FRESH_NS: u64 = 3_000_000_000;
 
+/// One limited container device under the controller.
+struct Budget {
+    dev: usize,
+    target: f64,
+    /// NVML for the fallback measurement (opened once; `None` without NVML).
+    nvml: Option<Nvml>,
+}
+
 fn controller() {
     let pid = std::process::id();
     let Mode::On(e) = mode() else { return };
     // The container's utilisation is summed over the pids of the region's slots: take ours.
     let _ = e.slot();
-    let mut nvml = Nvml::open();
-    let target = f64::from(e.sm_limit(0));
+    let mut budgets: Vec<Budget> = (0..MAX_DEVICES)
+        .filter_map(|dev| {
+            target(e, dev).map(|t| Budget {
+                dev,
+                target: f64::from(t),
+                nvml: Nvml::open(e, dev),
+            })
+        })
+        .collect();
     let mut agent_seen = 0u64;
     while CONTROLLER.load(Ordering::Acquire) == pid {
         std::thread::sleep(PERIOD);
-        // Preferred: the agent's measurement for the whole container (host pids, no NVML in the
+        // Preferred: the agent's measurement per container and GPU (host pids, no NVML in the
         // container); each new value is used once. Fallback: NVML samples of the region's pids.
         let updated = e.region.header.kernel_updated_ns.load(Ordering::Acquire);
-        let (u, source) = if updated != agent_seen && monotonic_ns().saturating_sub(updated) < AGENT_FRESH_NS
-        {
+        let from_agent = updated != agent_seen && monotonic_ns().saturating_sub(updated) < AGENT_FRESH_NS;
+        if from_agent {
             agent_seen = updated;
-            (
-                f64::from(e.region.header.kernel_sm_percent[0].load(Ordering::Acquire)),
-                "agent",
-            )
-        } else if let Some(n) = nvml.as_mut() {
-            (n.utilisation(&e.container_pids()), "nvml")
-        } else {
-            continue;
-        };
-        let d = DELAY_NS.load(Ordering::Relaxed);
-        let next = next_delay(d, u, target);
-        DELAY_NS.store(next, Ordering::Relaxed);
-        crate::log(|| format!("SM utilisation {u:.0} % ({source}; target {target}), delay {d} -> {next} ns"));
+        }
+        let pids = e.container_pids();
+        for b in &mut budgets {
+            let (u, source) = if from_agent {
+                (
+                    f64::from(e.region.header.kernel_sm_percent[b.dev].load(Ordering::Acquire)),
+                    "agent",
+                )
+            } else if let Some(n) = b.nvml.as_mut() {
+                (n.utilisation(&pids), "nvml")
+            } else {
+                continue;
+            };
+            let delay = &DELAY_NS[b.dev];
+            let d = delay.load(Ordering::Relaxed);
+            let next = next_delay(d, u, b.target);
+            delay.store(next, Ordering::Relaxed);
+            crate::log(|| {
+                format!(
+                    "device {}: SM utilisation {u:.0} % ({source}; target {}), delay {d} -> {next} ns",
+                    b.dev, b.target
+                )
+            });
+        }
     }
 }
 

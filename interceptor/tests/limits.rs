@@ -265,6 +265,58 @@ fn a_later_process_cannot_raise_the_limit_with_its_environment() {
     let _ = a.wait();
 }
 
+/// C27, limits from the environment only (no trusted file): process S (library preloaded, no limit
+/// variable, like an SSH session) starts first and neither creates nor seeds the container's region;
+/// its allocations wait for limits (refused). P then starts with `CUDA_DEVICE_MEMORY_LIMIT_0=1024m`
+/// and creates the region, mode 0666 despite a umask of 077; P's 2 GiB fails with out-of-memory, S is
+/// held to 1024 MiB, and a process asking for a looser limit gets the stricter one.
+#[test]
+fn c27_a_process_without_limits_never_seeds_an_unlimited_region() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(env) = Env::new("c27", 4096) else { return };
+    let region = env.region();
+    let s = env.run(&["--alloc", &MIB.to_string()], &[]);
+    assert!(oom(&s, "cuMemAlloc_v2"), "S waits for limits: {}", text(&s));
+    assert!(!region.exists(), "S created no region");
+    // P creates the region under a umask that would make it private.
+    let o = env
+        .command("sh", true, Some(&region))
+        .args(["-c", "umask 077; exec \"$0\" --alloc 2147483648"])
+        .arg(&env.workload)
+        .env("CUDA_DEVICE_MEMORY_LIMIT_0", "1024m")
+        .output()
+        .expect("tenant");
+    assert!(oom(&o, "cuMemAlloc_v2"), "P is held to 1 GiB: {}", text(&o));
+    let mode = std::fs::metadata(&region)
+        .expect("P created the region")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o666, "every user of the container can map it");
+    // S again: 512 MiB fits, 2 GiB does not.
+    let s = env.run(&["--alloc", &(512 * MIB).to_string(), "--free"], &[]);
+    assert!(s.status.success(), "{}", text(&s));
+    let s = env.run(&["--alloc", &(2 * GIB).to_string()], &[]);
+    assert!(oom(&s, "cuMemAlloc_v2"), "S is held to 1 GiB: {}", text(&s));
+    // A looser limit in the environment does not raise the region's; a stricter one holds.
+    let o = env.run(
+        &["--alloc", &(1536 * MIB).to_string()],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "2g")],
+    );
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+    let o = env.run(
+        &["--alloc", &(600 * MIB).to_string()],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "512m")],
+    );
+    assert!(
+        oom(&o, "cuMemAlloc_v2"),
+        "the stricter 512 MiB holds: {}",
+        text(&o)
+    );
+    let s = env.run(&["--alloc", &(600 * MIB).to_string()], &[]);
+    assert!(oom(&s, "cuMemAlloc_v2"), "and for later processes: {}", text(&s));
+    assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 0);
+}
+
 #[test]
 fn bad_limits_fail_closed_and_no_configuration_passes_through() {
     let Some(env) = Env::new("policy", 4096) else {
@@ -400,17 +452,21 @@ fn measured_utilisation(
     window: std::time::Duration,
 ) -> f64 {
     std::thread::sleep(settle);
+    let [u] = utilisations(env, &[(0, pid)], window);
+    u
+}
+
+/// SM utilisation (percent) of each (GPU, pid) between two ground-truth readings `window` apart.
+fn utilisations<const N: usize>(env: &Env, of: &[(usize, u32); N], window: std::time::Duration) -> [f64; N] {
     let sm = || {
-        env.node.ground_truth().gpus[0]
-            .sm_seconds_by_pid
-            .get(&pid)
-            .copied()
-            .unwrap_or(0.0)
+        let t = env.node.ground_truth();
+        of.map(|(gpu, pid)| t.gpus[gpu].sm_seconds_by_pid.get(&pid).copied().unwrap_or(0.0))
     };
     let (t0, s0) = (std::time::Instant::now(), sm());
     std::thread::sleep(window);
     let (t1, s1) = (std::time::Instant::now(), sm());
-    100.0 * (s1 - s0) / (t1 - t0).as_secs_f64()
+    let secs = (t1 - t0).as_secs_f64();
+    std::array::from_fn(|i| 100.0 * (s1[i] - s0[i]) / secs)
 }
 
 #[test]
@@ -658,17 +714,23 @@ fn the_trusted_region_wins_over_the_tenants_environment() {
 }
 
 /// Writes a trusted limits file as the device plugin does at Allocate (mode 0444): `devices` are
-/// (UUID, bytes) in container order.
+/// (UUID, bytes) in container order, without SM limits.
 fn write_trusted(path: &Path, devices: &[(&str, u64)], policy: hami_api::region::RegionFailure) {
+    let with_sm: Vec<(&str, u64, u32)> = devices.iter().map(|&(u, b)| (u, b, 0)).collect();
+    write_trusted_sm(path, &with_sm, policy);
+}
+
+/// [`write_trusted`] with an SM limit per device: (UUID, bytes, percent).
+fn write_trusted_sm(path: &Path, devices: &[(&str, u64, u32)], policy: hami_api::region::RegionFailure) {
     use std::os::unix::fs::PermissionsExt as _;
     let t = hami_api::region::TrustedLimits {
         version: hami_api::region::LIMITS_VERSION,
         devices: devices
             .iter()
-            .map(|(uuid, bytes)| hami_api::region::DeviceLimit {
+            .map(|(uuid, bytes, sm)| hami_api::region::DeviceLimit {
                 uuid: (*uuid).to_owned(),
                 memory_bytes: *bytes,
-                sm_percent: 0,
+                sm_percent: *sm,
             })
             .collect(),
         on_region_error: policy,
@@ -766,6 +828,45 @@ fn a_tenant_that_rewrites_the_region_header_still_gets_oom_at_the_trusted_limit(
     assert_eq!(env.node.ground_truth().gpus[0].used_bytes, 0);
 }
 
+/// C29: a trusted limit of 0 bytes holds the container to nothing: every allocation is refused
+/// before the driver, and the device reports 0 bytes total; it is never read as "unlimited".
+#[test]
+fn c29_a_zero_trusted_limit_refuses_every_allocation() {
+    let Some(env) = Env::new("c29-zero", 4096) else {
+        return;
+    };
+    let regions = env.dir.join("regions");
+    let dir = regions.join("pod_main");
+    std::fs::create_dir_all(&dir).unwrap();
+    let limits = regions.join("pod_main.limits");
+    write_trusted(
+        &limits,
+        &[(&gpu_uuid(&env, 0), 0)],
+        hami_api::region::RegionFailure::Closed,
+    );
+    let o = in_container(
+        &env,
+        Some(&dir),
+        &limits,
+        "\"$0\" --alloc 1048576; echo \"small=$?\"; exec \"$0\" --alloc 1",
+    )
+    .output()
+    .expect("tenant");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("small=1"), "{}", text(&o));
+    assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+    assert!(
+        out.contains("device 0 total 0"),
+        "the limit is the total: {}",
+        text(&o)
+    );
+    assert_eq!(
+        env.node.ground_truth().gpus[0].used_bytes,
+        0,
+        "nothing reached the driver"
+    );
+}
+
 #[test]
 fn without_a_usable_region_the_operators_policy_fails_closed_or_open() {
     use hami_api::region::RegionFailure;
@@ -812,6 +913,62 @@ fn without_a_usable_region_the_operators_policy_fails_closed_or_open() {
         .output()
         .expect("tenant");
     assert!(oom(&o, "cuMemAlloc_v2"), "{}", text(&o));
+}
+
+/// C23: a two-GPU container (two tensor-parallel ranks, one per GPU, both launching steadily) with
+/// SM limits of 30 % on GPU 0 and 60 % on GPU 1: each GPU's utilisation converges to its own limit
+/// (the single-GPU tolerance, ±5), measured from the node's ground truth, whatever the other GPU does.
+#[test]
+fn c23_each_gpu_of_a_container_is_throttled_to_its_own_limit() {
+    let Some(env) = Env::with_gpus("c23", 2, 4096) else {
+        return;
+    };
+    let t = target_dir();
+    let nvml = find(&t, &["deps/libnvidia_ml.so", "libnvidia_ml.so"]).expect("fake NVML built");
+    std::fs::copy(&nvml, env.dir.join("lib/libnvidia-ml.so.1")).expect("copying the fake NVML");
+    let regions = env.dir.join("regions");
+    let dir = regions.join("pod_main");
+    std::fs::create_dir_all(&dir).unwrap();
+    let limits = regions.join("pod_main.limits");
+    write_trusted_sm(
+        &limits,
+        &[(&gpu_uuid(&env, 0), GIB, 30), (&gpu_uuid(&env, 1), GIB, 60)],
+        hami_api::region::RegionFailure::Closed,
+    );
+    let rank = |dev: &str| {
+        in_container(
+            &env,
+            Some(&dir),
+            &limits,
+            &format!("exec \"$0\" --device {dev} --launch-for-ms 4500 --grid 132"),
+        )
+        .env("HAMI_FAKE_CUDA_KERNEL_US", "5000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rank")
+    };
+    let (r0, r1) = (rank("0"), rank("1"));
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let [u0, u1] = utilisations(
+        &env,
+        &[(0, r0.id()), (1, r1.id())],
+        std::time::Duration::from_millis(2000),
+    );
+    let (o0, o1) = (
+        r0.wait_with_output().expect("rank 0"),
+        r1.wait_with_output().expect("rank 1"),
+    );
+    assert!(
+        o0.status.success() && o1.status.success(),
+        "{}\n{}",
+        text(&o0),
+        text(&o1)
+    );
+    assert!(
+        (u0 - 30.0).abs() <= 5.0 && (u1 - 60.0).abs() <= 5.0,
+        "GPU 0 {u0:.1} % (limit 30), GPU 1 {u1:.1} % (limit 60)"
+    );
 }
 
 #[test]
