@@ -512,6 +512,48 @@ mod tests {
         }
     }
 
+    /// C22: a misspelled or wrongly cased policy stops the scheduler with the valid values named; a
+    /// padded valid one is read trimmed.
+    #[test]
+    fn c22_unknown_configured_policies_are_errors_naming_the_valid_values() {
+        for (json, field, valid) in [
+            (
+                r#"{"nodeSchedulerPolicy":"Spread"}"#,
+                "nodeSchedulerPolicy",
+                "\"spread\"",
+            ),
+            (
+                r#"{"nodeSchedulerPolicy":"spraed"}"#,
+                "nodeSchedulerPolicy",
+                "\"spread\"",
+            ),
+            (
+                r#"{"gpuSchedulerPolicy":"binpak"}"#,
+                "gpuSchedulerPolicy",
+                "\"binpack\"",
+            ),
+        ] {
+            let cfg: SchedulerConfig = serde_json::from_str(json).unwrap();
+            match cfg.validate() {
+                Err(e @ Error::ConfigValue { field: f, .. }) => {
+                    assert_eq!(f, field, "{json}");
+                    assert!(e.to_string().contains(valid), "{json}: {e}");
+                }
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        let cfg: SchedulerConfig =
+            serde_json::from_str(r#"{"nodeSchedulerPolicy":" spread ","gpuSchedulerPolicy":"binpack "}"#)
+                .unwrap();
+        assert_eq!(
+            cfg.policy_choice().unwrap(),
+            PolicyChoice::Hami {
+                node: NodePolicy::Spread,
+                gpu: GpuPolicy::Binpack
+            }
+        );
+    }
+
     /// `fgd` and `fgd-pack` with a workload model block.
     #[test]
     fn fragmentation_aware_policies() {

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{
-    args_names, bind_args, clock, ctr, eventually, extender, gpu_ctr, gpu_pod, gpus, held, node,
+    args_names, best, bind_args, clock, ctr, eventually, extender, gpu_ctr, gpu_pod, gpus, held, node,
     offline_extender, pod_with, post,
 };
 use hami_api::annotations::{BIND_PHASE, DEVICES_TO_ALLOCATE};
@@ -20,15 +20,6 @@ use hami_scheduler::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-
-fn best(priorities: &Value) -> String {
-    priorities
-        .as_array()
-        .and_then(|a| a.iter().max_by_key(|h| h["Score"].as_i64()))
-        .and_then(|h| h["Host"].as_str())
-        .expect("a host")
-        .to_owned()
-}
 
 /// Two one-GPU nodes (10,000 MiB): `a` holds a 40 % pod, `b` a 30 % pod; the workload then asks
 /// mostly for 50 % GPUs. A 20 % pod: binpack takes the fuller `a`, leaving 40 % there that no 50 % pod

@@ -1,13 +1,14 @@
 //! Peer cases of kind (a) from `shared/cases/peer-bugs.md`, at the extender's HTTP level against the
 //! fake API server (the bind writes the decision that is then checked): C01 multi-container pods,
 //! C02 init containers, C04 concurrent overcommit (memory and cores), C05 unhealthy GPUs, C06 distinct
-//! physical GPUs. (C03 is in `apiserver.rs` and `state.rs`.)
+//! physical GPUs, C22 policy annotations (trimmed, unknown ones refused). (C03 is in `apiserver.rs`
+//! and `state.rs`; C25, C28, C29 and C30 in `reliability.rs`.)
 
 mod common;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use common::{args_names, bind_args, clock, extender, gpu_ctr, gpu_pod, gpus, node, pod_with, post};
+use common::{args_names, best, bind_args, clock, extender, gpu_ctr, gpu_pod, gpus, node, pod_with, post};
 use hami_api::{PodDevices, annotations::DEVICES_ALLOCATED};
 use hami_fake_apiserver::FakeApiServer;
 use hami_scheduler::{config::PolicyChoice, server::Running, state::Settings};
@@ -231,4 +232,61 @@ async fn c06_two_gpus_are_two_physical_gpus() {
             .is_some_and(|r| r.contains("CardTimeSlicingExhausted")),
         "{f}"
     );
+}
+
+/// C22: cluster default binpack, nodes `empty` and `half` (half loaded). A pod annotated
+/// `hami.io/node-scheduler-policy: " spread "` is read trimmed and goes to the empty node; a pod that
+/// bypassed admission with `"spraed"` or `"binpak"` is refused with the valid values listed (never
+/// silently placed by the opposite policy), and nothing is written to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c22_policy_annotations_are_trimmed_and_unknown_ones_refused() {
+    let (fake, ext) = setup(
+        &[
+            node("empty", &gpus("empty", 1, 16_384)),
+            node("half", &gpus("half", 1, 16_384)),
+        ],
+        Settings::default(),
+    )
+    .await;
+    fake.insert_pod(common::held("load", "half", "GPU-half-0", 8192, 50));
+    common::eventually("the load is seen", || ext.app.read_state().allocations() == 1).await;
+    let binpack = fake.insert_pod(gpu_pod("plain", 1, 1024, 10));
+    assert_eq!(
+        best(&prioritize(&ext, &binpack, &["empty", "half"]).await),
+        "half",
+        "the cluster default packs"
+    );
+    let spread = fake.insert_pod(common::annotated(
+        gpu_pod("spread", 1, 1024, 10),
+        &[("hami.io/node-scheduler-policy", " spread ")],
+    ));
+    assert_eq!(
+        best(&prioritize(&ext, &spread, &["empty", "half"]).await),
+        "empty"
+    );
+    for (key, value, valid) in [
+        (
+            "hami.io/node-scheduler-policy",
+            "spraed",
+            "\"binpack\" or \"spread\"",
+        ),
+        ("hami.io/gpu-scheduler-policy", "binpak", "\"topology-aware\""),
+    ] {
+        let name = format!("bad-{value}");
+        let pod = fake.insert_pod(common::annotated(gpu_pod(&name, 1, 1024, 10), &[(key, value)]));
+        let f = filter(&ext, &pod, &["empty", "half"]).await;
+        let e = f["Error"].as_str().unwrap_or_default();
+        assert!(e.contains(value) && e.contains(valid), "{f}");
+        assert!(bind(&ext, &pod, "empty").await.contains(valid));
+        assert!(
+            fake.pod("default", &name)
+                .and_then(|p| p.metadata.annotations)
+                .is_none_or(|a| !a.contains_key(DEVICES_ALLOCATED)),
+            "nothing written"
+        );
+    }
+}
+
+async fn prioritize(ext: &Running, pod: &Pod, nodes: &[&str]) -> Value {
+    post(ext.addr, "/prioritize", &args_names(pod, nodes)).await
 }

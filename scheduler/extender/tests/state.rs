@@ -335,6 +335,8 @@ fn pending_allocation_conflict() {
     );
     echoed = with_annotations(echoed, &[(DEVICES_TO_ALLOCATE, ";"), (BIND_PHASE, "success")]);
     st.apply_pod(&echoed);
+    // Back to a heartbeat that is current at NOW (one 300 s ahead is not trusted, C28).
+    st.apply_node(&node_with_usage("n", &gpus("n", 2, 16_000), Some(NOW - 10), &[]));
     assert_eq!(verdicts(&st, &other, &["n"]).fits.len(), 1, "Allocate done");
     assert!(st.holds("uid-a"));
 }

@@ -502,6 +502,41 @@ async fn c02_effective_request_is_the_biggest_init_container_or_the_app_sum() {
     assert!(why.contains("requested 32000"), "{why}");
 }
 
+/// C22: a misspelled or unknown scheduling policy annotation is denied with the valid values listed;
+/// a padded valid one is admitted (and read trimmed by the extender).
+#[tokio::test]
+async fn c22_unknown_policy_annotations_are_denied_listing_the_valid_values() {
+    let server = Server::start(WebhookConfig::default()).await;
+    for (key, value, valid) in [
+        ("hami.io/gpu-scheduler-policy", "binpak", "\"topology-aware\""),
+        ("hami.io/gpu-scheduler-policy", "Spread", "\"spread\""),
+        (
+            "hami.io/node-scheduler-policy",
+            "spraed",
+            "\"binpack\" or \"spread\"",
+        ),
+    ] {
+        let mut review = fixture("gpu-pod.json");
+        set(
+            &mut review,
+            "/request/object/metadata/annotations",
+            json!({ key: value }),
+        );
+        let why = denial(&server.admit(&review).await);
+        assert!(
+            why.contains(key) && why.contains(value) && why.contains(valid),
+            "{key}={value}: {why}"
+        );
+    }
+    let mut review = fixture("gpu-pod.json");
+    set(
+        &mut review,
+        "/request/object/metadata/annotations",
+        json!({"hami.io/gpu-scheduler-policy": " binpack "}),
+    );
+    assert_eq!(server.admit(&review).await["allowed"], true);
+}
+
 /// C29: a zero memory request beside a GPU count is denied naming the container and the resource,
 /// with or without a namespace quota (0 would count as nothing against the quota and the GPU, and
 /// become an unlimited device in HAMi-core).

@@ -262,6 +262,14 @@ pub(super) fn create(ctx: &Context<'_>, namespace: &str, obj: &Value) -> Verdict
     };
 
     let mut problems = Vec::new();
+    // The scheduling annotations are read exactly as the extender reads them: an unknown or misspelled
+    // policy is refused here with the valid values, never left to invert placement (peer case C22).
+    let no_annotations = std::collections::BTreeMap::new();
+    if let Err(e) = ann::PodSchedulingAnnotations::from_annotations(
+        pod.metadata.annotations.as_ref().unwrap_or(&no_annotations),
+    ) {
+        problems.push(e.to_string());
+    }
     let ours = ctx.config.scheduler_name.as_str();
     if let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) {
         problems.push(format!(

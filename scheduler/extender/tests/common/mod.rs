@@ -281,6 +281,16 @@ pub async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> Value
     serde_json::from_slice(&bytes).expect("JSON reply")
 }
 
+/// The host with the highest score in a `HostPriorityList`.
+pub fn best(priorities: &Value) -> String {
+    priorities
+        .as_array()
+        .and_then(|a| a.iter().max_by_key(|h| h["Score"].as_i64()))
+        .and_then(|h| h["Host"].as_str())
+        .expect("a host")
+        .to_owned()
+}
+
 /// `ExtenderArgs` with node names (nodeCacheCapable true).
 pub fn args_names(pod: &Pod, nodes: &[&str]) -> Value {
     serde_json::json!({"Pod": pod, "Nodes": null, "NodeNames": nodes})
