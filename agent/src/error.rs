@@ -66,6 +66,23 @@ pub enum AgentError {
         /// Their physical GPU UUIDs, comma-joined.
         gpus: String,
     },
+    /// Device plugin: the kubelet asked for several replica IDs of one physical GPU for one container.
+    /// A container's `nvidia.com/gpu` counts distinct physical GPUs, so no decision can match; serving
+    /// it would give the container fewer GPUs than the scheduler chose (peer case C20).
+    #[error(
+        "device plugin: devices [{devices}] are {ids} replica IDs on only {gpus} physical GPU(s) \
+         ({uuids}); a container's GPUs are distinct physical GPUs (was GetPreferredAllocation ignored?)"
+    )]
+    RepeatedGpu {
+        /// The replica IDs requested, comma-joined.
+        devices: String,
+        /// How many IDs.
+        ids: usize,
+        /// How many distinct GPUs they name.
+        gpus: usize,
+        /// Those GPUs' UUIDs, comma-joined.
+        uuids: String,
+    },
     /// Device plugin: several pods have different pending decisions for the requested devices; the
     /// plugin does not guess (peer case C19). Retryable.
     #[error("device plugin: ambiguous decision for devices [{devices}]: pods {pods} differ; retry")]

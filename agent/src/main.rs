@@ -163,14 +163,6 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
         .enable_all()
         .build()?;
     let served = rt.block_on(async {
-        // Node registration publishes from the agent's snapshots on this runtime; nothing is cleared
-        // when the runtime ends.
-        if let Some(m) = &reg_metrics {
-            let agent = agent.clone();
-            tokio::spawn(registration::run(reg_cfg, node_name, m.clone(), move || {
-                lock(&agent).snapshot(false)
-            }));
-        }
         // The kubelet device plugin runs beside the telemetry when enabled.
         let plugin = match &plugin_cfg {
             Some(c) => Some(
@@ -180,6 +172,15 @@ fn run(config: Option<&PathBuf>, listen: Option<String>) -> Result<()> {
             ),
             None => None,
         };
+        // Node registration publishes from the agent's snapshots and the plugin's GPU health on this
+        // runtime; nothing is cleared when the runtime ends.
+        if let Some(m) = &reg_metrics {
+            let agent = agent.clone();
+            let health = plugin.as_ref().map(hami_agent::deviceplugin::DevicePlugin::inventory);
+            tokio::spawn(registration::run(reg_cfg, node_name, m.clone(), health, move || {
+                lock(&agent).snapshot(false)
+            }));
+        }
         let plugin_metrics: PluginMetrics = plugin.as_ref().map(|p| p.metrics().clone());
         let app = axum::Router::new()
             .route("/metrics", get(metrics_handler))

@@ -58,6 +58,7 @@ use prometheus::{IntCounter, IntGauge, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::deviceplugin::devices::Gpu;
 use crate::error::{AgentError, Result};
 use crate::snapshot::{GpuInfo, Snapshot};
 
@@ -156,19 +157,26 @@ impl RegistrationConfig {
 
 /// The register records of the agent's GPUs: uuid and index from discovery, `model` =
 /// [`registered_type_name`] of the NVML name, physical memory in whole MiB (floor, as HAMi's
-/// `Total/1024/1024`), split count and scaling factors from `cfg`, healthy, mode `hami-core`. The SM
-/// count, NUMA node and NVLink peers are not known to the agent's discovery and stay unknown (0,
-/// `None`, none). Ordered by index.
+/// `Total/1024/1024`), split count and scaling factors from `cfg`, mode `hami-core`; health and NUMA
+/// node from the device plugin's view `health` (matched by UUID: a GPU the plugin reports unhealthy is
+/// published unhealthy, so the extender stops placing shares on it, peer case C24; healthy and NUMA
+/// unknown when the plugin does not know the GPU or is off). The SM count and NVLink peers are not
+/// known to the agent's discovery and stay unknown (0, none). Ordered by index.
 #[must_use]
-pub fn register_devices(gpus: &[GpuInfo], cfg: &RegistrationConfig) -> Vec<GpuDevice> {
+pub fn register_devices(gpus: &[GpuInfo], cfg: &RegistrationConfig, health: &[Gpu]) -> Vec<GpuDevice> {
     let mut out: Vec<GpuDevice> = gpus
         .iter()
-        .map(|g| GpuDevice {
+        .map(|g| {
+            let seen = health.iter().find(|h| h.uuid.eq_ignore_ascii_case(&g.uuid));
+            (g, seen)
+        })
+        .map(|(g, seen)| GpuDevice {
             split_count: cfg.device_split_count,
             memory_scaling: cfg.device_memory_scaling,
             core_scaling: cfg.device_core_scaling,
             mode: DeviceMode::HamiCore,
-            healthy: true,
+            healthy: seen.is_none_or(|h| h.healthy),
+            numa: seen.and_then(|h| h.numa).and_then(|n| u32::try_from(n).ok()),
             ..GpuDevice::new(
                 g.uuid.clone(),
                 g.index,
@@ -185,8 +193,8 @@ pub fn register_devices(gpus: &[GpuInfo], cfg: &RegistrationConfig) -> Vec<GpuDe
 ///
 /// # Errors
 /// [`AgentError::Registration`] when the inventory cannot be encoded (e.g. a UUID with a separator).
-pub fn register_value(gpus: &[GpuInfo], cfg: &RegistrationConfig) -> Result<String> {
-    encode_node_register(&register_devices(gpus, cfg))
+pub fn register_value(gpus: &[GpuInfo], cfg: &RegistrationConfig, health: &[Gpu]) -> Result<String> {
+    encode_node_register(&register_devices(gpus, cfg, health))
         .map_err(|e| AgentError::registration("encoding the inventory", e))
 }
 
@@ -448,9 +456,9 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// One publication attempt from the latest snapshot.
-    async fn publish(&mut self, snapshot: &Snapshot) -> Result<()> {
-        let register = register_value(&snapshot.gpus, &self.cfg)?;
+    /// One publication attempt from the latest snapshot and the device plugin's health view.
+    async fn publish(&mut self, snapshot: &Snapshot, health: &[Gpu]) -> Result<()> {
+        let register = register_value(&snapshot.gpus, &self.cfg, health)?;
         let heartbeat = unix_now();
         let usage = self
             .tracker
@@ -497,12 +505,14 @@ impl Publisher {
 
 /// Publishes the node annotations of `node` forever (module docs): samples `snapshot()` every
 /// [`SAMPLE_INTERVAL`] (or every heartbeat, when shorter), publishes at start and then every
-/// `heartbeat_secs`, and retries after `retry_secs` when a publication fails. Never returns; abort the
-/// task to stop it (nothing is cleared).
+/// `heartbeat_secs`, and retries after `retry_secs` when a publication fails. `health` is the device
+/// plugin's GPU view (health and NUMA, `None` when the plugin is off): a change of it is published at
+/// once. Never returns; abort the task to stop it (nothing is cleared).
 pub async fn run(
     cfg: RegistrationConfig,
     node: String,
     metrics: RegistrationMetrics,
+    mut health: Option<tokio::sync::watch::Receiver<Vec<Gpu>>>,
     mut snapshot: impl FnMut() -> Snapshot + Send,
 ) {
     let heartbeat = Duration::from_secs(cfg.heartbeat_secs.max(1));
@@ -522,7 +532,11 @@ pub async fn run(
         publisher.tracker.observe(&snap);
         let now = tokio::time::Instant::now();
         if now >= next_publish {
-            match publisher.publish(&snap).await {
+            let gpus = health
+                .as_mut()
+                .map(|h| h.borrow_and_update().clone())
+                .unwrap_or_default();
+            match publisher.publish(&snap, &gpus).await {
                 Ok(()) => next_publish = now + heartbeat,
                 Err(e) => {
                     publisher.metrics.failures.inc();
@@ -532,7 +546,20 @@ pub async fn run(
             }
         }
         let wake = (tokio::time::Instant::now() + sample).min(next_publish);
-        tokio::time::sleep_until(wake).await;
+        let changed = async {
+            match health.as_mut() {
+                Some(h) => {
+                    if h.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            () = changed => next_publish = tokio::time::Instant::now(),
+        }
     }
 }
 
@@ -600,9 +627,9 @@ mod tests {
             device_core_scaling: 2.0,
             ..RegistrationConfig::default()
         };
-        let value = register_value(&snapshot(0.0, vec![]).gpus, &cfg).unwrap();
+        let value = register_value(&snapshot(0.0, vec![]).gpus, &cfg, &[]).unwrap();
         let decoded = decode_node_register(&value).unwrap();
-        assert_eq!(decoded, register_devices(&snapshot(0.0, vec![]).gpus, &cfg));
+        assert_eq!(decoded, register_devices(&snapshot(0.0, vec![]).gpus, &cfg, &[]));
         let uuids: Vec<_> = decoded.iter().map(|g| g.uuid.as_str()).collect();
         assert_eq!(uuids, ["GPU-a", "GPU-b"]);
         // Floor of the bytes in MiB; HAMi's derived fields on the wire.
@@ -622,7 +649,29 @@ mod tests {
             uuid: "GPU-a,b".into(),
             ..gpu(0, "x", 1)
         }];
-        assert!(register_value(&bad, &cfg).is_err());
+        assert!(register_value(&bad, &cfg, &[]).is_err());
+    }
+
+    /// C24: the device plugin's health view reaches the register annotation: GPU-b lost → published
+    /// unhealthy (every replica of it is Unhealthy on the kubelet side too), with its NUMA node; a GPU
+    /// the plugin does not know stays healthy with NUMA unknown.
+    #[test]
+    fn c24_health_and_numa_come_from_the_device_plugin() {
+        let cfg = RegistrationConfig::default();
+        let gpus = snapshot(0.0, vec![]).gpus;
+        let view = |b_healthy| {
+            vec![Gpu {
+                uuid: "gpu-B".into(),
+                minor: 1,
+                numa: Some(1),
+                healthy: b_healthy,
+            }]
+        };
+        let decoded = decode_node_register(&register_value(&gpus, &cfg, &view(false)).unwrap()).unwrap();
+        let health: Vec<(bool, Option<u32>)> = decoded.iter().map(|g| (g.healthy, g.numa)).collect();
+        assert_eq!(health, [(true, None), (false, Some(1))]);
+        let decoded = decode_node_register(&register_value(&gpus, &cfg, &view(true)).unwrap()).unwrap();
+        assert!(decoded.iter().all(|g| g.healthy));
     }
 
     #[test]

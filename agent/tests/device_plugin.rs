@@ -73,6 +73,11 @@ fn gpus() -> Vec<Gpu> {
 
 impl Rig {
     async fn new(test: &str) -> Self {
+        Self::with(test, gpus(), SPLIT).await
+    }
+
+    /// A rig advertising `gpus`, `split` replicas each.
+    async fn with(test: &str, gpus: Vec<Gpu>, split: u32) -> Self {
         let dir = std::env::temp_dir().join(format!("hami-dp-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let plugin_dir = dir.join("device-plugins");
@@ -85,7 +90,7 @@ impl Rig {
             plugin_dir: plugin_dir.clone(),
             socket_name: "hami-test.sock".into(),
             resource_name: "nvidia.com/gpu".into(),
-            split_count: SPLIT,
+            split_count: split,
             libvgpu_host_path: dir.join("lib/libvgpu.so"),
             ld_so_preload_host_path: Some(dir.join("lib/ld.so.preload")),
             decision_key_file: key_file,
@@ -112,7 +117,7 @@ impl Rig {
         };
         let api = FakeApiServer::start().await.unwrap();
         let kubelet = TestKubelet::start(&plugin_dir);
-        let (inventory, rx) = watch::channel(gpus());
+        let (inventory, rx) = watch::channel(gpus);
         let plugin = DevicePlugin::start(settings, rx, api.client()).unwrap();
         Self {
             api,
@@ -433,6 +438,91 @@ async fn allocates_a_multi_container_pod_in_kubelet_order() {
     assert_eq!(rig.plugin.metrics().allocations("not_found"), 1);
 }
 
+/// C20: eight GPUs advertised as ten replicas each; a container's decision names all eight. The
+/// preferred allocation is one replica of each decided GPU, and Allocate then serves exactly those
+/// eight (env, limits, device files). A kubelet that picks 4 replicas of GPU 0, 2 of GPU 1 and one
+/// each of GPUs 2 and 3 (8 IDs on 4 physical GPUs) gets a clear refusal, never a
+/// container with 4 GPUs, and the decision stays pending.
+#[tokio::test]
+async fn c20_a_multi_gpu_container_gets_exactly_the_decided_gpus() {
+    let uuids: Vec<String> = (0..8)
+        .map(|i| format!("GPU-c20c20c2-0000-0000-0000-00000000000{i}"))
+        .collect();
+    let gs: Vec<Gpu> = uuids
+        .iter()
+        .zip(0u32..)
+        .map(|(u, minor)| Gpu {
+            uuid: u.clone(),
+            minor,
+            numa: Some(i64::from(minor / 4)),
+            healthy: true,
+        })
+        .collect();
+    let mut rig = Rig::with("c20", gs, 10).await;
+    let (_, mut c) = rig.connect().await;
+    let value: String = uuids
+        .iter()
+        .map(|u| format!("{u},NVIDIA,1000,10:"))
+        .collect::<String>()
+        + ";";
+    rig.api.insert_pod(signed_pod("tp8", &value, 100));
+    let all: Vec<String> = uuids
+        .iter()
+        .flat_map(|u| (0..10).map(move |n| id(u, n)))
+        .collect();
+
+    let collapsed = [
+        id(&uuids[0], 0),
+        id(&uuids[0], 1),
+        id(&uuids[0], 2),
+        id(&uuids[0], 3),
+        id(&uuids[1], 0),
+        id(&uuids[1], 1),
+        id(&uuids[2], 0),
+        id(&uuids[3], 0),
+    ];
+    let e = allocate(&mut c, &collapsed).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("8 replica IDs on only 4 physical GPU(s)"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        annotation(&rig.api, "tp8", ann::BIND_PHASE).as_deref(),
+        Some("allocating"),
+        "the decision is still pending"
+    );
+
+    let ids = preferred(&mut c, &all, &[], 8).await;
+    let mut got: Vec<String> = ids
+        .iter()
+        .map(|i| i.rsplit_once('-').unwrap().0.to_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, uuids, "one replica of each decided GPU: {ids:?}");
+    let r = allocate(&mut c, &ids).await.unwrap();
+    let mut visible: Vec<&str> = r.envs["NVIDIA_VISIBLE_DEVICES"].split(',').collect();
+    visible.sort_unstable();
+    assert_eq!(visible, uuids.iter().map(String::as_str).collect::<Vec<_>>());
+    for i in 0..8 {
+        assert_eq!(r.envs[&format!("CUDA_DEVICE_MEMORY_LIMIT_{i}")], "1000m");
+    }
+    let mut nodes: Vec<String> = devices(&r).into_iter().map(|(c, _, _)| c).collect();
+    nodes.sort();
+    let mut want: Vec<String> = (0..8).map(|m| format!("/dev/nvidia{m}")).collect();
+    want.extend(["/dev/nvidia-uvm".to_owned(), "/dev/nvidiactl".to_owned()]);
+    want.sort();
+    assert_eq!(nodes, want);
+    let limits = std::fs::read(rig.regions_dir.join("uid-tp8_main.limits")).unwrap();
+    let limits = hami_api::region::TrustedLimits::parse(&limits).unwrap();
+    assert_eq!(limits.devices.len(), 8);
+    assert_eq!(
+        annotation(&rig.api, "tp8", ann::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+}
+
 #[tokio::test]
 async fn c19_allocate_for_b_gets_bs_decision_and_leaves_as_region_alone() {
     let mut rig = Rig::new("c19").await;
@@ -660,12 +750,32 @@ fn node_control(node: &hami_fake_gpu::FakeNode, line: &str) {
     f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
+/// The health of each GPU in the node's `hami.io/node-nvidia-register` annotation, by index.
+fn registered_health(api: &FakeApiServer) -> Option<Vec<bool>> {
+    let node = api.node(NODE)?;
+    let value = node.metadata.annotations?.get(ann::NODE_NVIDIA_REGISTER)?.clone();
+    let gpus = hami_api::decode_node_register(&value).ok()?;
+    Some(gpus.iter().map(|g| g.healthy).collect())
+}
+
+/// Waits (20 ms polls, at most 10 s) until the registered health is `want`.
+async fn wait_registered(api: &FakeApiServer, want: &[bool]) {
+    for _ in 0..500 {
+        if registered_health(api).as_deref() == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("registered health {:?}, want {want:?}", registered_health(api));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05() {
+async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05_c24() {
     let Some(mut env) = common::Env::new("dp-binary", 2, 1024) else {
         return;
     };
     let api = FakeApiServer::start().await.unwrap();
+    api.insert_node(serde_json::from_value(serde_json::json!({"metadata": {"name": NODE}})).unwrap());
     let kubeconfig = env.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     let key_file = env.dir.join("decision-key");
@@ -687,6 +797,12 @@ async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05() {
         health_interval_ms: 100,
         host_dev_dir: env.node.dir().to_path_buf(),
         ..DevicePluginConfig::default()
+    };
+    env.cfg.registration = hami_agent::registration::RegistrationConfig {
+        enabled: true,
+        heartbeat_secs: 60,
+        device_split_count: SPLIT,
+        ..Default::default()
     };
     let (_agent, port) = common::start_agent_with_env(
         &env,
@@ -761,18 +877,23 @@ async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05() {
     );
 
     // C05: GPU 1 falls off the bus (NVML answers GPU_IS_LOST) and comes back; the open stream gets both
-    // changes, with no restart of the agent or of the stream.
+    // changes, with no restart of the agent or of the stream. C24: every replica of GPU 1 changes
+    // together, and the node's published inventory follows at once (well before the 60 s heartbeat),
+    // so the extender stops and resumes placing shares there.
+    wait_registered(&api, &[true, true]).await;
     node_control(&env.node, "lost 1");
     assert!(env.node.ground_truth().gpus[1].lost);
     assert_eq!(
         common::kubelet::health(&next(&mut stream).await),
         expect("Unhealthy")
     );
+    wait_registered(&api, &[true, false]).await;
     node_control(&env.node, "recover 1");
     assert_eq!(
         common::kubelet::health(&next(&mut stream).await),
         expect("Healthy")
     );
+    wait_registered(&api, &[true, true]).await;
     let metrics = common::http_get(port, "/metrics").unwrap();
     assert!(
         metrics

@@ -501,11 +501,13 @@ mod tests {
     #[test]
     fn count_and_uuid_set_must_match() {
         let pods = [pending("a", 1, "GPU-X,NVIDIA,1000,30:GPU-Y,NVIDIA,1000,30:;")];
-        // Two replicas of one GPU are not two GPUs.
-        let e = choose(&pods, &req(&["GPU-X-1", "GPU-X-2"]), &HashMap::new(), NODE)
-            .result
-            .unwrap_err();
-        assert!(matches!(e, AgentError::DecisionNotFound { .. }));
+        // Two replicas of one GPU are not two GPUs: refused before any decision is looked at (C20).
+        let ids = ["GPU-X-1".to_owned(), "GPU-X-2".to_owned()];
+        let e = ReplicaRequest::resolve(&ids, &gpus(), 10).unwrap_err();
+        assert!(
+            matches!(e, AgentError::RepeatedGpu { ids: 2, gpus: 1, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("GPU-X-1,GPU-X-2"), "{e}");
         assert!(
             choose(&pods, &req(&["GPU-X-1"]), &HashMap::new(), NODE)

@@ -60,16 +60,26 @@ impl ReplicaRequest {
     /// Resolves the kubelet's IDs.
     ///
     /// # Errors
-    /// [`AgentError::UnknownDevice`] for an ID that is not advertised.
+    /// [`AgentError::UnknownDevice`] for an ID that is not advertised; [`AgentError::RepeatedGpu`] when
+    /// two IDs are replicas of one GPU.
     pub fn resolve(ids: &[String], gpus: &[Gpu], split_count: u32) -> Result<Self> {
         let uuids = ids
             .iter()
             .map(|id| gpu_of(id, gpus, split_count).map(|g| g.uuid.clone()))
             .collect::<Result<BTreeSet<_>>>()?;
-        Ok(Self {
+        let req = Self {
             ids: ids.to_vec(),
             uuids,
-        })
+        };
+        if req.uuids.len() < req.ids.len() {
+            return Err(AgentError::RepeatedGpu {
+                devices: req.ids_text(),
+                ids: req.ids.len(),
+                gpus: req.uuids.len(),
+                uuids: req.uuids_text(),
+            });
+        }
+        Ok(req)
     }
 
     /// The IDs, comma-joined (for errors and logs).

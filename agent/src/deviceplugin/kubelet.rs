@@ -165,6 +165,12 @@ impl DevicePlugin {
         })
     }
 
+    /// The GPU inventory with health and NUMA as the plugin advertises it (every change is sent).
+    #[must_use]
+    pub fn inventory(&self) -> watch::Receiver<Vec<Gpu>> {
+        self.ctx.inventory.clone()
+    }
+
     /// The plugin's counters.
     #[must_use]
     pub fn metrics(&self) -> &PluginMetrics {

@@ -345,7 +345,9 @@ fn result_label(r: &Result<proto::ContainerAllocateResponse>) -> &'static str {
 /// The gRPC status of an error (the kubelet shows the message on the pod).
 fn status(e: &AgentError) -> Status {
     match e {
-        AgentError::UnknownDevice { .. } => Status::invalid_argument(e.to_string()),
+        AgentError::UnknownDevice { .. } | AgentError::RepeatedGpu { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
         AgentError::DecisionNotFound { .. } => Status::not_found(e.to_string()),
         AgentError::AmbiguousDecision { .. } => Status::unavailable(e.to_string()),
         AgentError::DecisionRefused { .. } => Status::permission_denied(e.to_string()),

@@ -19,7 +19,6 @@ use hami_scheduler::{
     state::{Settings, WorkloadSettings},
 };
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::Value;
 
 /// Two one-GPU nodes (10,000 MiB): `a` holds a 40 % pod, `b` a 30 % pod; the workload then asks
 /// mostly for 50 % GPUs. A 20 % pod: binpack takes the fuller `a`, leaving 40 % there that no 50 % pod
