@@ -1,8 +1,8 @@
 //! Peer cases of kind (a) from `shared/cases/peer-bugs.md`, at the extender's HTTP level against the
 //! fake API server (the bind writes the decision that is then checked): C01 multi-container pods,
 //! C02 init containers, C04 concurrent overcommit (memory and cores), C05 unhealthy GPUs, C06 distinct
-//! physical GPUs, C22 policy annotations (trimmed, unknown ones refused). (C03 is in `apiserver.rs`
-//! and `state.rs`; C25, C28, C29 and C30 in `reliability.rs`.)
+//! physical GPUs, C21 one slot per container, C22 policy annotations (trimmed, unknown ones refused).
+//! (C03 is in `apiserver.rs` and `state.rs`; C25, C28, C29 and C30 in `reliability.rs`.)
 
 mod common;
 
@@ -289,4 +289,41 @@ async fn c22_policy_annotations_are_trimmed_and_unknown_ones_refused() {
 
 async fn prioritize(ext: &Running, pod: &Pod, nodes: &[&str]) -> Value {
     post(ext.addr, "/prioritize", &args_names(pod, nodes)).await
+}
+
+/// C21 as the extender rebuilds it from the API: GPU-A (`deviceSplitCount` 2) runs pod P1 whose two
+/// app containers each hold 1000 MiB of it; the extender counts two slots (not one per pod), so P2
+/// (1 GPU, 1000 MiB) is refused with slots exhausted, and memory is the plain sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c21_two_app_containers_on_one_gpu_take_two_slots() {
+    let mut g = gpus("n", 1, 24_576);
+    g[0].split_count = 2;
+    let (fake, ext) = setup(&[node("n", &g)], spread()).await;
+    let mut p1 = common::annotated(
+        pod_with(
+            "p1",
+            vec![],
+            vec![gpu_ctr("a", 1, 1000, 0), gpu_ctr("b", 1, 1000, 0)],
+        ),
+        &[
+            (hami_api::annotations::VGPU_NODE, "n"),
+            (
+                DEVICES_ALLOCATED,
+                "GPU-n-0,NVIDIA,1000,0:;GPU-n-0,NVIDIA,1000,0:;",
+            ),
+            (hami_api::annotations::BIND_PHASE, "success"),
+        ],
+    );
+    p1.spec.as_mut().expect("spec").node_name = Some("n".into());
+    fake.insert_pod(p1);
+    common::eventually("P1 accounted", || ext.app.read_state().allocations() == 1).await;
+    assert_eq!(ext.app.read_state().gpu_usage()["GPU-n-0"], (2, 2000, 0));
+    let p2 = fake.insert_pod(gpu_pod("p2", 1, 1000, 0));
+    let f = filter(&ext, &p2, &["n"]).await;
+    assert!(
+        f["FailedNodes"]["n"]
+            .as_str()
+            .is_some_and(|r| r.contains("CardTimeSlicingExhausted")),
+        "{f}"
+    );
 }
