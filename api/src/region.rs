@@ -331,8 +331,10 @@ impl Region {
         reserved.max(kernel)
     }
 
-    /// The slot of `pid`, taking a free one if it has none. Slots of dead processes (per `alive`) are
-    /// reclaimed when no slot is free.
+    /// The slot of `pid`, taking a free one if it has none. A process that takes a slot first reclaims
+    /// the slots and reservations of dead processes (per `alive`), so memory of a process killed with
+    /// SIGKILL (no exit handler ran) is returned as soon as any process of the container starts, not
+    /// only when an allocation is refused.
     ///
     /// # Errors
     /// [`RegionError::NoSlot`] when every slot belongs to a live process.
@@ -344,17 +346,13 @@ impl Region {
         {
             return Ok(i);
         }
-        for round in 0..2 {
-            for (i, s) in self.slots.iter().enumerate() {
-                if s.pid
-                    .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return Ok(i);
-                }
-            }
-            if round == 0 {
-                self.reclaim_dead(&alive);
+        self.reclaim_dead(&alive);
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.pid
+                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Ok(i);
             }
         }
         Err(RegionError::NoSlot)
@@ -542,6 +540,22 @@ mod tests {
         assert!(r.try_reserve(b, 0, 600 * MIB, |pid| pid != 100).is_ok());
         assert_eq!(r.used(0), 600 * MIB);
         assert_eq!(r.slots[a].pid.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_killed_process_is_reclaimed_when_the_next_one_attaches() {
+        let r = zeroed();
+        r.init(&[GIB], &[0]);
+        let a = r.attach(100, |_| true).unwrap();
+        assert!(r.try_reserve(a, 0, 600 * MIB, |_| true).is_ok());
+        // A is killed with SIGKILL: no detach. B attaching returns A's slot and memory at once.
+        let b = r.attach(200, |pid| pid != 100).unwrap();
+        assert_eq!(r.used(0), 0);
+        assert_eq!(
+            r.slots[a].pid.load(Ordering::Relaxed),
+            if a == b { 200 } else { 0 }
+        );
+        assert!(r.try_reserve(b, 0, GIB, |pid| pid != 100).is_ok());
     }
 
     #[test]

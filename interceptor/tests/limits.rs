@@ -191,6 +191,31 @@ fn two_processes_of_one_container_share_the_limit_c13() {
     assert!(b.status.success(), "{}", text(&b));
 }
 
+/// A process killed with SIGKILL (no exit handler runs) holds nothing in the region once the next
+/// process of the container starts: its reservation is reclaimed when that process attaches, before
+/// any allocation is refused.
+#[test]
+fn a_killed_process_is_reclaimed_when_the_next_one_starts() {
+    let Some(env) = Env::new("sigkill", 4096) else {
+        return;
+    };
+    let mut a = env.spawn(
+        &["--alloc", &(600 * MIB).to_string(), "--hold"],
+        &[LIMIT_1G],
+        true,
+    );
+    line(&mut a, "meminfo");
+    a.kill().expect("SIGKILL");
+    let _ = a.wait();
+    let b = env.run(&["--alloc", &MIB.to_string()], &[LIMIT_1G]);
+    assert!(b.status.success(), "{}", text(&b));
+    assert!(
+        String::from_utf8_lossy(&b.stdout).contains(&format!("meminfo free {} total {GIB}", GIB - MIB)),
+        "only B's 1 MiB is charged: {}",
+        text(&b)
+    );
+}
+
 #[test]
 fn every_allocation_api_counts_against_the_limit() {
     let Some(env) = Env::new("apis", 4096) else { return };
