@@ -2,6 +2,15 @@
 //! interceptor enforces limits against what the kernel saw (context memory, chunk rounding, processes
 //! that bypass the interceptor) and throttles on the agent's utilisation figure.
 //!
+//! **Task priority** (`nvidia.com/priority`, HAMi's `CUDA_TASK_PRIORITY`: 0 high, 1 low, the
+//! default). At every publication, a container device is suspended while another container of higher
+//! priority was active (measured SM utilisation above zero since the previous publication) on the
+//! same host GPU; the interceptor then holds that container's launches on it ([`suspensions`]). This
+//! is HAMi's vGPU-monitor feedback with the kernel's per-container measurement instead of the
+//! tenant-written `recent_kernel` counter, and it applies whatever the containers' core limits (HAMi's
+//! limiter returns before its priority check unless 0 < gpucores < 100). A container's priority comes
+//! from its trusted limits file (low without one).
+//!
 //! The regions are files under `paths.regions_dir` (the device plugin creates one per container; any
 //! depth up to 3, any name, exactly [`REGION_SIZE`] bytes). Each names its container by cgroup id
 //! (written by the processes that map it).
@@ -19,7 +28,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use hami_api::region::{LIMITS_MAX_BYTES, LIMITS_SUFFIX, REGION_SIZE, Region, TrustedLimits, UNLIMITED};
+use hami_api::region::{
+    LIMITS_MAX_BYTES, LIMITS_SUFFIX, PRIORITY_LOW, REGION_SIZE, Region, TrustedLimits, UNLIMITED,
+};
 use hami_ebpf_common::{GPU_UNKNOWN, LimitKey};
 
 use crate::attribution::{MemoryKind, UsageRow};
@@ -231,8 +242,9 @@ impl RegionWriter {
         out
     }
 
-    /// Writes each region's kernel-observed device memory (bytes) and SM utilisation (percent over the
-    /// time since the previous call). Returns how many regions were updated.
+    /// Writes each region's kernel-observed device memory (bytes), SM utilisation (percent over the
+    /// time since the previous call) and which of its devices are suspended by a higher-priority
+    /// container ([`suspensions`]). Returns how many regions were updated.
     pub fn publish(&mut self, rows: &[UsageRow], now_ns: u64) -> usize {
         let by_key: BTreeMap<(u64, u32), &UsageRow> = rows
             .iter()
@@ -240,7 +252,7 @@ impl RegionWriter {
             .map(|r| ((r.key.cgroup_id, r.key.gpu), r))
             .collect();
         let mut n = 0;
-        let mapped: Vec<(u64, &Region, Vec<Option<u32>>)> = valid_regions(&self.maps)
+        let mapped: Vec<(u64, &Region, Vec<Option<u32>>, u32)> = valid_regions(&self.maps)
             .map(|(path, cg, region)| {
                 let mut gpus: Vec<Option<u32>> = self
                     .devices(path, region, cg, rows)
@@ -250,10 +262,14 @@ impl RegionWriter {
                 if let [g @ None] = gpus.as_mut_slice() {
                     *g = container_gpus(rows, cg).first().copied();
                 }
-                (cg, region, gpus)
+                let priority = self.trusted.get(path).map_or(PRIORITY_LOW, |t| t.priority);
+                (cg, region, gpus, priority)
             })
             .collect();
-        for (cg, region, gpus) in mapped {
+        // (region, device) → standing, for the priority rule.
+        let mut presence: Vec<(usize, usize, Presence)> = Vec::new();
+        for (ri, (cg, region, gpus, priority)) in mapped.iter().enumerate() {
+            let (cg, region) = (*cg, *region);
             for dev in 0..region.device_count() {
                 let row = gpus
                     .get(dev)
@@ -276,9 +292,96 @@ impl RegionWriter {
                 };
                 region.set_kernel_used(dev, bytes, now_ns);
                 region.header.kernel_sm_percent[dev].store(sm, std::sync::atomic::Ordering::Release);
+                presence.push((
+                    ri,
+                    dev,
+                    Presence {
+                        container: cg,
+                        gpu: gpus.get(dev).copied().flatten(),
+                        priority: *priority,
+                        active: sm > 0,
+                    },
+                ));
             }
             n += 1;
         }
+        let flags = suspensions(&presence.iter().map(|p| p.2).collect::<Vec<_>>());
+        for (ri, (_, region, _, _)) in mapped.iter().enumerate() {
+            let devices: Vec<bool> = presence
+                .iter()
+                .zip(&flags)
+                .filter(|((r, _, _), _)| *r == ri)
+                .map(|((_, _, _), f)| *f)
+                .collect();
+            region.set_suspended(&devices);
+        }
         n
+    }
+}
+
+/// One container device's standing for the priority rule (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    /// The container (cgroup id).
+    pub container: u64,
+    /// Its host GPU, when known.
+    pub gpu: Option<u32>,
+    /// Its task priority (0 high, 1 low).
+    pub priority: u32,
+    /// Whether it used the GPU's SMs since the previous publication.
+    pub active: bool,
+}
+
+/// HAMi's priority rule: each container device is suspended when another container on the same host
+/// GPU with a higher priority (lower number) was active. Devices whose GPU is unknown are never
+/// suspended.
+#[must_use]
+pub fn suspensions(presence: &[Presence]) -> Vec<bool> {
+    presence
+        .iter()
+        .map(|p| {
+            p.gpu.is_some()
+                && presence.iter().any(|o| {
+                    o.container != p.container && o.gpu == p.gpu && o.priority < p.priority && o.active
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(container: u64, gpu: u32, priority: u32, active: bool) -> Presence {
+        Presence {
+            container,
+            gpu: Some(gpu),
+            priority,
+            active,
+        }
+    }
+
+    #[test]
+    fn an_active_high_priority_container_suspends_lower_ones_on_its_gpu_only() {
+        let p = [
+            at(1, 0, 0, true),  // high, active on GPU 0
+            at(2, 0, 1, true),  // low on GPU 0: suspended
+            at(3, 1, 1, true),  // low on GPU 1: not
+            at(4, 1, 0, false), // high on GPU 1 but idle: suspends nobody
+            at(5, 0, 0, true),  // another high on GPU 0: same priority, not suspended
+        ];
+        assert_eq!(suspensions(&p), [false, true, false, false, false]);
+        // The high one goes idle: the low one resumes.
+        let idle = [at(1, 0, 0, false), at(2, 0, 1, true)];
+        assert_eq!(suspensions(&idle), [false, false]);
+        // An unknown GPU is never suspended.
+        let unknown = [
+            at(1, 0, 0, true),
+            Presence {
+                gpu: None,
+                ..at(2, 0, 1, true)
+            },
+        ];
+        assert_eq!(suspensions(&unknown), [false, false]);
     }
 }

@@ -317,6 +317,7 @@ async fn allocates_a_multi_container_pod_in_kubelet_order() {
             ("NVIDIA_VISIBLE_DEVICES", GPU_A),
             ("CUDA_DEVICE_MEMORY_LIMIT_0", "1000m"),
             ("CUDA_DEVICE_SM_LIMIT", "10"),
+            ("CUDA_TASK_PRIORITY", "1"),
             ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
         ])
     );
@@ -375,6 +376,7 @@ async fn allocates_a_multi_container_pod_in_kubelet_order() {
             ("CUDA_DEVICE_MEMORY_LIMIT_0", "2000m"),
             ("CUDA_DEVICE_MEMORY_LIMIT_1", "3000m"),
             ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ("CUDA_TASK_PRIORITY", "1"),
             ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
         ])
     );
@@ -521,6 +523,31 @@ async fn c20_a_multi_gpu_container_gets_exactly_the_decided_gpus() {
         annotation(&rig.api, "tp8", ann::BIND_PHASE).as_deref(),
         Some("success")
     );
+}
+
+/// `nvidia.com/priority` reaches the container as HAMi's `CUDA_TASK_PRIORITY` and, for the agent's
+/// priority rule, the trusted limits file; a container without it is low priority (1, HAMi's default).
+#[tokio::test]
+async fn task_priority_reaches_the_env_and_the_trusted_limits() {
+    let mut rig = Rig::new("priority").await;
+    let (_, mut c) = rig.connect().await;
+    let mut p = signed_pod("urgent", &format!("{GPU_A},NVIDIA,1000,30:;"), 100);
+    p.spec.as_mut().unwrap().containers[0].resources = Some(
+        serde_json::from_value(serde_json::json!({"limits": {
+            "nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000", "nvidia.com/priority": "0"
+        }}))
+        .unwrap(),
+    );
+    rig.api.insert_pod(p);
+    rig.api
+        .insert_pod(signed_pod("batch", &format!("{GPU_B},NVIDIA,1000,30:;"), 100));
+    for (pod, gpu, want) in [("urgent", GPU_A, 0), ("batch", GPU_B, 1)] {
+        let r = allocate(&mut c, &[id(gpu, 0)]).await.unwrap();
+        assert_eq!(r.envs["CUDA_TASK_PRIORITY"], want.to_string(), "{pod}");
+        let file = rig.regions_dir.join(format!("uid-{pod}_main.limits"));
+        let t = hami_api::region::TrustedLimits::parse(&std::fs::read(file).unwrap()).unwrap();
+        assert_eq!(t.priority, want, "{pod}");
+    }
 }
 
 #[tokio::test]
@@ -847,6 +874,7 @@ async fn the_agent_binary_serves_the_plugin_and_follows_gpu_health_c05_c24() {
             ("NVIDIA_VISIBLE_DEVICES", &uuids[1]),
             ("CUDA_DEVICE_MEMORY_LIMIT_0", "512m"),
             ("CUDA_DEVICE_SM_LIMIT", "20"),
+            ("CUDA_TASK_PRIORITY", "1"),
             ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/usr/local/vgpu/vgpu.cache"),
         ])
     );

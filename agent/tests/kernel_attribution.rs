@@ -542,8 +542,13 @@ fn region(map: &memmap2::MmapMut) -> &hami_api::region::Region {
 }
 
 /// Writes the trusted limits file of the region directory `dir` (`<dir>.limits`, mode 0444) as the
-/// device plugin does: (UUID, bytes) per container device.
+/// device plugin does: (UUID, bytes) per container device, low priority.
 fn write_trusted(dir: &std::path::Path, devices: &[(&str, u64)]) {
+    write_trusted_with_priority(dir, devices, hami_api::region::PRIORITY_LOW);
+}
+
+/// [`write_trusted`] with the container's task priority.
+fn write_trusted_with_priority(dir: &std::path::Path, devices: &[(&str, u64)], priority: u32) {
     use std::os::unix::fs::PermissionsExt as _;
     let t = hami_api::region::TrustedLimits {
         version: hami_api::region::LIMITS_VERSION,
@@ -556,6 +561,7 @@ fn write_trusted(dir: &std::path::Path, devices: &[(&str, u64)]) {
             })
             .collect(),
         on_region_error: hami_api::region::RegionFailure::Closed,
+        priority,
     };
     let path = hami_agent::regions::trusted_limits_path(&dir.join("vgpu.cache")).expect("a parent");
     std::fs::write(&path, t.to_json()).expect("limits file");
@@ -672,4 +678,83 @@ fn a_two_gpu_container_maps_to_its_gpus_by_uuid_in_the_agent() {
     );
     g0.finish();
     g2.finish();
+}
+
+/// SM utilisation (percent) of `pid` on GPU 0 over `window`, from the node's ground truth.
+fn utilisation(env: &Env, pid: u32, window: std::time::Duration) -> f64 {
+    let sm = || {
+        env.node.ground_truth().gpus[0]
+            .sm_seconds_by_pid
+            .get(&pid)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (t0, s0) = (std::time::Instant::now(), sm());
+    std::thread::sleep(window);
+    100.0 * (sm() - s0) / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn a_high_priority_container_suspends_a_low_priority_one_on_its_gpu() {
+    // Two containers share GPU 0: `batch` (nvidia.com/priority 1, HAMi's default) and `urgent`
+    // (priority 0), each with its region and trusted limits file. The agent binary measures each
+    // container's SM use (fake NVML) and, while `urgent` is active, marks `batch` suspended in its
+    // region; batch's launches then wait (ground truth: it gets no SM time), and resume when urgent
+    // ends.
+    let Some(mut env) = Env::new("priority", 1, 4096) else {
+        return;
+    };
+    env.cfg.nvml_lib = Some(common::fake_nvml());
+    let uuid = env.node.ground_truth().gpus[0].uuid.clone();
+    let (batch, urgent) = (env.container(20), env.container(21));
+    let (batch_dir, urgent_dir) = (
+        env.dir.join("regions/pod20_main"),
+        env.dir.join("regions/pod21_main"),
+    );
+    let batch_map = make_region(&batch_dir, &[2 << 30], &batch);
+    let _urgent_map = make_region(&urgent_dir, &[2 << 30], &urgent);
+    write_trusted_with_priority(&batch_dir, &[(&uuid, 2 << 30)], hami_api::region::PRIORITY_LOW);
+    write_trusted_with_priority(&urgent_dir, &[(&uuid, 2 << 30)], hami_api::region::PRIORITY_HIGH);
+    let (_agent, _port) = common::start_agent(&env, std::path::Path::new(env!("CARGO_BIN_EXE_hami-agent")));
+    let vgpu = common::libvgpu();
+    let tenant_env = |dir: &std::path::Path| -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), vgpu.to_string_lossy().into_owned()),
+            (
+                "CUDA_DEVICE_MEMORY_SHARED_CACHE".into(),
+                dir.join("vgpu.cache").to_string_lossy().into_owned(),
+            ),
+            ("HAMI_FAKE_CUDA_KERNEL_US".into(), "5000".into()),
+        ]
+    };
+    let b_env = tenant_env(&batch_dir);
+    let b_env: Vec<(&str, &str)> = b_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let u_env = tenant_env(&urgent_dir);
+    let u_env: Vec<(&str, &str)> = u_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let b = env.spawn(&batch, &["--launch-for-ms", "7000", "--grid", "132"], &b_env);
+    let alone = utilisation(&env, b.pid, std::time::Duration::from_millis(1000));
+    assert!(alone > 50.0, "batch alone {alone:.1} %");
+    let u = env.spawn(&urgent, &["--launch-for-ms", "2500", "--grid", "132"], &u_env);
+    let r = region(&batch_map);
+    eventually("batch suspended", || r.suspended(0) && r.any_suspended());
+    let (held, busy) = {
+        let t0 = env.node.ground_truth().gpus[0].sm_seconds_by_pid.clone();
+        let start = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let t1 = env.node.ground_truth().gpus[0].sm_seconds_by_pid.clone();
+        let secs = start.elapsed().as_secs_f64();
+        let d = |pid: u32| {
+            100.0 * (t1.get(&pid).copied().unwrap_or(0.0) - t0.get(&pid).copied().unwrap_or(0.0)) / secs
+        };
+        (d(b.pid), d(u.pid))
+    };
+    assert!(
+        held < 5.0 && busy > 50.0,
+        "batch {held:.1} %, urgent {busy:.1} % while urgent runs"
+    );
+    u.finish();
+    eventually("batch resumed", || !r.suspended(0));
+    let after = utilisation(&env, b.pid, std::time::Duration::from_millis(1000));
+    assert!(after > 50.0, "batch after urgent {after:.1} %");
+    b.finish();
 }

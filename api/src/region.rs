@@ -54,6 +54,13 @@ pub struct Header {
     pub kernel_used_bytes: [AtomicU64; MAX_DEVICES],
     /// SM utilisation the agent measured for the container, percent.
     pub kernel_sm_percent: [AtomicU32; MAX_DEVICES],
+    /// Nonzero while a container of higher priority is active on the device: the interceptor holds
+    /// this container's kernel launches on it (written by the agent; HAMi's `nvidia.com/priority`).
+    pub suspended: [AtomicU32; MAX_DEVICES],
+    /// Nonzero while any device of the container is suspended (the launch fast path reads only this).
+    pub suspended_any: AtomicU32,
+    /// Reserved, zero.
+    pub _reserved: AtomicU32,
     /// CLOCK_MONOTONIC ns of the agent's last write (0: never).
     pub kernel_updated_ns: AtomicU64,
     /// cgroup v2 id of the container (the inode of its cgroup directory), written by the processes that
@@ -87,7 +94,10 @@ pub struct Region {
 pub const REGION_SIZE: usize = std::mem::size_of::<Region>();
 
 const _: () = {
-    assert!(std::mem::size_of::<Header>() == 8 + 4 + 4 + 8 * 16 + 4 * 16 + 8 * 16 + 8 * 16 + 4 * 16 + 8 + 8);
+    assert!(
+        std::mem::size_of::<Header>()
+            == 8 + 4 + 4 + 8 * 16 + 4 * 16 + 8 * 16 + 8 * 16 + 4 * 16 + 4 * 16 + 4 + 4 + 8 + 8
+    );
     assert!(std::mem::size_of::<Slot>() == 8 + 8 * MAX_DEVICES);
     assert!(REGION_SIZE == std::mem::size_of::<Header>() + MAX_PROCS * std::mem::size_of::<Slot>());
 };
@@ -142,6 +152,17 @@ pub enum RegionFailure {
     Open,
 }
 
+/// `nvidia.com/priority` 0: high. A container of high priority that is active on a GPU suspends the
+/// kernel launches of lower-priority containers on that GPU (HAMi's semantics, `CUDA_TASK_PRIORITY`).
+pub const PRIORITY_HIGH: u32 = 0;
+
+/// `nvidia.com/priority` 1: low, HAMi's default.
+pub const PRIORITY_LOW: u32 = 1;
+
+fn default_priority() -> u32 {
+    PRIORITY_LOW
+}
+
 /// One device of a container, in container order (the order of `NVIDIA_VISIBLE_DEVICES`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,11 +190,14 @@ pub struct TrustedLimits {
     /// What the interceptor does when the region cannot be used.
     #[serde(default)]
     pub on_region_error: RegionFailure,
+    /// The container's task priority, [`PRIORITY_HIGH`] or [`PRIORITY_LOW`] (the default).
+    #[serde(default = "default_priority")]
+    pub priority: u32,
 }
 
 impl TrustedLimits {
     /// Parses and checks a trusted limits file: version, at most [`MAX_DEVICES`] devices, non-empty
-    /// distinct UUIDs, SM percent ≤ 100, at most [`LIMITS_MAX_BYTES`] bytes.
+    /// distinct UUIDs, SM percent ≤ 100, priority 0 or 1, at most [`LIMITS_MAX_BYTES`] bytes.
     ///
     /// # Errors
     /// [`RegionError::InvalidLimits`] naming what is wrong.
@@ -188,6 +212,9 @@ impl TrustedLimits {
         }
         if l.devices.len() > MAX_DEVICES {
             return Err(bad(format!("{} devices, at most {MAX_DEVICES}", l.devices.len())));
+        }
+        if l.priority > PRIORITY_LOW {
+            return Err(bad(format!("priority {}, expected 0 or 1", l.priority)));
         }
         for (i, d) in l.devices.iter().enumerate() {
             if d.uuid.is_empty() || l.devices[..i].iter().any(|o| o.uuid == d.uuid) {
@@ -483,6 +510,32 @@ impl Region {
         self.header.cgroup_id.store(id, Ordering::Release);
     }
 
+    /// Whether launches on `dev` are suspended (a higher-priority container is active on its GPU).
+    #[must_use]
+    pub fn suspended(&self, dev: usize) -> bool {
+        self.header
+            .suspended
+            .get(dev)
+            .is_some_and(|s| s.load(Ordering::Acquire) != 0)
+    }
+
+    /// Whether any device is suspended.
+    #[must_use]
+    pub fn any_suspended(&self) -> bool {
+        self.header.suspended_any.load(Ordering::Acquire) != 0
+    }
+
+    /// Written by the agent: which devices are suspended (container order; missing ones are not).
+    pub fn set_suspended(&self, devices: &[bool]) {
+        let mut any = false;
+        for (i, flag) in self.header.suspended.iter().enumerate() {
+            let on = devices.get(i).copied().unwrap_or(false);
+            any |= on;
+            flag.store(u32::from(on), Ordering::Release);
+        }
+        self.header.suspended_any.store(u32::from(any), Ordering::Release);
+    }
+
     /// Written by the agent: the device memory the kernel attributed to the container, bytes.
     pub fn set_kernel_used(&self, dev: usize, bytes: u64, now_ns: u64) {
         if let Some(k) = self.header.kernel_used_bytes.get(dev) {
@@ -643,6 +696,7 @@ mod tests {
                 },
             ],
             on_region_error: RegionFailure::Open,
+            priority: PRIORITY_HIGH,
         };
         let back = TrustedLimits::parse(l.to_json().as_bytes()).unwrap();
         assert_eq!(back, l);
@@ -651,6 +705,7 @@ mod tests {
         // Defaults to fail-closed when the field is absent.
         let closed = TrustedLimits::parse(br#"{"version":2,"devices":[]}"#).unwrap();
         assert_eq!(closed.on_region_error, RegionFailure::Closed);
+        assert_eq!(closed.priority, PRIORITY_LOW, "HAMi's default");
         for bad in [
             &br#"{"version":1,"devices":[]}"#[..],
             br#"{"version":3,"devices":[]}"#,
@@ -660,6 +715,7 @@ mod tests {
             br#"{"version":2,"devices":[{"uuid":"a","memory_bytes":1,"sm_percent":0},{"uuid":"a","memory_bytes":1,"sm_percent":0}]}"#,
             br#"{"version":2,"devices":[{"uuid":"a","memory_bytes":-1,"sm_percent":0}]}"#,
             br#"{"version":2,"devices":[],"on_region_error":"maybe"}"#,
+            br#"{"version":2,"devices":[],"priority":2}"#,
             b"not json",
         ] {
             assert!(

@@ -19,9 +19,13 @@
 //! - when `U ≥ 99` (no idle time to learn `k` from) the delay doubles (starting at 1 ms); when the
 //!   container is idle the delay is kept.
 //!
-//! The launch fast path, with no SM limit on any device, is one atomic load; with a limit it adds the
-//! current device's lookup (`cuCtxGetDevice`), one load and the sleep. The controller is restarted in
-//! a forked child (threads do not survive `fork`).
+//! **Priority.** While the agent marks a device of the container suspended (a container of higher
+//! `nvidia.com/priority` is active on that GPU), launches on it wait until the mark is cleared,
+//! checking every [`SUSPEND_POLL`].
+//!
+//! The launch fast path, with no SM limit on any device and nothing suspended, is two atomic loads;
+//! otherwise it adds the current device's lookup (`cuCtxGetDevice`), one load and the sleep. The
+//! controller is restarted in a forked child (threads do not survive `fork`).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -33,6 +37,9 @@ use crate::state::{Enforcer, Mode, mode};
 
 /// Controller period.
 pub(crate) const PERIOD: Duration = Duration::from_millis(100);
+
+/// How often a suspended launch checks whether it may go.
+pub(crate) const SUSPEND_POLL: Duration = Duration::from_millis(10);
 
 /// The delay before each launch per container device, ns.
 static DELAY_NS: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
@@ -55,14 +62,10 @@ fn target(e: &Enforcer, dev: usize) -> Option<u32> {
 /// Called before every launch.
 #[inline]
 pub(crate) fn before_launch() {
-    let mut limited = LIMITED.load(Ordering::Relaxed);
-    if limited == NONE {
-        return;
-    }
     let Mode::On(e) = mode() else {
-        LIMITED.store(NONE, Ordering::Relaxed);
         return;
     };
+    let mut limited = LIMITED.load(Ordering::Relaxed);
     if limited == UNREAD {
         limited = if (0..MAX_DEVICES).any(|d| target(e, d).is_some()) {
             SOME
@@ -70,17 +73,25 @@ pub(crate) fn before_launch() {
             NONE
         };
         LIMITED.store(limited, Ordering::Relaxed);
-        if limited == NONE {
-            return;
-        }
     }
-    let pid = std::process::id();
-    if CONTROLLER.load(Ordering::Acquire) != pid {
-        start_controller(pid);
+    let suspended = e.region.any_suspended();
+    if limited == NONE && !suspended {
+        return;
+    }
+    if limited == SOME {
+        let pid = std::process::id();
+        if CONTROLLER.load(Ordering::Acquire) != pid {
+            start_controller(pid);
+        }
     }
     let Some(dev) = crate::hooks::current_device().and_then(|o| e.index(o)) else {
         return;
     };
+    if suspended {
+        while e.region.suspended(dev) {
+            std::thread::sleep(SUSPEND_POLL);
+        }
+    }
     let d = DELAY_NS.get(dev).map_or(0, |d| d.load(Ordering::Relaxed));
     if d > 0 {
         std::thread::sleep(Duration::from_nanos(d));

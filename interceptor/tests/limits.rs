@@ -759,6 +759,7 @@ fn write_trusted_sm(path: &Path, devices: &[(&str, u64, u32)], policy: hami_api:
             })
             .collect(),
         on_region_error: policy,
+        priority: hami_api::region::PRIORITY_LOW,
     };
     std::fs::write(path, t.to_json()).expect("limits file");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).expect("chmod 0444");

@@ -7,7 +7,8 @@ use hami_api::annotations::{
     self as ann, BIND_PHASE, BIND_PHASE_ALLOCATING, BIND_TIME, DECISION_SIGNATURE, DEVICES_ALLOCATED,
     DEVICES_TO_ALLOCATE, VGPU_NODE,
 };
-use hami_api::{ContainerDevices, PodDevices};
+use hami_api::region::PRIORITY_LOW;
+use hami_api::{ContainerDevices, PodDevices, ResourceNames};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::deviceplugin::devices::ReplicaRequest;
@@ -41,6 +42,9 @@ pub struct PendingPod {
     pub containers: Vec<String>,
     /// How many of `containers` are init containers.
     pub init_containers: usize,
+    /// Each container's `nvidia.com/priority` (same order; [`PRIORITY_LOW`], HAMi's default, when not
+    /// given or not a valid priority).
+    pub priorities: Vec<u32>,
     /// `hami.io/vgpu-devices-to-allocate`, decoded.
     pub to_allocate: PodDevices,
     /// `metadata.resourceVersion` the pod was read at (the patch precondition).
@@ -82,11 +86,21 @@ pub fn pending_pod(pod: &Pod, node: &str, key: &[u8]) -> Option<Result<PendingPo
             None => 0,
         };
         let refused = refusal(annotations, &pod_ref, node, key);
-        let containers = pod
+        let all: Vec<&k8s_openapi::api::core::v1::Container> = pod
             .spec
             .iter()
             .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-            .map(|c| c.name.clone())
+            .collect();
+        let containers = all.iter().map(|c| c.name.clone()).collect();
+        let names = ResourceNames::default();
+        let priorities = all
+            .iter()
+            .map(|c| {
+                hami_api::k8s::container_gpu_resources(c, &names)
+                    .ok()
+                    .and_then(|r| r.priority)
+                    .unwrap_or(PRIORITY_LOW)
+            })
             .collect();
         let init_containers = pod
             .spec
@@ -98,6 +112,7 @@ pub fn pending_pod(pod: &Pod, node: &str, key: &[u8]) -> Option<Result<PendingPo
             bind_time,
             containers,
             init_containers,
+            priorities,
             to_allocate,
             resource_version: meta.resource_version.clone().unwrap_or_default(),
             refused,
@@ -139,6 +154,8 @@ pub struct Choice {
     pub container: String,
     /// Whether it is an init container.
     pub init: bool,
+    /// Its `nvidia.com/priority` ([`PRIORITY_LOW`] when not given).
+    pub priority: u32,
     /// Its devices, in the container's order.
     pub devices: ContainerDevices,
     /// The pod's resource version read (the patch precondition).
@@ -194,6 +211,7 @@ fn choice(p: &PendingPod, entry: usize) -> Result<Choice> {
         entry,
         container,
         init: entry < p.init_containers,
+        priority: p.priorities.get(entry).copied().unwrap_or(PRIORITY_LOW),
         devices,
         resource_version: p.resource_version.clone(),
         remaining,
@@ -370,6 +388,7 @@ mod tests {
             bind_time,
             containers: (0..to_allocate.0.len()).map(|i| format!("c{i}")).collect(),
             init_containers: 0,
+            priorities: Vec::new(),
             to_allocate,
             resource_version: "1".into(),
             refused: None,

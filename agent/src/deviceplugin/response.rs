@@ -77,11 +77,12 @@ pub fn limits_path(region: &Path) -> PathBuf {
 }
 
 /// The trusted limits of a container given `devices` (in container order): bytes and SM percent per
-/// device, with its UUID, and the interceptor's failure policy.
+/// device, with its UUID, the interceptor's failure policy and the container's task priority.
 #[must_use]
 pub fn trusted_limits(
     devices: &ContainerDevices,
     on_region_error: hami_api::region::RegionFailure,
+    priority: u32,
 ) -> hami_api::region::TrustedLimits {
     hami_api::region::TrustedLimits {
         version: hami_api::region::LIMITS_VERSION,
@@ -95,21 +96,24 @@ pub fn trusted_limits(
             })
             .collect(),
         on_region_error,
+        priority,
     }
 }
 
-/// The response for a container given `devices` (in container order), whose region directory is
-/// `region` on the host. `minors` maps GPU UUIDs to device minors.
+/// The response for a container given `devices` (in container order) and its task `priority`, whose
+/// region directory is `region` on the host. `minors` maps GPU UUIDs to device minors.
 ///
 /// # Errors
 /// A device UUID that is not a GPU of this node.
 pub fn container_response(
     devices: &ContainerDevices,
+    priority: u32,
     minors: &HashMap<String, u32>,
     region: &Path,
     host: &HostLayout,
 ) -> Result<proto::ContainerAllocateResponse> {
     let mut envs = HashMap::new();
+    envs.insert(vars::CUDA_TASK_PRIORITY.to_owned(), priority.to_string());
     let uuids: Vec<&str> = devices.0.iter().map(|d| d.uuid.as_str()).collect();
     envs.insert(vars::NVIDIA_VISIBLE_DEVICES.to_owned(), uuids.join(","));
     for (i, d) in devices.0.iter().enumerate() {
@@ -183,7 +187,7 @@ mod tests {
         ]);
         let region = region_dir(&host.regions_dir, "uid-1", "app").unwrap();
         assert_eq!(region, Path::new("/r/uid-1_app"));
-        let r = container_response(&devices, &minors, &region, &host).unwrap();
+        let r = container_response(&devices, 0, &minors, &region, &host).unwrap();
         let env = |k: &str| r.envs.get(k).map(String::as_str);
         assert_eq!(env("NVIDIA_VISIBLE_DEVICES"), Some("GPU-b,GPU-a"));
         assert_eq!(env("CUDA_DEVICE_MEMORY_LIMIT_0"), Some("3000m"));
@@ -193,7 +197,8 @@ mod tests {
             env("CUDA_DEVICE_MEMORY_SHARED_CACHE"),
             Some("/usr/local/vgpu/vgpu.cache")
         );
-        assert_eq!(r.envs.len(), 5);
+        assert_eq!(env("CUDA_TASK_PRIORITY"), Some("0"));
+        assert_eq!(r.envs.len(), 6);
         let m: Vec<(&str, &str, bool)> = r
             .mounts
             .iter()
@@ -223,13 +228,14 @@ mod tests {
             ]
         );
         assert!(r.devices.iter().all(|d| d.permissions == "rw"));
-        let t = trusted_limits(&devices, hami_api::region::RegionFailure::Closed);
+        let t = trusted_limits(&devices, hami_api::region::RegionFailure::Closed, 0);
         let t = hami_api::region::TrustedLimits::parse(t.to_json().as_bytes()).unwrap();
         assert_eq!(t.memory_limits(), [3000 << 20, 5000 << 20]);
         assert_eq!(t.sm_limits(), [30, 0]);
         assert_eq!((t.index_of("GPU-b"), t.index_of("GPU-a")), (Some(0), Some(1)));
+        assert_eq!(t.priority, hami_api::region::PRIORITY_HIGH);
         let unknown = ContainerDevices(vec![ContainerDevice::new("GPU-z", "NVIDIA", 1, 0)]);
-        assert!(container_response(&unknown, &minors, &region, &host).is_err());
+        assert!(container_response(&unknown, 1, &minors, &region, &host).is_err());
     }
 
     #[test]

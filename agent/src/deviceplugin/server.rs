@@ -188,11 +188,17 @@ impl Context {
             let host_region =
                 response::region_dir(&self.host.host_regions_dir, &choice.pod.uid, &choice.container)?;
             let minors: HashMap<String, u32> = gpus.iter().map(|g| (g.uuid.clone(), g.minor)).collect();
-            let resp = response::container_response(&choice.devices, &minors, &host_region, &self.host)?;
+            let resp = response::container_response(
+                &choice.devices,
+                choice.priority,
+                &minors,
+                &host_region,
+                &self.host,
+            )?;
             ensure_region_dir(&region)?;
             write_limits(
                 &response::limits_path(&region),
-                &response::trusted_limits(&choice.devices, self.on_region_error),
+                &response::trusted_limits(&choice.devices, self.on_region_error, choice.priority),
             )?;
             match self.mark_allocated(&choice).await? {
                 Patched::Applied(pod) => {
