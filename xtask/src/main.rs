@@ -3,12 +3,15 @@
 //! - `cargo xtask sim [hami-sim args]`: the trace simulator, built in release mode (the main job).
 //! - `cargo xtask ci`: everything CI checks, in order: formatting, clippy (warnings denied), every
 //!   workspace member inheriting the workspace lints, docs/metrics.md being current, the Helm chart
-//!   check, the test suite, and a short simulator smoke run. It installs what it needs first: rustfmt
-//!   and clippy, a nightly toolchain with rust-src and bpf-linker 0.10.4 (the eBPF programs), and, as
-//!   root, the Debian packages fuse3, prometheus, npm, python3-venv, gcc, openssl and curl when missing
-//!   (network access to the Rust, Debian, npm and PyPI servers is assumed).
+//!   check, the test suite, every fuzz target for 10 s, and a short simulator smoke run. It installs
+//!   what it needs first: rustfmt and clippy, a nightly toolchain with rust-src and bpf-linker 0.10.4
+//!   (the eBPF programs), cargo-fuzz 0.13.2, and, as root, the Debian packages fuse3, prometheus, npm,
+//!   python3-venv, gcc, openssl and curl when missing (network access to the Rust, Debian, npm and
+//!   PyPI servers is assumed).
 //! - `cargo xtask bench [criterion args]`: the placement benchmarks (`cargo bench -p hami-policy`);
 //!   `cargo xtask bench agent` / `bench interceptor` (root): the telemetry and interceptor overheads.
+//! - `cargo xtask fuzz [--seconds N] [--targets a,b]`: every fuzz target of `fuzz/` (libFuzzer through
+//!   cargo-fuzz) for N seconds each (default 60); see [`fuzz`].
 //! - `cargo xtask lint`: formatting and clippy only.
 //! - `cargo xtask metrics-doc`: regenerate docs/metrics.md.
 //! - `cargo xtask chart`: the Helm chart check alone.
@@ -22,6 +25,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod chart;
+mod fuzz;
 mod plots;
 
 fn root() -> PathBuf {
@@ -48,6 +52,11 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
 
 fn lint() -> Result<()> {
     run(&cargo(), &["fmt", "--all", "--", "--check"])?;
+    // The fuzz targets are their own workspace (built by cargo-fuzz with nightly).
+    run(
+        &cargo(),
+        &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+    )?;
     run(
         &cargo(),
         &[
@@ -134,6 +143,8 @@ fn ci() -> Result<()> {
     check_metrics_doc()?;
     chart::check()?;
     run(&cargo(), &["test", "--workspace", "--locked"])?;
+    // Every fuzz target for a short bounded time (the long runs are `cargo xtask fuzz`).
+    fuzz::fuzz(&["--seconds", "10"])?;
     // A short end-to-end run of the main job on its embedded default.
     let out = root().join("target/xtask-ci-sim");
     let out = out.to_string_lossy();
@@ -369,12 +380,13 @@ fn dispatch() -> Result<()> {
             run(&cargo(), &a)
         }
         Some("ci") => ci(),
+        Some("fuzz") => fuzz::fuzz(&rest),
         Some("lint") => lint(),
         Some("chart") => chart::check(),
         Some("plots") => plots::plots(&rest),
         Some("metrics-doc") => {
             std::fs::write(root().join("docs/metrics.md"), metrics_doc()?).context("writing docs/metrics.md")
         }
-        _ => bail!("usage: cargo xtask <sim|ci|bench|lint|metrics-doc|chart|plots> [args]"),
+        _ => bail!("usage: cargo xtask <sim|ci|fuzz|bench|lint|metrics-doc|chart|plots> [args]"),
     }
 }
