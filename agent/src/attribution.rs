@@ -157,6 +157,10 @@ pub struct Attribution {
     /// Per GPU, the NVML timestamp (µs) up to which utilisation samples were integrated.
     #[serde(default)]
     pub utilization_seen_us: BTreeMap<u32, u64>,
+    /// Every event stamped before this (CLOCK_MONOTONIC ns) has been applied ([`Attribution::settle`]);
+    /// `None`: not known, integrals are extended to the time asked.
+    #[serde(skip)]
+    settled_ns: Option<u64>,
 }
 
 /// One NVML per-process utilisation sample (`nvmlProcessUtilizationSample_t`).
@@ -473,15 +477,25 @@ impl Attribution {
         changed
     }
 
-    /// Usage rows at `now_ns`, ordered by key.
+    /// Records that every event stamped before `ns` has been applied (the caller drained the event
+    /// stream after that time). Never moves back.
+    pub fn settle(&mut self, ns: u64) {
+        self.settled_ns = Some(self.settled_ns.map_or(ns, |s| s.max(ns)));
+    }
+
+    /// Usage rows at `now_ns`, ordered by key. Each integral is extended at its current level up to
+    /// `now_ns`, but not past the settled time ([`Attribution::settle`]): an event still in flight
+    /// (a free applied later at its own, earlier timestamp) could otherwise pull a reported counter
+    /// back, and chargeback counters never go backwards.
     #[must_use]
     pub fn rows(&self, now_ns: u64) -> Vec<UsageRow> {
+        let until = self.settled_ns.map_or(now_ns, |s| now_ns.min(s));
         self.usage
             .iter()
             .map(|(k, u)| UsageRow {
                 key: *k,
                 usage: *u,
-                byte_seconds: u.byte_seconds_at(now_ns),
+                byte_seconds: u.byte_seconds_at(until),
             })
             .collect()
     }
@@ -557,6 +571,24 @@ mod tests {
             .into_iter()
             .find(|r| r.key.cgroup_id == cg && r.key.gpu == gpu && r.key.kind == MemoryKind::Device)
             .unwrap()
+    }
+
+    #[test]
+    fn a_late_free_never_pulls_a_reported_counter_back() {
+        let mut a = Attribution::new();
+        a.apply(&Event {
+            bytes: 1000,
+            ..ev(event_kind::ALLOC, 10, 7, 0)
+        });
+        a.settle(5_000_000_000);
+        // Reported at 9 s: extended only to the settled 5 s.
+        let before = a.rows(9_000_000_000)[0].byte_seconds;
+        assert!((before - 5000.0).abs() < 1e-9, "{before}");
+        // The free stamped at 6 s arrives late; the counter still grows from what was reported.
+        a.apply(&ev(event_kind::FREE, 10, 7, 6_000_000_000));
+        a.settle(8_000_000_000);
+        let after = a.rows(9_000_000_000)[0].byte_seconds;
+        assert!((after - 6000.0).abs() < 1e-9 && after >= before, "{after}");
     }
 
     #[test]

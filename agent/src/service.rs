@@ -16,6 +16,11 @@ use crate::snapshot::{self, AgentStats, CgroupFacts, GpuInfo, Snapshot};
 
 const STATE_FILE: &str = "attribution.json";
 
+/// How far before the start of a drain of the event stream the attribution is taken to be settled,
+/// nanoseconds: an event stamped just before the drain may still be being written into the ring
+/// buffer when the drain reads it.
+const SETTLE_MARGIN_NS: u64 = 5_000_000;
+
 /// CLOCK_MONOTONIC now, nanoseconds (the clock of `bpf_ktime_get_ns`).
 #[must_use]
 pub fn monotonic_ns() -> u64 {
@@ -171,6 +176,9 @@ impl Agent {
 
     /// Applies every queued event (waiting up to `timeout_ms` for the first). Returns the count.
     pub fn pump(&mut self, timeout_ms: i32) -> usize {
+        // Events stamped before this (less a margin for one being written while the drain starts)
+        // are all applied once the drain ends.
+        let drain_start = monotonic_ns().saturating_sub(SETTLE_MARGIN_NS);
         let mut cleanups = Vec::new();
         let state = &mut self.state;
         let n = self.probes.drain(timeout_ms, |ev| {
@@ -182,6 +190,7 @@ impl Agent {
         for c in cleanups {
             self.probes.cleanup(&c.allocs, c.exited_tgid);
         }
+        self.state.settle(drain_start);
         if n > 0 && !self.limit_keys.is_empty() {
             self.publish_limit_usage();
         }
