@@ -46,13 +46,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Env;
 use common::kubelet::{TestKubelet, allocate, devices, health, mounts, next, preferred};
-use common::{Env, Stopped};
+use common::scheduler::Scheduler;
 use hami_agent::deviceplugin::DevicePluginConfig;
 use hami_agent::deviceplugin::proto;
 use hami_agent::registration::RegistrationConfig;
@@ -63,15 +63,9 @@ use hami_api::annotations::{
     NODE_NVIDIA_USAGE, NodeUsage, VGPU_NODE, verify_decision,
 };
 use hami_fake_apiserver::FakeApiServer;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::{Value, json};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto::ring};
 
 const NODE: &str = "gpu-node-1";
 const KEY: &[u8] = b"pod-flow-decision-key";
@@ -89,198 +83,6 @@ async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// The scheduler over HTTPS, as the API server (webhook) and kube-scheduler (extender) call it.
-
-/// The running `hami-scheduler serve` and a client configuration trusting its certificate.
-struct Scheduler {
-    addr: std::net::SocketAddr,
-    tls: Arc<ClientConfig>,
-    log: PathBuf,
-    _process: Stopped,
-}
-
-impl Scheduler {
-    /// Starts the binary with the webhook on, HTTPS with a fresh self-signed certificate for
-    /// `localhost`, the decision key in `key_file`, the API through `kubeconfig`.
-    fn start(dir: &Path, key_file: &Path, kubeconfig: &Path) -> Self {
-        let generated =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-        let (cert, key) = (generated.cert.pem(), generated.signing_key.serialize_pem());
-        let (cert_file, key_pem) = (dir.join("tls.crt"), dir.join("tls.key"));
-        std::fs::write(&cert_file, &cert).unwrap();
-        std::fs::write(&key_pem, &key).unwrap();
-        let port = common::free_port();
-        let config = dir.join("scheduler.json");
-        std::fs::write(
-            &config,
-            serde_json::to_vec_pretty(&json!({
-                "listen": format!("127.0.0.1:{port}"),
-                "decisionKeyFile": key_file,
-                "webhook": {"enabled": true},
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        let log = dir.join("scheduler.log");
-        let process = Stopped(
-            Command::new(common::scheduler_binary())
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .arg("--tls-cert-file")
-                .arg(&cert_file)
-                .arg("--tls-key-file")
-                .arg(&key_pem)
-                .env("KUBECONFIG", kubeconfig)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .expect("starting hami-scheduler"),
-        );
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(cert.as_bytes()).unwrap())
-            .unwrap();
-        let tls = Arc::new(
-            ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        );
-        Self {
-            addr: ([127, 0, 0, 1], port).into(),
-            tls,
-            log,
-            _process: process,
-        }
-    }
-
-    /// One HTTPS request (`POST` with a JSON body, or `GET`); status and body, `None` while the server
-    /// is not up.
-    async fn request(&self, path: &str, body: Option<&Value>) -> Option<(u16, Vec<u8>)> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-        let stream = TlsConnector::from(Arc::clone(&self.tls))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .ok()?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let req = match body {
-            Some(b) => http::Request::post(path)
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(serde_json::to_vec(b).unwrap()))),
-            None => http::Request::get(path)
-                .header("host", "localhost")
-                .body(Full::new(Bytes::new())),
-        }
-        .unwrap();
-        let resp = send.send_request(req).await.ok()?;
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
-        Some((status, bytes.to_vec()))
-    }
-
-    /// POSTs JSON, expects 200, decodes the JSON reply.
-    async fn post(&self, path: &str, body: &Value) -> Value {
-        let (status, bytes) = self
-            .request(path, Some(body))
-            .await
-            .unwrap_or_else(|| panic!("{path}: no answer; log:\n{}", self.log_text()));
-        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&bytes));
-        serde_json::from_slice(&bytes).expect("JSON reply")
-    }
-
-    /// Waits until `/readyz` answers 200 (reflectors synced).
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.request("/readyz", None).await.is_none_or(|(s, _)| s != 200) {
-            assert!(
-                Instant::now() < deadline,
-                "hami-scheduler not ready; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Admits `pod` as the API server does on CREATE: posts the AdmissionReview, checks it is allowed,
-    /// and returns the pod with the response's JSON patch applied.
-    async fn admit(&self, pod: &Value) -> Value {
-        let review = json!({
-            "kind": "AdmissionReview",
-            "apiVersion": "admission.k8s.io/v1",
-            "request": {
-                "uid": "3a1c5e7f-0b2d-4f6a-8c9e-1d3f5a7b9c0e",
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-                "name": pod["metadata"]["name"],
-                "namespace": pod["metadata"]["namespace"],
-                "operation": "CREATE",
-                "userInfo": {"username": "alice@example.com", "groups": ["system:authenticated"]},
-                "object": pod,
-                "oldObject": null,
-                "dryRun": false,
-                "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-            }
-        });
-        let reply = self.post("/webhook", &review).await;
-        let response = &reply["response"];
-        assert_eq!(reply["apiVersion"], "admission.k8s.io/v1", "{reply}");
-        assert_eq!(response["uid"], review["request"]["uid"], "{reply}");
-        assert_eq!(response["allowed"], true, "{reply}");
-        assert_eq!(response["patchType"], "JSONPatch", "{reply}");
-        let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes(&response["patch"])).unwrap();
-        let mut admitted = pod.clone();
-        json_patch::patch(&mut admitted, &patch).expect("the webhook's patch applies to what was sent");
-        admitted
-    }
-}
-
-/// The bytes of an AdmissionResponse `patch`: a base64 string (Go's encoding of `[]byte`) or an array of
-/// byte values (kube-core's); the API server accepts both.
-fn patch_bytes(v: &Value) -> Vec<u8> {
-    match v {
-        Value::Array(a) => a
-            .iter()
-            .map(|b| u8::try_from(b.as_u64().expect("byte")).expect("byte"))
-            .collect(),
-        Value::String(s) => {
-            let val = |c: u8| match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => panic!("not base64: {s}"),
-            };
-            let digits: Vec<u8> = s.bytes().filter(|c| *c != b'=').map(val).collect();
-            digits
-                .chunks(4)
-                .flat_map(|c| {
-                    let n = c
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |n, (i, d)| n | u32::from(*d) << (18 - 6 * i));
-                    let bytes = n.to_be_bytes();
-                    bytes[1..c.len()].to_vec()
-                })
-                .collect()
-        }
-        other => panic!("patch is {other}"),
     }
 }
 

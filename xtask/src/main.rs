@@ -12,6 +12,9 @@
 //!   `cargo xtask bench agent` / `bench interceptor` (root): the telemetry and interceptor overheads.
 //! - `cargo xtask fuzz [--seconds N] [--targets a,b]`: every fuzz target of `fuzz/` (libFuzzer through
 //!   cargo-fuzz) for N seconds each (default 60); see [`fuzz`].
+//! - `cargo xtask soak [--minutes N] [--seed S]` (root): the chaos soak of the whole simulated node
+//!   (`agent/tests/soak.rs`) for N minutes (default 30); summary in `target/soak/summary.json`.
+//!   `cargo xtask ci` runs it for one minute as part of the test suite.
 //! - `cargo xtask lint`: formatting and clippy only.
 //! - `cargo xtask metrics-doc`: regenerate docs/metrics.md.
 //! - `cargo xtask chart`: the Helm chart check alone.
@@ -178,6 +181,49 @@ fn ci() -> Result<()> {
         }
     }
     check_fidelity(&root().join("target/xtask-ci-sim/summary.csv"))
+}
+
+/// `cargo xtask soak [--minutes N] [--seed S]` (module docs).
+fn soak(args: &[&str]) -> Result<()> {
+    let (mut minutes, mut seed) = (30u64, 42u64);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            let v = it.next().with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name} {v}: not a whole number"))
+        };
+        match *a {
+            "--minutes" => minutes = value("--minutes")?,
+            "--seed" => seed = value("--seed")?,
+            other => bail!("cargo xtask soak: unknown argument {other:?} (use --minutes N, --seed S)"),
+        }
+    }
+    eprintln!(
+        "+ cargo test -p hami-agent --test soak (HAMI_SOAK_SECONDS={})",
+        minutes * 60
+    );
+    let status = Command::new(cargo())
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "hami-agent",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .current_dir(root())
+        .env("HAMI_SOAK_SECONDS", (minutes * 60).to_string())
+        .env("HAMI_SOAK_SEED", seed.to_string())
+        .env("HAMI_REQUIRE_PRIVILEGED", "1")
+        .status()
+        .context("starting cargo test")?;
+    if !status.success() {
+        bail!("the soak failed ({status}); see target/soak/summary.json");
+    }
+    Ok(())
 }
 
 /// The pinned BPF linker (0.10.x uses the LLVM of the Rust toolchain,
@@ -381,12 +427,13 @@ fn dispatch() -> Result<()> {
         }
         Some("ci") => ci(),
         Some("fuzz") => fuzz::fuzz(&rest),
+        Some("soak") => soak(&rest),
         Some("lint") => lint(),
         Some("chart") => chart::check(),
         Some("plots") => plots::plots(&rest),
         Some("metrics-doc") => {
             std::fs::write(root().join("docs/metrics.md"), metrics_doc()?).context("writing docs/metrics.md")
         }
-        _ => bail!("usage: cargo xtask <sim|ci|fuzz|bench|lint|metrics-doc|chart|plots> [args]"),
+        _ => bail!("usage: cargo xtask <sim|ci|fuzz|soak|bench|lint|metrics-doc|chart|plots> [args]"),
     }
 }

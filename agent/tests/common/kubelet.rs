@@ -141,6 +141,18 @@ pub(crate) async fn preferred(
     must: &[String],
     size: i32,
 ) -> Vec<String> {
+    try_preferred(c, available, must, size)
+        .await
+        .expect("GetPreferredAllocation")
+}
+
+/// [`preferred`], with the plugin's error (a plugin that is restarting answers none).
+pub(crate) async fn try_preferred(
+    c: &mut DevicePluginClient<Channel>,
+    available: &[String],
+    must: &[String],
+    size: i32,
+) -> Result<Vec<String>, tonic::Status> {
     let r = c
         .get_preferred_allocation(proto::PreferredAllocationRequest {
             container_requests: vec![proto::ContainerPreferredAllocationRequest {
@@ -149,10 +161,12 @@ pub(crate) async fn preferred(
                 allocation_size: size,
             }],
         })
-        .await
-        .expect("GetPreferredAllocation")
+        .await?
         .into_inner();
-    r.container_responses[0].device_i_ds.clone()
+    Ok(r.container_responses
+        .first()
+        .map(|c| c.device_i_ds.clone())
+        .unwrap_or_default())
 }
 
 /// (container path, host path, read-only) of the mounts.

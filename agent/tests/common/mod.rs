@@ -218,6 +218,18 @@ impl Env {
         p
     }
 
+    /// The cgroup of container `cid` of the pod with UID `uid`, as the kubelet's cgroupfs driver lays it
+    /// out. Returns its path.
+    pub(crate) fn pod_container(&self, uid: &str, cid: &str) -> PathBuf {
+        let p = self
+            .cg_root
+            .join("kubepods/burstable")
+            .join(format!("pod{uid}"))
+            .join(cid);
+        std::fs::create_dir_all(&p).expect("container cgroup");
+        p
+    }
+
     /// Container `ctr` of pod `pod` (several containers of one pod share the pod cgroup).
     pub(crate) fn container_in(&self, pod: u8, ctr: u8) -> PathBuf {
         let (uid, _) = ids(pod);
@@ -356,6 +368,11 @@ impl Tenant {
         let stdin = self.child.stdin.as_mut().expect("stdin");
         stdin.write_all(b"\n").expect("tenant stdin");
         stdin.flush().expect("tenant stdin");
+    }
+
+    /// The exit status when the tenant has ended, without waiting.
+    pub(crate) fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits for the exit (stdin stays open) and returns its status.
@@ -505,6 +522,17 @@ fn launch_agent<V: AsRef<std::ffi::OsStr>>(
     up_within: Duration,
 ) -> (Stopped, u16) {
     let port = free_port();
+    (launch_agent_on(env, agent_binary, vars, up_within, port), port)
+}
+
+/// [`launch_agent`] on `port` (a restarted agent keeps its address).
+pub(crate) fn launch_agent_on<V: AsRef<std::ffi::OsStr>>(
+    env: &Env,
+    agent_binary: &Path,
+    vars: &[(&str, V)],
+    up_within: Duration,
+    port: u16,
+) -> Stopped {
     let cfg = env.config_file(&format!("127.0.0.1:{port}"));
     let log = std::fs::File::create(env.dir.join("agent.log")).expect("agent log");
     let mut cmd = Command::new(agent_binary);
@@ -526,7 +554,7 @@ fn launch_agent<V: AsRef<std::ffi::OsStr>>(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    (agent, port)
+    agent
 }
 
 /// Whether the `prometheus` binary is installed; when it is not, fails under
@@ -600,6 +628,10 @@ pub(crate) fn start_prometheus_jobs(
 // Kubernetes stand-ins: the test kubelet (device plugin registration and client).
 
 pub(crate) mod kubelet;
+
+// The real scheduler binary over HTTPS.
+
+pub(crate) mod scheduler;
 
 // ---------------------------------------------------------------------------------------------------
 // Kubernetes-shaped runs: the agent binary with environment (KUBECONFIG), tenants started the way a
