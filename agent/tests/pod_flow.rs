@@ -47,15 +47,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Env;
 use common::kubelet::{TestKubelet, allocate, devices, health, mounts, next, preferred};
 use common::scheduler::Scheduler;
-use hami_agent::deviceplugin::DevicePluginConfig;
 use hami_agent::deviceplugin::proto;
-use hami_agent::registration::RegistrationConfig;
 use hami_agent::snapshot::Snapshot;
 use hami_api::PodDevices;
 use hami_api::annotations::{
@@ -63,8 +60,7 @@ use hami_api::annotations::{
     NODE_NVIDIA_USAGE, NodeUsage, VGPU_NODE, verify_decision,
 };
 use hami_fake_apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 const NODE: &str = "gpu-node-1";
@@ -142,57 +138,16 @@ async fn one_pod_from_admission_to_its_limit_and_release() {
     };
     let truth = env.node.ground_truth();
     let api = FakeApiServer::start().await.expect("fake API server");
-    api.insert_node(Node {
-        metadata: ObjectMeta {
-            name: Some(NODE.to_owned()),
-            ..ObjectMeta::default()
-        },
-        ..Node::default()
-    });
-    let kubeconfig = env.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let key_file = env.dir.join("decision-key");
-    // A mounted Secret may end with a newline.
-    std::fs::write(&key_file, [KEY, b"\n"].concat()).unwrap();
 
     // 1. The node: interceptor installed on the host, then the agent with plugin and registration.
+    let common::KubeNode {
+        kubeconfig,
+        key_file,
+        host_vgpu,
+        plugin_dir,
+    } = common::kube_node(&mut env, &api, NODE, KEY, SPLIT);
     let agent_bin = Path::new(env!("CARGO_BIN_EXE_hami-agent"));
-    let host_vgpu = env.dir.join("host-vgpu");
-    let st = Command::new(agent_bin)
-        .arg("install-interceptor")
-        .arg("--library")
-        .arg(common::libvgpu())
-        .arg("--dir")
-        .arg(&host_vgpu)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "hami-agent install-interceptor");
-    let plugin_dir = env.dir.join("device-plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
     let mut kubelet = TestKubelet::start(&plugin_dir);
-    env.cfg.node_name = NODE.to_owned();
-    env.cfg.nvml_lib = Some(common::fake_nvml());
-    env.cfg.registration = RegistrationConfig {
-        enabled: true,
-        heartbeat_secs: 1,
-        retry_secs: 1,
-        device_split_count: SPLIT,
-        kubeconfig: Some(kubeconfig.clone()),
-        ..RegistrationConfig::default()
-    };
-    env.cfg.device_plugin = DevicePluginConfig {
-        enabled: true,
-        plugin_dir: plugin_dir.clone(),
-        split_count: SPLIT,
-        libvgpu_host_path: host_vgpu.join("libvgpu.so"),
-        ld_so_preload_host_path: Some(host_vgpu.join("ld.so.preload")),
-        decision_key_file: key_file.clone(),
-        watch_interval_ms: 100,
-        health_interval_ms: 200,
-        host_dev_dir: env.node.dir().to_path_buf(),
-        ..DevicePluginConfig::default()
-    };
     let regions_dir = env.cfg.paths.regions_dir.clone();
     let (_agent, agent_port) =
         common::start_agent_with_env(&env, agent_bin, &[("KUBECONFIG", kubeconfig.as_path())]);

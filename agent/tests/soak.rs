@@ -37,21 +37,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::kubelet::{TestKubelet, allocate, mounts, try_preferred};
 use common::scheduler::{Scheduler, admitted_with};
 use common::{Env, Stopped, Tenant};
-use hami_agent::deviceplugin::DevicePluginConfig;
 use hami_agent::deviceplugin::proto::device_plugin_client::DevicePluginClient;
-use hami_agent::registration::RegistrationConfig;
 use hami_agent::snapshot::Snapshot;
 use hami_api::PodDevices;
 use hami_api::annotations::{DEVICES_ALLOCATED, VGPU_NODE};
 use hami_fake_apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -262,52 +258,12 @@ async fn chaos_soak() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let truth = env.node.ground_truth();
     let api = FakeApiServer::start().await.expect("fake API server");
-    api.insert_node(Node {
-        metadata: ObjectMeta {
-            name: Some(NODE.to_owned()),
-            ..ObjectMeta::default()
-        },
-        ..Node::default()
-    });
-    let kubeconfig = env.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    let key_file = env.dir.join("decision-key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let host_vgpu = env.dir.join("host-vgpu");
-    let st = Command::new(env!("CARGO_BIN_EXE_hami-agent"))
-        .arg("install-interceptor")
-        .arg("--library")
-        .arg(common::libvgpu())
-        .arg("--dir")
-        .arg(&host_vgpu)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "hami-agent install-interceptor");
-    let plugin_dir = env.dir.join("device-plugins");
-    std::fs::create_dir_all(&plugin_dir).unwrap();
-    env.cfg.node_name = NODE.to_owned();
-    env.cfg.nvml_lib = Some(common::fake_nvml());
-    env.cfg.registration = RegistrationConfig {
-        enabled: true,
-        heartbeat_secs: 1,
-        retry_secs: 1,
-        device_split_count: SPLIT,
-        kubeconfig: Some(kubeconfig.clone()),
-        ..RegistrationConfig::default()
-    };
-    env.cfg.device_plugin = DevicePluginConfig {
-        enabled: true,
-        plugin_dir: plugin_dir.clone(),
-        split_count: SPLIT,
-        libvgpu_host_path: host_vgpu.join("libvgpu.so"),
-        ld_so_preload_host_path: Some(host_vgpu.join("ld.so.preload")),
-        decision_key_file: key_file.clone(),
-        watch_interval_ms: 100,
-        health_interval_ms: 500,
-        host_dev_dir: env.node.dir().to_path_buf(),
-        ..DevicePluginConfig::default()
-    };
+    let common::KubeNode {
+        kubeconfig,
+        key_file,
+        host_vgpu,
+        plugin_dir,
+    } = common::kube_node(&mut env, &api, NODE, KEY, SPLIT);
     let replica_ids: Vec<String> = truth
         .gpus
         .iter()

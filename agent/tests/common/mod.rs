@@ -208,32 +208,19 @@ impl Env {
     /// A container cgroup `n` laid out as the kubelet's cgroupfs driver does
     /// (`kubepods/burstable/pod<uid>/<container id>`). Returns its path.
     pub(crate) fn container(&self, n: u8) -> PathBuf {
-        let (uid, cid) = ids(n);
-        let p = self
-            .cg_root
-            .join("kubepods/burstable")
-            .join(format!("pod{uid}"))
-            .join(cid);
-        std::fs::create_dir_all(&p).expect("container cgroup");
-        p
-    }
-
-    /// The cgroup of container `cid` of the pod with UID `uid`, as the kubelet's cgroupfs driver lays it
-    /// out. Returns its path.
-    pub(crate) fn pod_container(&self, uid: &str, cid: &str) -> PathBuf {
-        let p = self
-            .cg_root
-            .join("kubepods/burstable")
-            .join(format!("pod{uid}"))
-            .join(cid);
-        std::fs::create_dir_all(&p).expect("container cgroup");
-        p
+        self.container_in(n, n)
     }
 
     /// Container `ctr` of pod `pod` (several containers of one pod share the pod cgroup).
     pub(crate) fn container_in(&self, pod: u8, ctr: u8) -> PathBuf {
         let (uid, _) = ids(pod);
         let (_, cid) = ids(ctr);
+        self.pod_container(&uid, &cid)
+    }
+
+    /// The cgroup of container `cid` of the pod with UID `uid`, as the kubelet's cgroupfs driver lays it
+    /// out. Returns its path.
+    pub(crate) fn pod_container(&self, uid: &str, cid: &str) -> PathBuf {
         let p = self
             .cg_root
             .join("kubepods/burstable")
@@ -628,6 +615,82 @@ pub(crate) fn start_prometheus_jobs(
 // Kubernetes stand-ins: the test kubelet (device plugin registration and client).
 
 pub(crate) mod kubelet;
+
+/// The files of a node wired for Kubernetes: the API server's kubeconfig, the decision key (with a
+/// trailing newline, as a mounted Secret may have), the host directory `install-interceptor` filled
+/// (`libvgpu.so`, `ld.so.preload`) and the kubelet's device plugin directory.
+pub(crate) struct KubeNode {
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) key_file: PathBuf,
+    pub(crate) host_vgpu: PathBuf,
+    pub(crate) plugin_dir: PathBuf,
+}
+
+/// Wires `env` as node `node` of the fake API server `api` (which gets the Node object): kubeconfig,
+/// decision key `key`, the interceptor installed on the host by `hami-agent install-interceptor` (the
+/// chart's init container), and the agent configured with fake NVML, node registration (1 s heartbeat)
+/// and the device plugin (`split` replicas per GPU, the simulated node's directory as the host's
+/// `/dev`).
+pub(crate) fn kube_node(
+    env: &mut Env,
+    api: &hami_fake_apiserver::FakeApiServer,
+    node: &str,
+    key: &[u8],
+    split: u32,
+) -> KubeNode {
+    api.insert_node(k8s_openapi::api::core::v1::Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(node.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let kubeconfig = env.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let key_file = env.dir.join("decision-key");
+    std::fs::write(&key_file, [key, b"\n"].concat()).expect("decision key");
+    let host_vgpu = env.dir.join("host-vgpu");
+    let st = Command::new(env!("CARGO_BIN_EXE_hami-agent"))
+        .arg("install-interceptor")
+        .arg("--library")
+        .arg(libvgpu())
+        .arg("--dir")
+        .arg(&host_vgpu)
+        .stdout(Stdio::null())
+        .status()
+        .expect("hami-agent install-interceptor");
+    assert!(st.success(), "hami-agent install-interceptor");
+    let plugin_dir = env.dir.join("device-plugins");
+    std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
+    env.cfg.node_name = node.to_owned();
+    env.cfg.nvml_lib = Some(fake_nvml());
+    env.cfg.registration = hami_agent::registration::RegistrationConfig {
+        enabled: true,
+        heartbeat_secs: 1,
+        retry_secs: 1,
+        device_split_count: split,
+        kubeconfig: Some(kubeconfig.clone()),
+        ..Default::default()
+    };
+    env.cfg.device_plugin = hami_agent::deviceplugin::DevicePluginConfig {
+        enabled: true,
+        plugin_dir: plugin_dir.clone(),
+        split_count: split,
+        libvgpu_host_path: host_vgpu.join("libvgpu.so"),
+        ld_so_preload_host_path: Some(host_vgpu.join("ld.so.preload")),
+        decision_key_file: key_file.clone(),
+        watch_interval_ms: 100,
+        health_interval_ms: 200,
+        host_dev_dir: env.node.dir().to_path_buf(),
+        ..Default::default()
+    };
+    KubeNode {
+        kubeconfig,
+        key_file,
+        host_vgpu,
+        plugin_dir,
+    }
+}
 
 // The real scheduler binary over HTTPS.
 

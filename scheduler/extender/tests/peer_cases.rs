@@ -8,7 +8,9 @@ mod common;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use common::{args_names, best, bind_args, clock, extender, gpu_ctr, gpu_pod, gpus, node, pod_with, post};
+use common::{
+    args_names, best, bind, bind_args, clock, extender, filter, gpu_ctr, gpu_pod, gpus, node, pod_with, post,
+};
 use hami_api::{PodDevices, annotations::DEVICES_ALLOCATED};
 use hami_fake_apiserver::FakeApiServer;
 use hami_scheduler::{config::PolicyChoice, server::Running, state::Settings};
@@ -42,17 +44,6 @@ fn decision(fake: &FakeApiServer, name: &str) -> PodDevices {
     let p = fake.pod("default", name).expect("pod");
     let ann = p.metadata.annotations.expect("annotations");
     PodDevices::decode(&ann[DEVICES_ALLOCATED]).expect("decodes")
-}
-
-async fn filter(ext: &Running, pod: &Pod, nodes: &[&str]) -> Value {
-    post(ext.addr, "/filter", &args_names(pod, nodes)).await
-}
-
-async fn bind(ext: &Running, pod: &Pod, node: &str) -> String {
-    post(ext.addr, "/bind", &bind_args(pod, node)).await["Error"]
-        .as_str()
-        .expect("Error field")
-        .to_owned()
 }
 
 /// C01: two containers (10 GiB and 1 GiB) on two idle 10 GiB GPUs under spread get different GPUs, and

@@ -8,7 +8,7 @@ mod common;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use common::{
-    NOW, args_names, bind_args, clock, extender, gpu_pod, gpus, held_in, node, node_with_usage, post,
+    NOW, args_names, bind, clock, extender, filter, gpu_pod, gpus, held_in, node, node_with_usage, post,
     start_on_loopback,
 };
 use hami_api::{
@@ -21,17 +21,6 @@ use hami_scheduler::{server::Running, state::Settings};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-
-async fn filter(ext: &Running, pod: &Pod, nodes: &[&str]) -> Value {
-    post(ext.addr, "/filter", &args_names(pod, nodes)).await
-}
-
-async fn bind(ext: &Running, pod: &Pod, node: &str) -> String {
-    post(ext.addr, "/bind", &bind_args(pod, node)).await["Error"]
-        .as_str()
-        .expect("Error field")
-        .to_owned()
-}
 
 /// The decision stored on pod `namespace/name`, if any.
 fn decision(fake: &FakeApiServer, namespace: &str, name: &str) -> Option<String> {

@@ -281,6 +281,19 @@ pub async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> Value
     serde_json::from_slice(&bytes).expect("JSON reply")
 }
 
+/// `/filter` of `pod` over the node names `nodes` (the `ExtenderFilterResult`).
+pub async fn filter(ext: &Running, pod: &Pod, nodes: &[&str]) -> Value {
+    post(ext.addr, "/filter", &args_names(pod, nodes)).await
+}
+
+/// `/bind` of `pod` to `node`; its `Error` field (empty on success).
+pub async fn bind(ext: &Running, pod: &Pod, node: &str) -> String {
+    post(ext.addr, "/bind", &bind_args(pod, node)).await["Error"]
+        .as_str()
+        .expect("Error field")
+        .to_owned()
+}
+
 /// The host with the highest score in a `HostPriorityList`.
 pub fn best(priorities: &Value) -> String {
     priorities
