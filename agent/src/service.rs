@@ -14,7 +14,8 @@ use crate::error::{AgentError, Result};
 use crate::loader::{CALL_NAMES, Probes};
 use crate::snapshot::{self, AgentStats, CgroupFacts, GpuInfo, Snapshot};
 
-const STATE_FILE: &str = "attribution.json";
+/// File name of the saved attribution state in `paths.state_dir`.
+pub const STATE_FILE: &str = "attribution.json";
 
 /// How far before the start of a drain of the event stream the attribution is taken to be settled,
 /// nanoseconds: an event stamped just before the drain may still be being written into the ring
@@ -320,9 +321,10 @@ impl Agent {
     }
 
     /// The snapshot now. `for_export` marks finished containers as exported (their counters are then
-    /// dropped once retention ends).
+    /// dropped once retention ends). SM time is what [`Agent::housekeeping`] integrated and saved: a
+    /// snapshot never samples NVML itself, so no reported SM time can be lost to a kill before the
+    /// next save (NVML samples integrated again over a longer window round differently).
     pub fn snapshot(&mut self, for_export: bool) -> Snapshot {
-        self.sample_utilization();
         let now = monotonic_ns();
         let rows = self.state.rows(now);
         let names: BTreeMap<u32, &str> = CALL_NAMES.iter().copied().collect();

@@ -119,8 +119,13 @@ struct Summary {
     tenant_failures: u64,
     faults: BTreeMap<String, u64>,
     violations: Violations,
-    /// Longest time the agent's view differed from the driver's, milliseconds.
+    /// Longest time the agent's view was seen to differ from the driver's, milliseconds (the harness
+    /// looks every 250 ms plus the time its own calls take; see `loop_max_ms`).
     attribution_max_lag_ms: u64,
+    /// Longest pass of the harness's loop without a fault, milliseconds.
+    loop_max_ms: u64,
+    /// Size of the agent's saved attribution state at a third of the run and at the end, bytes.
+    state_bytes: (u64, u64),
     /// Per component: RSS at a third of the run and the largest RSS after it, KiB.
     rss_kib: BTreeMap<String, (u64, u64)>,
     details: Vec<String>,
@@ -306,7 +311,11 @@ async fn chaos_soak() {
     let mut fault_index = 0usize;
     let mut next_rss = start;
 
+    let state_file = rig.env.cfg.paths.state_dir.join(hami_agent::service::STATE_FILE);
+    let mut state_at_third = None;
     while Instant::now() < deadline {
+        let pass = Instant::now();
+        let mut faulted = false;
         // ---- arrivals ----
         let alive = pods.len();
         if alive < IN_FLIGHT
@@ -523,6 +532,9 @@ async fn chaos_soak() {
         }
         if now >= next_rss {
             next_rss = now + Duration::from_secs(2);
+            if state_at_third.is_none() && now >= start + Duration::from_secs(seconds / 3) {
+                state_at_third = std::fs::metadata(&state_file).ok().map(|m| m.len());
+            }
             if let Some(a) = &rig.agent
                 && let Some(kib) = rss_kib(a.0.id())
             {
@@ -539,6 +551,10 @@ async fn chaos_soak() {
         if now >= next_fault {
             let fault = FAULTS[fault_index % FAULTS.len()];
             fault_index += 1;
+            faulted = true;
+            // The harness is busy with the fault for a while: differences it could not watch are not
+            // held against the agent.
+            mismatch_since.clear();
             *summary.faults.entry(fault.to_owned()).or_default() += 1;
             match fault {
                 "agent_kill" => {
@@ -546,7 +562,6 @@ async fn chaos_soak() {
                         Rig::sigkill(&mut a);
                     }
                     rig.plugin = None;
-                    mismatch_since.clear();
                     rig.start_agent();
                 }
                 "scheduler_kill" => {
@@ -569,8 +584,16 @@ async fn chaos_soak() {
             }
             next_fault = Instant::now() + FAULT_EVERY;
         }
+        if !faulted {
+            let ms = u64::try_from(pass.elapsed().as_millis()).unwrap_or(u64::MAX);
+            summary.loop_max_ms = summary.loop_max_ms.max(ms);
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    summary.state_bytes = (
+        state_at_third.unwrap_or(0),
+        std::fs::metadata(&state_file).map_or(0, |m| m.len()),
+    );
 
     // ---- the end: let the tenants finish, then stop everything ----
     for p in pods.drain(..) {
