@@ -30,7 +30,7 @@ impl Readable for Bytes {
 }
 
 /// Reads the offsets of `task_struct.files/tgid/pid`, `files_struct.fdt`, `fdtable.max_fds/fd`,
-/// `file.f_inode`, `inode.i_ino/i_sb` and `super_block.s_dev` from a BTF file (normally
+/// `file.f_inode`, `inode.i_ino/i_sb/i_rdev` and `super_block.s_dev` from a BTF file (normally
 /// `/sys/kernel/btf/vmlinux`).
 ///
 /// # Errors
@@ -66,16 +66,23 @@ pub fn kernel_offsets(btf_path: &Path) -> Result<KernelOffsets> {
         inode_ino: off("inode", "i_ino")?,
         inode_sb: off("inode", "i_sb")?,
         sb_dev: off("super_block", "s_dev")?,
+        inode_rdev: off("inode", "i_rdev")?,
+        _pad: 0,
     })
 }
 
+/// The oldest driver branch whose ioctl layouts are known: the first tag of
+/// NVIDIA/open-gpu-kernel-modules (515.43.04), where every layout in [`AbiConfig`] was read.
+pub const OLDEST_DRIVER_BRANCH: u32 = 515;
+
 /// The ioctl layout generation of a driver version such as `595.45.04` (the content of
-/// `/sys/module/nvidia/version`). Branches before 535 use [`AbiConfig::PRE_535`]; 535 and later
-/// [`AbiConfig::SINCE_535`] (`reference/nvidia-driver-abi.md` §4.3). Branches older than 470 or newer
-/// than 999 are refused rather than guessed.
+/// `/sys/module/nvidia/version`): [`AbiConfig::R515`] for branches 515 to 524, [`AbiConfig::R525`] for
+/// 525 to 534, [`AbiConfig::R535`] from 535. Branches older than [`OLDEST_DRIVER_BRANCH`] (their
+/// layouts cannot be checked against a published source) or newer than 999 are refused rather than
+/// guessed.
 ///
 /// # Errors
-/// The string is not `MAJOR.MINOR[.PATCH]` or the major branch is outside 470..=999.
+/// The string is not `MAJOR.MINOR[.PATCH]` or the major branch is outside 515..=999.
 pub fn abi_for_driver(version: &str) -> Result<AbiConfig> {
     let v = version.trim();
     let refuse = |message: &str| AgentError::DriverVersion {
@@ -94,10 +101,15 @@ pub fn abi_for_driver(version: &str) -> Result<AbiConfig> {
         return Err(refuse("not MAJOR.MINOR[.PATCH]"));
     }
     match major {
-        470..=534 => Ok(AbiConfig::PRE_535),
-        535..=999 => Ok(AbiConfig::SINCE_535),
+        515..=524 => Ok(AbiConfig::R515),
+        525..=534 => Ok(AbiConfig::R525),
+        535..=999 => Ok(AbiConfig::R535),
+        0..515 => Err(refuse(
+            "driver branches before 515 are not supported (their ioctl layouts are unpublished); \
+             upgrade the driver to 515 or later",
+        )),
         _ => Err(refuse(
-            "no known ioctl layout for this branch (supported: 470 to 999)",
+            "no known ioctl layout for this branch (supported: 515 to 999)",
         )),
     }
 }
@@ -112,17 +124,28 @@ pub fn kernel_dev(st_dev: u64) -> u64 {
     (major << 20) | (minor & 0xf_ffff)
 }
 
-/// The [`FileKey`] the programs compute for `path` (the file's superblock device and inode).
+/// The [`FileKey`] the programs compute for `path`: the device number of a character or block
+/// device node (any node of that device, in any mount, has the same key), else the file's
+/// superblock device and inode.
 ///
 /// # Errors
-/// The file cannot be stat'ed.
+/// The file cannot be stat'ed, or its device number does not fit the kernel's 32-bit `dev_t`.
 pub fn file_key(path: &Path) -> Result<FileKey> {
-    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let md = std::fs::metadata(path).map_err(|e| AgentError::io(path, e))?;
-    Ok(FileKey {
-        dev: kernel_dev(md.dev()),
-        ino: md.ino(),
-    })
+    let narrow = |d: u64| {
+        u32::try_from(kernel_dev(d)).map_err(|_| {
+            AgentError::io(
+                path,
+                std::io::Error::other(format!("device number {d:#x} does not fit a kernel dev_t")),
+            )
+        })
+    };
+    let ft = md.file_type();
+    if ft.is_char_device() || ft.is_block_device() {
+        return Ok(FileKey::of_inode(narrow(md.rdev())?, 0, 0));
+    }
+    Ok(FileKey::of_inode(0, narrow(md.dev())?, md.ino()))
 }
 
 #[cfg(test)]
@@ -131,12 +154,16 @@ mod tests {
 
     #[test]
     fn driver_generations() {
-        assert_eq!(abi_for_driver("530.41.03").unwrap(), AbiConfig::PRE_535);
-        assert_eq!(abi_for_driver("535.43.02").unwrap(), AbiConfig::SINCE_535);
-        assert_eq!(abi_for_driver("595.45.04\n").unwrap(), AbiConfig::SINCE_535);
-        assert_eq!(abi_for_driver("470.256").unwrap(), AbiConfig::PRE_535);
+        assert_eq!(abi_for_driver("515.43.04").unwrap(), AbiConfig::R515);
+        assert_eq!(abi_for_driver("520.61.07").unwrap(), AbiConfig::R515);
+        assert_eq!(abi_for_driver("525.47.04").unwrap(), AbiConfig::R525);
+        assert_eq!(abi_for_driver("530.41.03").unwrap(), AbiConfig::R525);
+        assert_eq!(abi_for_driver("535.43.02").unwrap(), AbiConfig::R535);
+        assert_eq!(abi_for_driver("595.45.04\n").unwrap(), AbiConfig::R535);
+        let old = abi_for_driver("470.256").unwrap_err().to_string();
+        assert!(old.contains("before 515") && old.contains("470.256"), "{old}");
         for bad in [
-            "", "595", "x.1", "595..1", "595.45.", "390.157", "1000.1", "595.4a",
+            "", "595", "x.1", "595..1", "595.45.", "390.157", "1000.1", "595.4a", "514.1",
         ] {
             assert!(abi_for_driver(bad).is_err(), "{bad}");
         }
@@ -165,5 +192,42 @@ mod tests {
         assert_ne!(o.task_tgid, o.task_pid);
         assert_ne!(o.fdt_fd, o.fdt_max_fds);
         assert_ne!(o.inode_ino, o.inode_sb);
+        assert!(o.inode_rdev > 0 && o.inode_rdev != o.inode_ino && o.inode_rdev != o.inode_sb);
+    }
+
+    #[test]
+    fn rdev_device_nodes_are_keyed_by_number_other_files_by_inode() {
+        // /dev/null is 1:3 on every Linux system (Documentation/admin-guide/devices.txt).
+        let null = file_key(Path::new("/dev/null")).unwrap();
+        assert_eq!(
+            null,
+            FileKey {
+                dev: (1 << 20) | 3,
+                ino: 0
+            }
+        );
+        let dir = std::env::temp_dir().join(format!("hami-rdev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("nvidiactl");
+        std::fs::write(&plain, b"").unwrap();
+        let k = file_key(&plain).unwrap();
+        assert!(k.ino != 0 && k.dev != null.dev, "{k:?}");
+        // A second node of the same device, made where this process may (root only), has the same key.
+        let node = dir.join("null-again");
+        let made = nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        );
+        if made.is_ok() {
+            assert_eq!(file_key(&node).unwrap(), null);
+        } else {
+            assert!(
+                std::env::var_os("HAMI_REQUIRE_PRIVILEGED").is_none(),
+                "mknod: {made:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -758,3 +758,154 @@ fn a_high_priority_container_suspends_a_low_priority_one_on_its_gpu() {
     assert!(after > 50.0, "batch after urgent {after:.1} %");
     b.finish();
 }
+
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path) -> Self {
+        std::fs::create_dir_all(at).expect("tmpfs mount point");
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0755,size=1m"),
+        )
+        .expect("mounting a tmpfs");
+        Self(at.to_path_buf())
+    }
+    /// A character-device node `name` of `major:minor` in this tmpfs, as a container runtime makes one.
+    fn mknod(&self, name: &str, major: u64, minor: u64) -> std::path::PathBuf {
+        let p = self.0.join(name);
+        nix::sys::stat::mknod(
+            &p,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+        .expect("mknod");
+        p
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn rdev_every_node_of_the_control_device_is_traced_whatever_its_filesystem_and_inode() {
+    // A container runtime without bind mounts makes its own /dev/nvidiactl with mknod: another
+    // filesystem and inode, the same device number. There is no NVIDIA driver (and no CUSE) here, so a
+    // real character device stands in for the control device: /dev/null (1:3), whose ioctls fail
+    // harmlessly with ENOTTY. The host's node is a mknod'd 1:3 in a private tmpfs, registered as the
+    // agent's `nvidiactl`; RM-shaped ioctls through a second node in another tmpfs (as in a container)
+    // and through /dev/null itself (devtmpfs) must be recognised as the control device by the kernel
+    // programs, and ioctls on another device or a regular file must not.
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(mut env) = Env::new("rdev", 1, 256) else {
+        return;
+    };
+    let host = Tmpfs::mount(&env.dir.join("host-dev"));
+    let host_ctl = host.mknod("nvidiactl", 1, 3);
+    env.cfg.paths.dev_dir = host.0.clone();
+    let mut agent = env.agent();
+    let ctr = Tmpfs::mount(&env.dir.join("ctr-dev"));
+    let ctr_ctl = ctr.mknod("nvidiactl", 1, 3);
+    let other_device = ctr.mknod("zero", 1, 5);
+    let plain = env.dir.join("plain-file");
+    std::fs::write(&plain, b"").unwrap();
+    let null = std::path::PathBuf::from("/dev/null");
+    let ids: Vec<(u64, u64)> = [&host_ctl, &ctr_ctl, &null]
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!(m.rdev(), nix::sys::stat::makedev(1, 3));
+            (m.dev(), m.ino())
+        })
+        .collect();
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0].0 != ids[1].0,
+        "three nodes on different filesystems: {ids:?}"
+    );
+
+    // NV_ESC_RM_ALLOC with a 48-byte NVOS64 (_IOWR('F', 0x2B, 48)) and the same escape wrapped in
+    // NV_ESC_IOCTL_XFER_CMD (_IOWR('F', 0xD3, 16), bare escape number inside).
+    const RM_ALLOC: u32 = 0xC030_462B;
+    const XFER: u32 = 0xC010_46D3;
+    let ioctl_errno = |path: &std::path::Path, cmd: u32, arg: &mut [u8]| -> i32 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let r = hami_fake_gpu::client::ioctl(&f, cmd, arg);
+        r.unwrap_err().raw_os_error().unwrap()
+    };
+    let mut nvos64 = [0u8; 48];
+    nvos64[12..16].copy_from_slice(&0x40u32.to_le_bytes());
+    let mut xfer = [0u8; 16];
+    xfer[0..4].copy_from_slice(&0x2Bu32.to_le_bytes());
+    xfer[4..8].copy_from_slice(&48u32.to_le_bytes());
+    xfer[8..16].copy_from_slice(&(nvos64.as_ptr() as u64).to_le_bytes());
+    let before = settle(&mut agent).agent.ioctls;
+    assert_eq!(before, 0);
+    for path in [&host_ctl, &ctr_ctl, &null] {
+        assert_eq!(ioctl_errno(path, RM_ALLOC, &mut nvos64), libc::ENOTTY);
+    }
+    assert_eq!(ioctl_errno(&ctr_ctl, XFER, &mut xfer), libc::ENOTTY);
+    // Another device (1:5) and a regular file are not the control device.
+    assert_eq!(ioctl_errno(&other_device, RM_ALLOC, &mut nvos64), libc::ENOTTY);
+    assert_eq!(ioctl_errno(&plain, RM_ALLOC, &mut nvos64), libc::ENOTTY);
+    let s = settle(&mut agent);
+    assert_eq!(
+        s.agent.ioctls, 4,
+        "three nodes of 1:3 plus the wrapped call, nothing else"
+    );
+    // The calls failed in the kernel (ENOTTY): nothing is charged and nothing is malformed.
+    assert_eq!((s.agent.live_objects, s.agent.malformed_ioctls), (0, 0));
+    drop(agent);
+    drop(ctr);
+    drop(host);
+}
+
+#[test]
+fn legacy_heap_size_range_and_tiled_surfaces_are_charged_from_their_own_offsets() {
+    // NVOS32 ALLOC_SIZE_RANGE keeps its size at 80 (88 is its alignment: 2 MiB here) and
+    // ALLOC_TILED_PITCH_HEIGHT has the driver compute pitch × height; both create device memory.
+    let Some(env) = Env::new("heap-paths", 1, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(16);
+    let mut range = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            "5242880",
+            "--raw-via",
+            "vid-heap-range",
+            "--xfer",
+            "--hold",
+        ],
+        &[],
+    );
+    let mut tiled = env.spawn(
+        &c,
+        &["--raw-alloc", "3145728", "--raw-via", "vid-heap-tiled", "--hold"],
+        &[],
+    );
+    range.words("raw-allocated");
+    tiled.words("raw-allocated");
+    let t = env.node.ground_truth();
+    assert_eq!((t.bytes(range.pid, 0), t.bytes(tiled.pid, 0)), (5 * MIB, 3 * MIB));
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 8 * MIB);
+    assert_eq!(s.agent.malformed_ioctls, 0);
+    range.finish();
+    tiled.finish();
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 0);
+}

@@ -33,11 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {
         return;
     };
-    let abi = if head & 1 == 0 {
-        AbiConfig::PRE_535
-    } else {
-        AbiConfig::SINCE_535
-    };
+    let abi = AbiConfig::ALL[usize::from(head) % AbiConfig::ALL.len()];
     let mem = Mem { bytes: rest };
     // The size the ioctl names: the real ones often, any value sometimes.
     let sizes = [

@@ -3,8 +3,8 @@
 //! Every type is `#[repr(C)]`, has no padding holes the kernel could leave uninitialised, and has its
 //! size asserted at compile time, because the kernel side writes them into maps and the ring buffer and
 //! the agent reads them back byte for byte. Sizes and offsets of the NVIDIA structures decoded by the
-//! programs come from `nvos.h` of NVIDIA/open-gpu-kernel-modules (530.41.03 and 595.45.04; see
-//! `reference/nvidia-driver-abi.md` §4); the agent selects a generation at load time ([`AbiConfig`]).
+//! programs come from `src/common/sdk/nvidia/inc/nvos.h` of NVIDIA/open-gpu-kernel-modules (tags
+//! 515.43.04 to 595.45.04); the agent selects a generation at load time ([`AbiConfig`]).
 #![no_std]
 
 /// Name of every map and program, shared so the agent opens exactly what the object defines.
@@ -47,16 +47,44 @@ pub mod file_kind {
     pub const UVM: u32 = 3;
 }
 
-/// Identity of a file as the kernel sees it: the superblock's device number in the kernel's
-/// internal encoding (`MKDEV(major, minor) = major << 20 | minor`, `include/linux/kdev_t.h`) and the
-/// inode number.
+/// Identity of an NVIDIA device file as the programs and the agent both compute it
+/// ([`FileKey::of_inode`]).
+///
+/// The real driver knows its files only by character-device number (`nv.c` of
+/// NVIDIA/open-gpu-kernel-modules 595.45.04: `nv_is_control_device` compares the minor with 255; major
+/// 195, minors 0–254 are GPUs, `nvidia-uvm` gets a dynamic major listed in `/proc/devices`). A container
+/// runtime that makes its own `/dev/nvidiactl` with `mknod` (runc with CDI, no bind mount) gives the same
+/// device another filesystem and inode, so a character device is keyed by its device number alone:
+/// `dev` = `inode->i_rdev` in the kernel's encoding (`MKDEV(major, minor) = major << 20 | minor`,
+/// `include/linux/kdev_t.h`), `ino` = 0. Any other file (the simulated node's FUSE files, whose
+/// `i_rdev` is 0) is keyed by its superblock's device number and its inode number, which is never 0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FileKey {
-    /// `inode->i_sb->s_dev`, kernel encoding, widened to 64 bits.
+    /// `inode->i_rdev` of a device, else `inode->i_sb->s_dev`; kernel encoding, widened to 64 bits.
     pub dev: u64,
-    /// `inode->i_ino`.
+    /// 0 for a device, else `inode->i_ino`.
     pub ino: u64,
+}
+
+impl FileKey {
+    /// The key of an inode whose `i_rdev` is `rdev` (0 unless it is a device node), superblock
+    /// device `sb_dev` and number `ino` (all in the kernel's encoding).
+    #[inline(always)]
+    #[must_use]
+    pub fn of_inode(rdev: u32, sb_dev: u32, ino: u64) -> Self {
+        if rdev != 0 {
+            Self {
+                dev: rdev as u64,
+                ino: 0,
+            }
+        } else {
+            Self {
+                dev: sb_dev as u64,
+                ino,
+            }
+        }
+    }
 }
 
 /// Byte offsets into kernel structures, read from the running kernel's BTF by the agent
@@ -84,39 +112,56 @@ pub struct KernelOffsets {
     pub inode_sb: u32,
     /// `super_block.s_dev`.
     pub sb_dev: u32,
+    /// `inode.i_rdev` (a `dev_t`, 32 bits).
+    pub inode_rdev: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
-/// Offsets of the RM parameter structures that moved between driver generations.
-/// `reference/nvidia-driver-abi.md` §4.3: NVOS21 gained `paramsSize` and NVOS64 grew from 40 to 48
-/// bytes in 535.43.02.
+/// Offsets of the RM parameter structures that moved between driver generations, read from
+/// `src/common/sdk/nvidia/inc/nvos.h` of NVIDIA/open-gpu-kernel-modules at each tag: up to 520.61.07
+/// `NVOS64_PARAMETERS` is 40 bytes with `status` at 32 and no `flags`; 525.47.04 to 530.41.03 add
+/// `flags` at 32 (status at 36, still 40 bytes); 535.43.02 adds `paramsSize` to NVOS21 (status 24 → 28)
+/// and NVOS64 (48 bytes, flags 36, status 40), unchanged up to 595.45.04.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AbiConfig {
-    /// Offset of `status` in `NVOS21_PARAMETERS` (24 before 535, 28 since).
+    /// Offset of `status` in `NVOS21_PARAMETERS`.
     pub nvos21_status: u32,
-    /// `sizeof(NVOS64_PARAMETERS)` (40 before 535, 48 since).
+    /// `sizeof(NVOS64_PARAMETERS)`.
     pub nvos64_size: u32,
-    /// Offset of `flags` in `NVOS64_PARAMETERS` (32 before 535, 36 since).
+    /// Offset of `flags` in `NVOS64_PARAMETERS`, or [`AbiConfig::NO_FIELD`].
     pub nvos64_flags: u32,
-    /// Offset of `status` in `NVOS64_PARAMETERS` (36 before 535, 40 since).
+    /// Offset of `status` in `NVOS64_PARAMETERS`.
     pub nvos64_status: u32,
 }
 
 impl AbiConfig {
-    /// Driver branches before 535 (e.g. 530.41.03).
-    pub const PRE_535: Self = Self {
+    /// An offset for a field the generation does not have.
+    pub const NO_FIELD: u32 = u32::MAX;
+    /// Branches 515 and 520 (open-gpu-kernel-modules 515.43.04 to 520.61.07).
+    pub const R515: Self = Self {
+        nvos21_status: 24,
+        nvos64_size: 40,
+        nvos64_flags: Self::NO_FIELD,
+        nvos64_status: 32,
+    };
+    /// Branches 525 and 530 (525.47.04 to 530.41.03).
+    pub const R525: Self = Self {
         nvos21_status: 24,
         nvos64_size: 40,
         nvos64_flags: 32,
         nvos64_status: 36,
     };
-    /// Driver branches 535 and later (verified up to 595.45.04).
-    pub const SINCE_535: Self = Self {
+    /// Branches 535 and later (535.43.02, verified up to 595.45.04).
+    pub const R535: Self = Self {
         nvos21_status: 28,
         nvos64_size: 48,
         nvos64_flags: 36,
         nvos64_status: 40,
     };
+    /// Every generation, oldest first.
+    pub const ALL: [Self; 3] = [Self::R515, Self::R525, Self::R535];
 }
 
 /// The one entry of the config map, written by the agent before the programs attach.
@@ -134,7 +179,7 @@ pub struct KernelConfig {
 }
 
 /// Key of an RM object: the host tgid that created it, its client and its handle.
-/// Handles are unique only within a client (`reference/nvidia-driver-abi.md` §6).
+/// Handles are unique only within a client (RM's resource server keys objects by client and handle).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -330,7 +375,10 @@ pub struct Event {
     pub nr: u32,
 }
 
-/// NVIDIA RM constants the programs decode (`reference/nvidia-driver-abi.md` §2, §4, §5).
+/// NVIDIA RM constants the programs decode: escape numbers from `src/nvidia/arch/nvalloc/unix/include/nv_escape.h`
+/// and `kernel-open/common/inc/nv-ioctl-numbers.h`,
+/// structures and flags from `src/common/sdk/nvidia/inc/nvos.h`, classes from
+/// `src/common/sdk/nvidia/inc/class/` (NVIDIA/open-gpu-kernel-modules 595.45.04).
 pub mod nv {
     /// `NV_ESC_RM_FREE`.
     pub const ESC_RM_FREE: u32 = 0x29;
@@ -366,20 +414,48 @@ pub mod nv {
     pub const NVOS32_FUNCTION_FREE: u32 = 3;
     /// `NVOS32_FUNCTION_ALLOC_SIZE_RANGE`.
     pub const NVOS32_FUNCTION_ALLOC_SIZE_RANGE: u32 = 14;
+    /// `NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT` (also creates device memory).
+    pub const NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT: u32 = 6;
     /// `NVOS32_ALLOC_FLAGS_VIRTUAL`.
     pub const NVOS32_ALLOC_FLAGS_VIRTUAL: u32 = 0x0008_0000;
-    /// NVOS32 offsets: function, status, AllocSize.hMemory, flags, attr, size; Free.hMemory.
+    /// NVOS32 offsets (`NVOS32_PARAMETERS`, 184 bytes; the `data` union starts at 40): `function`.
     pub const NVOS32_FUNCTION: u32 = 8;
     /// `status`.
     pub const NVOS32_STATUS: u32 = 20;
-    /// `data.AllocSize.hMemory` / `data.Free.hMemory`.
+    /// `hMemory` of every allocating member and of `data.Free` (each starts `owner`, `hMemory`).
     pub const NVOS32_H_MEMORY: u32 = 44;
-    /// `data.AllocSize.flags`.
+    /// `flags` of every allocating member (after `owner`, `hMemory`, `type`).
     pub const NVOS32_FLAGS: u32 = 52;
-    /// `data.AllocSize.attr`.
-    pub const NVOS32_ATTR: u32 = 56;
-    /// `data.AllocSize.size`.
-    pub const NVOS32_SIZE_FIELD: u32 = 88;
+    /// `data.Free.flags`.
+    pub const NVOS32_FREE_FLAGS: u32 = 48;
+    /// `data.AllocTiledPitchHeight.height` (lines).
+    pub const NVOS32_TILED_HEIGHT: u32 = 56;
+    /// `data.AllocTiledPitchHeight.pitch` (bytes, signed): RM allocates `height * pitch` bytes.
+    pub const NVOS32_TILED_PITCH: u32 = 60;
+
+    /// Where an NVOS32 heap function keeps what the decoders read: `(attr, size)` offsets of
+    /// `data.AllocSize` (56, 88), `data.AllocSizeRange` (56, 80: its `size` follows
+    /// `partitionStride` at 72; 88 is its `alignment`) and `data.AllocTiledPitchHeight` (64, 88:
+    /// `height` and `pitch` come before `attr`), the members that create memory; `None` for any other
+    /// function. Offsets computed from `nvos.h` (515.43.04 and 595.45.04 agree).
+    #[inline(always)]
+    #[must_use]
+    pub fn nvos32_alloc_fields(function: u32) -> Option<(u32, u32)> {
+        match function {
+            NVOS32_FUNCTION_ALLOC_SIZE => Some((56, 88)),
+            NVOS32_FUNCTION_ALLOC_SIZE_RANGE => Some((56, 80)),
+            NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT => Some((64, 88)),
+            _ => None,
+        }
+    }
+
+    /// Whether an NVOS32 allocation with `flags` and `attr` creates device memory: not
+    /// `NVOS32_ALLOC_FLAGS_VIRTUAL` and `NVOS32_ATTR_LOCATION` (bits 26:25) `VIDMEM` (0).
+    #[inline(always)]
+    #[must_use]
+    pub fn nvos32_is_vidmem(flags: u32, attr: u32) -> bool {
+        flags & NVOS32_ALLOC_FLAGS_VIRTUAL == 0 && (attr >> 25) & 3 == 0
+    }
 }
 
 /// x86_64 `struct pt_regs` offsets of the first three syscall arguments (`arch/x86/include/asm/ptrace.h`).
@@ -399,9 +475,9 @@ pub const SYS_IOCTL: u64 = 16;
 
 const _: () = {
     assert!(core::mem::size_of::<FileKey>() == 16);
-    assert!(core::mem::size_of::<KernelOffsets>() == 40);
+    assert!(core::mem::size_of::<KernelOffsets>() == 48);
     assert!(core::mem::size_of::<AbiConfig>() == 16);
-    assert!(core::mem::size_of::<KernelConfig>() == 64);
+    assert!(core::mem::size_of::<KernelConfig>() == 72);
     assert!(core::mem::size_of::<ObjectKey>() == 16);
     assert!(core::mem::size_of::<AllocValue>() == 32);
     assert!(core::mem::size_of::<Pending>() == 24);
@@ -530,7 +606,7 @@ pub mod decode {
         let class = r.u32_at(arg, 12)?;
         let params = r.u64_at(arg, 16)?;
         let status = r.u32_at(arg, status_off)?;
-        if size != nv::NVOS21_SIZE {
+        if size != nv::NVOS21_SIZE && abi.nvos64_flags != AbiConfig::NO_FIELD {
             let flags = r.u32_at(arg, abi.nvos64_flags)?;
             if flags & nv::NVOS64_FLAGS_FINN_SERIALIZED != 0 {
                 // Serialized parameters are not the C struct; never seen from libcuda.
@@ -577,7 +653,7 @@ pub mod decode {
     /// A device-memory allocation as requested, read *before* the driver runs (what a BPF LSM
     /// `file_ioctl` program sees): `(client, parent, bytes)` of an `NV_ESC_RM_ALLOC` of
     /// `NV01_MEMORY_LOCAL_USER` (NVOS21 or the ABI's NVOS64, not FINN-serialized) or of an
-    /// `NV_ESC_RM_VID_HEAP_CONTROL` `ALLOC_SIZE`/`ALLOC_SIZE_RANGE` of vidmem. `None`: anything else,
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` allocation of vidmem (as [`vid_heap`]). `None`: anything else,
     /// or an unreadable payload (the call is then let through; the exit path still sees it).
     #[inline(always)]
     pub fn requested_alloc<R: Reader>(
@@ -595,6 +671,7 @@ pub mod decode {
                 return None;
             }
             if size != nv::NVOS21_SIZE
+                && abi.nvos64_flags != AbiConfig::NO_FIELD
                 && r.u32_at(arg, abi.nvos64_flags)? & nv::NVOS64_FLAGS_FINN_SERIALIZED != 0
             {
                 return None;
@@ -607,20 +684,21 @@ pub mod decode {
             ))
         } else if nr == nv::ESC_RM_VID_HEAP_CONTROL && size == nv::NVOS32_SIZE {
             let function = r.u32_at(arg, nv::NVOS32_FUNCTION)?;
-            if function != nv::NVOS32_FUNCTION_ALLOC_SIZE && function != nv::NVOS32_FUNCTION_ALLOC_SIZE_RANGE
-            {
-                return None;
-            }
+            let (attr_off, size_off) = nv::nvos32_alloc_fields(function)?;
             let flags = r.u32_at(arg, nv::NVOS32_FLAGS)?;
-            let attr = r.u32_at(arg, nv::NVOS32_ATTR)?;
-            if flags & nv::NVOS32_ALLOC_FLAGS_VIRTUAL != 0 || (attr >> 25) & 3 != 0 {
+            let attr = r.u32_at(arg, attr_off)?;
+            if !nv::nvos32_is_vidmem(flags, attr) {
                 return None;
             }
-            Some((
-                r.u32_at(arg, 0)?,
-                r.u32_at(arg, 4)?,
-                r.u64_at(arg, nv::NVOS32_SIZE_FIELD)?,
-            ))
+            // A tiled surface's size is an output: RM computes it from height and pitch.
+            let bytes = if function == nv::NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT {
+                let height = u64::from(r.u32_at(arg, nv::NVOS32_TILED_HEIGHT)?);
+                let pitch = r.u32_at(arg, nv::NVOS32_TILED_PITCH)? as i32;
+                height * (if pitch > 0 { pitch as u64 } else { 0 })
+            } else {
+                r.u64_at(arg, size_off)?
+            };
+            Some((r.u32_at(arg, 0)?, r.u32_at(arg, 4)?, bytes))
         } else {
             None
         }
@@ -642,8 +720,9 @@ pub mod decode {
         })
     }
 
-    /// `NV_ESC_RM_VID_HEAP_CONTROL` (NVOS32, 184 bytes): `ALLOC_SIZE`/`ALLOC_SIZE_RANGE` of vidmem
-    /// (not `VIRTUAL`, `attr.LOCATION == VIDMEM`, `reference/nvidia-driver-abi.md` §5.1) and `FREE`.
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` (NVOS32, 184 bytes): `ALLOC_SIZE`, `ALLOC_SIZE_RANGE` and
+    /// `ALLOC_TILED_PITCH_HEIGHT` of vidmem ([`nv::nvos32_is_vidmem`], each member's own offsets from
+    /// [`nv::nvos32_alloc_fields`]) and `FREE`.
     #[inline(always)]
     pub fn vid_heap<R: Reader>(r: &R, arg: u64, size: u32) -> Option<Decoded> {
         if size != nv::NVOS32_SIZE {
@@ -653,12 +732,12 @@ pub mod decode {
         let parent = r.u32_at(arg, 4)?;
         let function = r.u32_at(arg, nv::NVOS32_FUNCTION)?;
         let status = r.u32_at(arg, nv::NVOS32_STATUS)?;
-        if function == nv::NVOS32_FUNCTION_ALLOC_SIZE || function == nv::NVOS32_FUNCTION_ALLOC_SIZE_RANGE {
+        if let Some((attr_off, size_off)) = nv::nvos32_alloc_fields(function) {
             let flags = r.u32_at(arg, nv::NVOS32_FLAGS)?;
-            let attr = r.u32_at(arg, nv::NVOS32_ATTR)?;
+            let attr = r.u32_at(arg, attr_off)?;
             let handle = r.u32_at(arg, nv::NVOS32_H_MEMORY)?;
-            let bytes = r.u64_at(arg, nv::NVOS32_SIZE_FIELD)?;
-            if flags & nv::NVOS32_ALLOC_FLAGS_VIRTUAL != 0 || (attr >> 25) & 3 != 0 {
+            let bytes = r.u64_at(arg, size_off)?;
+            if !nv::nvos32_is_vidmem(flags, attr) {
                 return Some(Decoded::Ignored);
             }
             Some(if status != 0 {

@@ -1,7 +1,8 @@
-//! The RM decoders on byte fixtures, for both ioctl layout generations, including truncated,
+//! The RM decoders on byte fixtures, for the three ioctl layout generations, including truncated,
 //! unreadable and unknown payloads. Post-535 fixtures come from the simulated driver's independent
-//! encoder (`hami_fake_gpu::abi`); pre-535 ones are laid out here from `reference/nvidia-driver-abi.md`
-//! §4.3 (NVOS21 `status` at 24; NVOS64 40 bytes with `flags` at 32, `status` at 36).
+//! encoder (`hami_fake_gpu::abi`); older ones are laid out here from `nvos.h` of
+//! NVIDIA/open-gpu-kernel-modules: 515.43.04–520.61.07 (NVOS21 `status` at 24; NVOS64 40 bytes, no
+//! `flags`, `status` at 32) and 525.47.04–530.41.03 (NVOS64 40 bytes, `flags` at 32, `status` at 36).
 
 use std::collections::BTreeMap;
 
@@ -65,7 +66,7 @@ fn alloc_595(variant: RmAllocVariant, class: u32, new: u32, status: u32) -> Vec<
 
 #[test]
 fn rm_alloc_vidmem_since_535_both_variants() {
-    let abi = AbiConfig::SINCE_535;
+    let abi = AbiConfig::R535;
     for variant in [RmAllocVariant::Nvos21, RmAllocVariant::Nvos64] {
         let mem = Mem::default()
             .with(
@@ -87,14 +88,14 @@ fn rm_alloc_vidmem_since_535_both_variants() {
         // The same bytes read with the wrong generation do not decode as a success of another size:
         // NVOS64 is 48 bytes since 535 and 40 before, so the size alone refuses it.
         if variant == RmAllocVariant::Nvos64 {
-            assert_eq!(decode::rm_alloc(&mem, ARG, size, &AbiConfig::PRE_535), None);
+            assert_eq!(decode::rm_alloc(&mem, ARG, size, &AbiConfig::R525), None);
         }
     }
 }
 
 #[test]
 fn rm_alloc_failure_is_reported_with_the_status() {
-    let abi = AbiConfig::SINCE_535;
+    let abi = AbiConfig::R535;
     let mem = Mem::default()
         .with(
             ARG,
@@ -113,8 +114,8 @@ fn rm_alloc_failure_is_reported_with_the_status() {
 }
 
 #[test]
-fn rm_alloc_pre_535_layouts() {
-    let abi = AbiConfig::PRE_535;
+fn rm_alloc_525_layouts() {
+    let abi = AbiConfig::R525;
     // NVOS21 before 535: no paramsSize, status at 24.
     let mut b = vec![0u8; 32];
     put32(&mut b, 0, 0xc1);
@@ -138,7 +139,7 @@ fn rm_alloc_pre_535_layouts() {
     );
     // Read as the new layout, the garbage at 28 is taken as a failure status: offsets matter.
     assert!(matches!(
-        decode::rm_alloc(&mem, ARG, 32, &AbiConfig::SINCE_535),
+        decode::rm_alloc(&mem, ARG, 32, &AbiConfig::R535),
         Some(Decoded::AllocFailed { status: 0xdead, .. })
     ));
     // NVOS64 before 535: 40 bytes, flags at 32, status at 36.
@@ -166,8 +167,111 @@ fn rm_alloc_pre_535_layouts() {
 }
 
 #[test]
+fn rm_alloc_515_layout_has_no_flags_and_status_at_32() {
+    let abi = AbiConfig::R515;
+    let mut params = vec![0u8; 120];
+    put64(&mut params, 64, 8192);
+    // NVOS64 of 515/520: hRoot, hObjectParent, hObjectNew, hClass, pAllocParms, pRightsRequested, status.
+    let mut b = vec![0u8; 40];
+    put32(&mut b, 0, 0xc1);
+    put32(&mut b, 4, 0xd1);
+    put32(&mut b, 8, 0x79);
+    put32(&mut b, 12, nv::CLASS_MEMORY_LOCAL_USER);
+    put64(&mut b, 16, PARAMS);
+    put64(&mut b, 24, 0); // pRightsRequested
+    put32(&mut b, 32, 0); // status
+    put32(&mut b, 36, 0x1f); // padding: the 525 layout would read a failure here
+    let mem = Mem::default().with(ARG, b.clone()).with(PARAMS, params.clone());
+    let ok = Some(Decoded::Alloc {
+        client: 0xc1,
+        parent: 0xd1,
+        handle: 0x79,
+        bytes: 8192,
+    });
+    assert_eq!(decode::rm_alloc(&mem, ARG, 40, &abi), ok);
+    assert!(matches!(
+        decode::rm_alloc(&mem, ARG, 40, &AbiConfig::R525),
+        Some(Decoded::AllocFailed { status: 0x1f, .. })
+    ));
+    // Bit 0 at 32 is the status here (a failure), never a FINN flag.
+    put32(&mut b, 32, 1);
+    put32(&mut b, 36, 0);
+    let mem = Mem::default().with(ARG, b.clone()).with(PARAMS, params.clone());
+    assert!(matches!(
+        decode::rm_alloc(&mem, ARG, 40, &abi),
+        Some(Decoded::AllocFailed {
+            status: 1,
+            bytes: 8192,
+            ..
+        })
+    ));
+    assert_eq!(
+        decode::rm_alloc(&mem, ARG, 40, &AbiConfig::R525),
+        None,
+        "FINN for 525"
+    );
+    // The request the LSM program reads does not depend on a flags field either.
+    put32(&mut b, 32, 0);
+    let mem = Mem::default().with(ARG, b).with(PARAMS, params);
+    assert_eq!(
+        decode::requested_alloc(&mem, nv::ESC_RM_ALLOC, ARG, 40, &abi),
+        Some((0xc1, 0xd1, 8192))
+    );
+    // NVOS21 is the same 32 bytes as in 525 (status at 24); 48-byte NVOS64 is not this generation.
+    assert_eq!(decode::rm_alloc(&mem, ARG, 48, &abi), None);
+}
+
+#[test]
+fn heap_size_range_and_tiled_pitch_height_use_their_own_offsets() {
+    // ALLOC_SIZE_RANGE: size at 80, 2 MiB alignment at 88 (where ALLOC_SIZE keeps its size).
+    let heap = fake::nvos32_alloc_size_range(0xc1, 0xd1, 0x56, 5 << 20);
+    assert_eq!(
+        fake::get_u64(&heap, 88),
+        Some(2 << 20),
+        "the fixture differs at 88"
+    );
+    let mem = Mem::default().with(ARG, heap.clone());
+    let alloc = Some(Decoded::Alloc {
+        client: 0xc1,
+        parent: 0xd1,
+        handle: 0x56,
+        bytes: 5 << 20,
+    });
+    assert_eq!(decode::vid_heap(&mem, ARG, 184), alloc);
+    assert_eq!(
+        decode::requested_alloc(&mem, nv::ESC_RM_VID_HEAP_CONTROL, ARG, 184, &AbiConfig::R535),
+        Some((0xc1, 0xd1, 5 << 20))
+    );
+    // TILED_PITCH_HEIGHT: the driver writes size = pitch * height back at 88; attr is at 64.
+    let mut tiled = fake::nvos32_alloc_tiled(0xc1, 0xd1, 0x57, 4096, 768);
+    put64(&mut tiled, 88, 4096 * 768);
+    let mem = Mem::default().with(ARG, tiled.clone());
+    assert_eq!(
+        decode::vid_heap(&mem, ARG, 184),
+        Some(Decoded::Alloc {
+            client: 0xc1,
+            parent: 0xd1,
+            handle: 0x57,
+            bytes: 3 << 20
+        })
+    );
+    // Before the call, the LSM program computes the same size from pitch and height.
+    put64(&mut tiled, 88, 0);
+    let mem = Mem::default().with(ARG, tiled.clone());
+    assert_eq!(
+        decode::requested_alloc(&mem, nv::ESC_RM_VID_HEAP_CONTROL, ARG, 184, &AbiConfig::R535),
+        Some((0xc1, 0xd1, 3 << 20))
+    );
+    // attr LOCATION = PCI at 64 makes it sysmem; the same bits at 56 (where AllocSize keeps attr,
+    // here `height`) do not.
+    put32(&mut tiled, 64, 1 << 25);
+    let mem = Mem::default().with(ARG, tiled);
+    assert_eq!(decode::vid_heap(&mem, ARG, 184), Some(Decoded::Ignored));
+}
+
+#[test]
 fn device_and_subdevice_objects() {
-    let abi = AbiConfig::SINCE_535;
+    let abi = AbiConfig::R535;
     let mut dev_params = vec![0u8; 56];
     put32(&mut dev_params, 0, 3);
     let mem = Mem::default()
@@ -205,7 +309,7 @@ fn device_and_subdevice_objects() {
 
 #[test]
 fn truncated_unreadable_and_unknown_payloads_are_refused() {
-    let abi = AbiConfig::SINCE_535;
+    let abi = AbiConfig::R535;
     // Unknown ioctl sizes.
     let mem = Mem::default().with(ARG, vec![0u8; 64]);
     for size in [0, 8, 31, 33, 40, 64] {
@@ -294,7 +398,7 @@ fn rm_free_and_heap_paths() {
 #[test]
 fn requested_allocations_before_the_call_and_the_shared_hard_limit_decision() {
     // What the LSM program reads before the driver runs: the request, whatever `status` holds.
-    let abi = AbiConfig::SINCE_535;
+    let abi = AbiConfig::R535;
     for variant in [RmAllocVariant::Nvos21, RmAllocVariant::Nvos64] {
         let mem = Mem::default()
             .with(ARG, alloc_595(variant, nv::CLASS_MEMORY_LOCAL_USER, 0, 0))

@@ -2,8 +2,9 @@
 //!
 //! * `syscalls:sys_enter_ioctl` / `sys_exit_ioctl` (classic tracepoints, where tracefs is mounted: they
 //!   run for ioctls only), or `sys_enter` / `sys_exit` (raw tracepoints, no tracefs needed, but they run
-//!   for every syscall): `ioctl(2)` on the NVIDIA
-//!   device files the agent registered by (superblock dev, inode). Entry records the (XFER-unwrapped)
+//!   for every syscall): `ioctl(2)` on the NVIDIA device files the agent registered, by device number
+//!   (any node of the device, wherever a container runtime made it) or, for the simulated node's
+//!   regular files, by (superblock dev, inode) ([`FileKey`]). Entry records the (XFER-unwrapped)
 //!   escape; exit reads the parameter struct back from the caller's memory, checks the RM `status`
 //!   written by the driver, and keeps the live device-memory objects in `HAMI_ALLOCS`, emitting one
 //!   event per allocation, failed allocation and free.
@@ -14,8 +15,8 @@
 //! * uprobes on libcuda: managed allocations (invisible at the ioctl layer), frees, and per-cgroup call
 //!   counters for launches and allocation entry points.
 //!
-//! Layouts: `reference/nvidia-driver-abi.md` §2 (encoding, XFER), §4 (NVOS00/21/32/64,
-//! `NV_MEMORY_ALLOCATION_PARAMS`), §5.1 (vidmem predicate of the heap path), §6 (object tree).
+//! Layouts and constants: [`hami_ebpf_common::nv`] and [`hami_ebpf_common::AbiConfig`], each citing
+//! its file in NVIDIA/open-gpu-kernel-modules.
 #![no_std]
 #![no_main]
 #![allow(
@@ -119,19 +120,20 @@ unsafe fn file_of_fd(fd: u64, c: &KernelConfig) -> Option<FileKey> {
     }
 }
 
-/// (dev, ino) of `struct file *file`.
+/// [`FileKey`] of `struct file *file`: its device number for a device node, else (dev, ino).
 #[inline(always)]
 unsafe fn file_key(file: u64, c: &KernelConfig) -> Option<FileKey> {
     let k = &c.kernel;
     unsafe {
         let inode: u64 = kread(file, k.file_inode)?;
+        let rdev: u32 = kread(inode, k.inode_rdev)?;
+        if rdev != 0 {
+            return Some(FileKey::of_inode(rdev, 0, 0));
+        }
         let ino: u64 = kread(inode, k.inode_ino)?;
         let sb: u64 = kread(inode, k.inode_sb)?;
         let dev: u32 = kread(sb, k.sb_dev)?;
-        Some(FileKey {
-            dev: u64::from(dev),
-            ino,
-        })
+        Some(FileKey::of_inode(0, dev, ino))
     }
 }
 
@@ -204,7 +206,7 @@ pub fn hami_ioctl_enter(ctx: TracePointContext) -> i32 {
 }
 
 /// Whether an ioctl command can be an RM allocation, free, heap control or XFER. The driver dispatches
-/// on `_IOC_NR` alone (`reference/nvidia-driver-abi.md` §2), so the number is tested before the
+/// on `_IOC_NR` alone (`arg_cmd = _IOC_NR(cmd)` in `nvidia_ioctl`, `kernel-open/nvidia/nv.c`), so the number is tested before the
 /// costlier walk from the fd to its inode.
 #[inline(always)]
 fn candidate(cmd: u64) -> bool {
@@ -242,7 +244,9 @@ unsafe fn on_ioctl_enter(fd: u64, cmd: u64, arg: u64) -> Option<()> {
             bump(counter::MALFORMED);
             return None;
         };
-        nr = inner_cmd & 0xff;
+        // The wrapper carries the bare escape number (`nvidia_ioctl` in `kernel-open/nvidia/nv.c`:
+        // `arg_cmd = ioc_xfer.cmd`), not an ioctl command.
+        nr = inner_cmd;
         size = inner_size;
         ptr = inner_ptr;
         if size > nv::MAX_IOCTL_SIZE || nr == nv::ESC_IOCTL_XFER_CMD {
@@ -439,7 +443,7 @@ unsafe fn lsm_refuses(file: u64, cmd: u64, arg: u64) -> Option<bool> {
         if size != nv::XFER_SIZE {
             return Some(false);
         }
-        nr = unsafe { uread::<u32>(arg, 0)? } & 0xff;
+        nr = unsafe { uread::<u32>(arg, 0)? };
         size = unsafe { uread::<u32>(arg, 4)? };
         ptr = unsafe { uread::<u64>(arg, 8)? };
     }

@@ -67,6 +67,11 @@ pub const NVOS32_FUNCTION_FREE: u32 = 3;
 pub const NVOS32_FUNCTION_INFO: u32 = 5;
 /// `NVOS32_FUNCTION_ALLOC_SIZE_RANGE`.
 pub const NVOS32_FUNCTION_ALLOC_SIZE_RANGE: u32 = 14;
+/// `NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT`.
+pub const NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT: u32 = 6;
+/// `NVOS32_FREE_FLAGS_MEMORY_HANDLE_PROVIDED`: `_nvos32FunctionFree` refuses a free without it
+/// (`src/nvidia/interface/deprecated/rmapi_deprecated_vidheapctrl.c`, 595.45.04).
+pub const NVOS32_FREE_FLAGS_MEMORY_HANDLE_PROVIDED: u32 = 1;
 /// `NVOS32_ALLOC_FLAGS_VIRTUAL`.
 pub const NVOS32_ALLOC_FLAGS_VIRTUAL: u32 = 0x0008_0000;
 
@@ -362,6 +367,35 @@ pub mod nvos32 {
     pub const SIZE: usize = 88;
     /// `data.AllocSize.limit` [out].
     pub const LIMIT: usize = 112;
+    /// `data.Free.flags`.
+    pub const FREE_FLAGS: usize = 48;
+
+    /// `data.AllocSizeRange`: same head as `AllocSize` up to `partitionStride` (72), then `size`.
+    pub mod range {
+        /// `attr`.
+        pub const ATTR: usize = 56;
+        /// `size` [in/out].
+        pub const SIZE: usize = 80;
+        /// `alignment` (where a reader expecting `AllocSize` would look for the size).
+        pub const ALIGNMENT: usize = 88;
+        /// `limit` [out].
+        pub const LIMIT: usize = 104;
+    }
+
+    /// `data.AllocTiledPitchHeight`: `height`, `pitch` before `attr`; RM computes
+    /// `size = height * pitch` and writes it back.
+    pub mod tiled {
+        /// `height` (pixels).
+        pub const HEIGHT: usize = 56;
+        /// `pitch` (bytes, signed).
+        pub const PITCH: usize = 60;
+        /// `attr`.
+        pub const ATTR: usize = 64;
+        /// `size` [out].
+        pub const SIZE: usize = 88;
+        /// `limit` [out].
+        pub const LIMIT: usize = 112;
+    }
 }
 
 /// Offsets inside `NV_MEMORY_ALLOCATION_PARAMS`.
@@ -387,7 +421,8 @@ pub fn attr_location(attr: u32) -> u32 {
 /// `nv_ioctl_xfer_t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Xfer {
-    /// The wrapped command (its `_IOC_NR` is what counts).
+    /// The wrapped escape number, bare (`nvidia_ioctl` in `kernel-open/nvidia/nv.c` dispatches on
+    /// `arg_cmd = ioc_xfer.cmd`; an ioctl command here is an unknown escape).
     pub cmd: u32,
     /// Size of the wrapped argument.
     pub size: u32,
@@ -442,10 +477,46 @@ pub fn nvos32_alloc_size(client: u32, device: u32, h_memory: u32, size: u64) -> 
     b
 }
 
-/// An `NVOS32_PARAMETERS` for `NVOS32_FUNCTION_FREE` of `h_memory`.
+/// An `NVOS32_PARAMETERS` for `NVOS32_FUNCTION_ALLOC_SIZE_RANGE` of `size` bytes of vidmem (with an
+/// `alignment` of 2 MiB, as a caller would ask, so the two offsets hold different values).
+#[must_use]
+pub fn nvos32_alloc_size_range(client: u32, device: u32, h_memory: u32, size: u64) -> Vec<u8> {
+    let mut b = vec![0u8; NVOS32_SIZE];
+    put_u32(&mut b, nvos32::H_ROOT, client);
+    put_u32(&mut b, nvos32::H_PARENT, device);
+    put_u32(&mut b, nvos32::FUNCTION, NVOS32_FUNCTION_ALLOC_SIZE_RANGE);
+    put_u32(&mut b, nvos32::OWNER, client);
+    put_u32(&mut b, nvos32::H_MEMORY, h_memory);
+    put_u64(&mut b, nvos32::range::SIZE, size);
+    put_u64(&mut b, nvos32::range::ALIGNMENT, 2 << 20);
+    b
+}
+
+/// An `NVOS32_PARAMETERS` for `NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT` of a `pitch`-byte by
+/// `height`-line vidmem surface.
+#[must_use]
+pub fn nvos32_alloc_tiled(client: u32, device: u32, h_memory: u32, pitch: i32, height: u32) -> Vec<u8> {
+    let mut b = vec![0u8; NVOS32_SIZE];
+    put_u32(&mut b, nvos32::H_ROOT, client);
+    put_u32(&mut b, nvos32::H_PARENT, device);
+    put_u32(&mut b, nvos32::FUNCTION, NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT);
+    put_u32(&mut b, nvos32::OWNER, client);
+    put_u32(&mut b, nvos32::H_MEMORY, h_memory);
+    put_u32(&mut b, nvos32::tiled::HEIGHT, height);
+    b[nvos32::tiled::PITCH..nvos32::tiled::PITCH + 4].copy_from_slice(&pitch.to_le_bytes());
+    b
+}
+
+/// An `NVOS32_PARAMETERS` for `NVOS32_FUNCTION_FREE` of `h_memory` (with
+/// `NVOS32_FREE_FLAGS_MEMORY_HANDLE_PROVIDED`, which the driver requires).
 #[must_use]
 pub fn nvos32_free(client: u32, device: u32, h_memory: u32) -> Vec<u8> {
     let mut b = vec![0u8; NVOS32_SIZE];
+    put_u32(
+        &mut b,
+        nvos32::FREE_FLAGS,
+        NVOS32_FREE_FLAGS_MEMORY_HANDLE_PROVIDED,
+    );
     put_u32(&mut b, nvos32::H_ROOT, client);
     put_u32(&mut b, nvos32::H_PARENT, device);
     put_u32(&mut b, nvos32::FUNCTION, NVOS32_FUNCTION_FREE);

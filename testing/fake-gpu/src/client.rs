@@ -47,6 +47,11 @@ pub enum AllocVia {
     Nvos64,
     /// `NV_ESC_RM_VID_HEAP_CONTROL` / `NVOS32_FUNCTION_ALLOC_SIZE`.
     VidHeap,
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` / `NVOS32_FUNCTION_ALLOC_SIZE_RANGE`.
+    VidHeapRange,
+    /// `NV_ESC_RM_VID_HEAP_CONTROL` / `NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT`: a 4096-byte pitch,
+    /// as many lines as the size needs (the size is rounded up to whole lines).
+    VidHeapTiled,
 }
 
 impl std::str::FromStr for AllocVia {
@@ -56,6 +61,8 @@ impl std::str::FromStr for AllocVia {
             "nvos21" | "rm-alloc" => Ok(Self::Nvos21),
             "nvos64" => Ok(Self::Nvos64),
             "vid-heap" => Ok(Self::VidHeap),
+            "vid-heap-range" => Ok(Self::VidHeapRange),
+            "vid-heap-tiled" => Ok(Self::VidHeapTiled),
             _ => Err(Error::UnknownAllocVia(s.to_owned())),
         }
     }
@@ -120,7 +127,7 @@ impl RmClient {
             return Ok(ioctl(&self.ctl, cmd, arg)?);
         }
         let mut x = Xfer {
-            cmd,
+            cmd: u32::from(nr),
             size: u32::try_from(arg.len()).unwrap_or(u32::MAX),
             ptr: arg.as_mut_ptr() as u64,
         }
@@ -204,8 +211,19 @@ impl RmClient {
                     &mut p,
                 )
             }
-            AllocVia::VidHeap => {
-                let mut b = abi::nvos32_alloc_size(self.client, device, 0, bytes);
+            AllocVia::VidHeap | AllocVia::VidHeapRange | AllocVia::VidHeapTiled => {
+                const PITCH: u32 = 4096;
+                let mut b = match via {
+                    AllocVia::VidHeap => abi::nvos32_alloc_size(self.client, device, 0, bytes),
+                    AllocVia::VidHeapRange => abi::nvos32_alloc_size_range(self.client, device, 0, bytes),
+                    _ => abi::nvos32_alloc_tiled(
+                        self.client,
+                        device,
+                        0,
+                        PITCH as i32,
+                        u32::try_from(bytes.div_ceil(u64::from(PITCH))).unwrap_or(u32::MAX),
+                    ),
+                };
                 self.call(abi::NV_ESC_RM_VID_HEAP_CONTROL, &mut b)?;
                 match abi::get_u32(&b, abi::nvos32::STATUS) {
                     Some(status::NV_OK) => Ok(abi::get_u32(&b, abi::nvos32::H_MEMORY).unwrap_or(0)),

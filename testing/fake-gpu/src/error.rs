@@ -27,8 +27,9 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// An allocation-path name other than `nvos21`, `nvos64` or `vid-heap`.
-    #[error("unknown allocation path `{0}` (nvos21, nvos64, vid-heap)")]
+    /// An allocation-path name other than `nvos21`, `nvos64`, `vid-heap`, `vid-heap-range` or
+    /// `vid-heap-tiled`.
+    #[error("unknown allocation path `{0}` (nvos21, nvos64, vid-heap, vid-heap-range, vid-heap-tiled)")]
     UnknownAllocVia(String),
     /// The ground-truth file is not valid JSON.
     #[error("ground truth is not valid JSON: {0}")]

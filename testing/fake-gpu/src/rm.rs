@@ -79,11 +79,13 @@ pub fn handle_ioctl(
     if nr == abi::NV_ESC_IOCTL_XFER_CMD {
         let x = Xfer::decode(arg).map_err(|_| libc::EINVAL)?;
         let inner_size = x.size as usize;
-        if inner_size > abi::NV_ABSOLUTE_MAX_IOCTL_SIZE || abi::ioc_nr(x.cmd) == abi::NV_ESC_IOCTL_XFER_CMD {
+        // The bare escape number: anything wider is no escape the driver knows.
+        let inner_nr = u8::try_from(x.cmd).map_err(|_| libc::EINVAL)?;
+        if inner_size > abi::NV_ABSOLUTE_MAX_IOCTL_SIZE || inner_nr == abi::NV_ESC_IOCTL_XFER_CMD {
             return Err(libc::EINVAL);
         }
         let mut inner = caller.mem.read(x.ptr, inner_size).ok_or(libc::EFAULT)?;
-        escape(model, caller, abi::ioc_nr(x.cmd), &mut inner)?;
+        escape(model, caller, inner_nr, &mut inner)?;
         if !caller.mem.write(x.ptr, &inner) {
             return Err(libc::EFAULT);
         }
@@ -275,10 +277,36 @@ fn vid_heap(model: &mut DeviceModel, _caller: &Caller<'_>, buf: &mut [u8]) {
     let function = u(buf, o::FUNCTION);
     let gpu = model.gpu_of(client, parent);
     let result = match function {
-        abi::NVOS32_FUNCTION_ALLOC_SIZE | abi::NVOS32_FUNCTION_ALLOC_SIZE_RANGE => {
+        abi::NVOS32_FUNCTION_ALLOC_SIZE
+        | abi::NVOS32_FUNCTION_ALLOC_SIZE_RANGE
+        | abi::NVOS32_FUNCTION_ALLOC_TILED_PITCH_HEIGHT => {
             let flags = u(buf, o::FLAGS);
-            let attr = u(buf, o::ATTR);
-            let bytes = abi::get_u64(buf, o::SIZE).unwrap_or(0);
+            // Each member of the `data` union keeps `attr` and `size` at its own offsets.
+            let (attr, bytes, size_at, limit_at) = match function {
+                abi::NVOS32_FUNCTION_ALLOC_SIZE => (
+                    u(buf, o::ATTR),
+                    abi::get_u64(buf, o::SIZE).unwrap_or(0),
+                    o::SIZE,
+                    o::LIMIT,
+                ),
+                abi::NVOS32_FUNCTION_ALLOC_SIZE_RANGE => (
+                    u(buf, o::range::ATTR),
+                    abi::get_u64(buf, o::range::SIZE).unwrap_or(0),
+                    o::range::SIZE,
+                    o::range::LIMIT,
+                ),
+                _ => {
+                    // _nvos32FunctionAllocTiledPitchHeight: size = height * pitch, written back.
+                    let pitch = abi::get_u32(buf, o::tiled::PITCH).map_or(0, |p| p as i32);
+                    let height = u64::from(u(buf, o::tiled::HEIGHT));
+                    (
+                        u(buf, o::tiled::ATTR),
+                        height * u64::try_from(pitch).unwrap_or(0),
+                        o::tiled::SIZE,
+                        o::tiled::LIMIT,
+                    )
+                }
+            };
             let requested = if flags & 0x4000 != 0 {
                 u(buf, o::H_MEMORY)
             } else {
@@ -297,13 +325,23 @@ fn vid_heap(model: &mut DeviceModel, _caller: &Caller<'_>, buf: &mut [u8]) {
                 vidmem,
                 path: AllocPath::VidHeap,
             };
-            model
-                .alloc_object(client, parent, requested, h_class, p)
-                .map(|h| {
-                    abi::put_u32(buf, o::H_MEMORY, h);
-                    abi::put_u64(buf, o::SIZE, bytes);
-                    abi::put_u64(buf, o::LIMIT, bytes.saturating_sub(1));
-                })
+            if bytes == 0 {
+                Err(status::NV_ERR_INVALID_ARGUMENT)
+            } else {
+                model
+                    .alloc_object(client, parent, requested, h_class, p)
+                    .map(|h| {
+                        abi::put_u32(buf, o::H_MEMORY, h);
+                        abi::put_u64(buf, size_at, bytes);
+                        abi::put_u64(buf, limit_at, bytes.saturating_sub(1));
+                    })
+            }
+        }
+        abi::NVOS32_FUNCTION_FREE
+            if u(buf, o::FREE_FLAGS) & abi::NVOS32_FREE_FLAGS_MEMORY_HANDLE_PROVIDED == 0 =>
+        {
+            // _nvos32FunctionFree refuses a free that does not say it names the handle.
+            Err(status::NV_ERR_INVALID_ARGUMENT)
         }
         abi::NVOS32_FUNCTION_FREE => {
             let h = u(buf, o::H_MEMORY);
@@ -636,8 +674,20 @@ mod tests {
             0x6000,
             RmAllocVariant::Nvos64.encode(&rm(client, dev, 0x40, 0x5000, 128)),
         );
-        let x = Xfer {
+        // A full ioctl command in the wrapper is no escape the driver knows (it takes the bare number).
+        let full = Xfer {
             cmd: nv_iowr(abi::NV_ESC_RM_ALLOC, 48),
+            size: 48,
+            ptr: 0x6000,
+        }
+        .encode();
+        assert_eq!(
+            handle_ioctl(&mut m, &c, nv_iowr(abi::NV_ESC_IOCTL_XFER_CMD, 16), &full),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(m.snapshot().bytes(42, 0), 0);
+        let x = Xfer {
+            cmd: u32::from(abi::NV_ESC_RM_ALLOC),
             size: 48,
             ptr: 0x6000,
         }
@@ -649,7 +699,7 @@ mod tests {
         assert_ne!(abi::get_u32(&inner, 8), Some(0));
         assert_eq!(m.snapshot().bytes(42, 0), 4 * MIB);
         let bad = Xfer {
-            cmd: nv_iowr(abi::NV_ESC_RM_ALLOC, 48),
+            cmd: u32::from(abi::NV_ESC_RM_ALLOC),
             size: 48,
             ptr: 0xdead_0000,
         }

@@ -128,7 +128,7 @@ fn the_kernel_round_trips_the_real_struct_bytes() {
     }
     .encode();
     let mut x = Xfer {
-        cmd: 0xC010_4629,
+        cmd: u32::from(abi::NV_ESC_RM_FREE),
         size: 16,
         ptr: inner.as_mut_ptr() as u64,
     }
@@ -187,14 +187,14 @@ fn bad_input_gets_the_drivers_errors_and_the_device_survives() {
     ioctl(&gpu0, abi::nv_iowr(abi::NV_ESC_REGISTER_FD, 4), &mut [3, 0, 0, 0]).unwrap();
     // XFER over 16 KiB, and XFER to an unmapped pointer.
     let mut x = Xfer {
-        cmd: 0xC010_4629,
+        cmd: u32::from(abi::NV_ESC_RM_FREE),
         size: 20_000,
         ptr: 0,
     }
     .encode();
     assert_eq!(errno(ioctl(c.file(), 0xC010_46D3, &mut x)), Some(libc::EINVAL));
     let mut x = Xfer {
-        cmd: 0xC010_4629,
+        cmd: u32::from(abi::NV_ESC_RM_FREE),
         size: 16,
         ptr: 0x10,
     }
