@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use hami_ebpf_common::{AllocValue, Event, GPU_UNKNOWN, ObjectKey, event_kind};
+use hami_ebpf_common::{AllocValue, Event, GPU_UNKNOWN, ObjectKey, ObjectValue, event_kind};
 use serde::{Deserialize, Serialize};
 
 /// A live device-memory or managed-memory object.
@@ -124,6 +124,8 @@ pub struct UsageRow {
 pub struct Cleanup {
     /// Entries of the live-object map.
     pub allocs: Vec<ObjectKey>,
+    /// Entries of the object map (device/subdevice objects freed with an ancestor).
+    pub objects: Vec<ObjectKey>,
     /// Remove every object-map entry of this tgid (the process exited).
     pub exited_tgid: Option<u32>,
 }
@@ -157,6 +159,10 @@ pub struct Attribution {
     /// Per GPU, the NVML timestamp (µs) up to which utilisation samples were integrated.
     #[serde(default)]
     pub utilization_seen_us: BTreeMap<u32, u64>,
+    /// The RM device/subdevice objects (key → parent handle) that frees cascade through; reseeded
+    /// from the kernel's object map at start-up ([`Attribution::seed_objects`]), so not saved.
+    #[serde(skip)]
+    objects: BTreeMap<ObjectKey, u32>,
     /// Every event stamped before this (CLOCK_MONOTONIC ns) has been applied ([`Attribution::settle`]);
     /// `None`: not known, integrals are extended to the time asked.
     #[serde(skip)]
@@ -248,11 +254,56 @@ mod live_map {
     }
 }
 
+/// Every [`ObjectKey`] of client `client` of process `tgid`.
+fn client_range(tgid: u32, client: u32) -> std::ops::RangeInclusive<ObjectKey> {
+    let at = |handle, pad| ObjectKey {
+        tgid,
+        client,
+        handle,
+        _pad: pad,
+    };
+    at(0, 0)..=at(u32::MAX, u32::MAX)
+}
+
+/// Every [`ObjectKey`] of process `tgid`.
+fn tgid_range(tgid: u32) -> std::ops::RangeInclusive<ObjectKey> {
+    let at = |v| ObjectKey {
+        tgid,
+        client: v,
+        handle: v,
+        _pad: v,
+    };
+    at(0)..=at(u32::MAX)
+}
+
 impl Attribution {
     /// An empty state.
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Replaces the object tree with the kernel's object map (authoritative; read at start-up, when
+    /// the events that built it may have been applied by an earlier agent).
+    pub fn seed_objects(&mut self, kernel: &[(ObjectKey, ObjectValue)]) {
+        self.objects = kernel.iter().map(|(k, v)| (*k, v.parent)).collect();
+    }
+
+    /// Handle `root` and every object below it in the tree of client `client` of `tgid`.
+    fn subtree(&self, tgid: u32, client: u32, root: u32) -> std::collections::BTreeSet<u32> {
+        let mut set = std::collections::BTreeSet::from([root]);
+        // A handful of objects per client: repeat until nothing is added (depth is small).
+        loop {
+            let before = set.len();
+            for (k, parent) in self.objects.range(client_range(tgid, client)) {
+                if set.contains(parent) {
+                    set.insert(k.handle);
+                }
+            }
+            if set.len() == before {
+                return set;
+            }
+        }
     }
 
     fn entry(&mut self, cgroup_id: u64, gpu: u32, kind: MemoryKind) -> &mut Usage {
@@ -310,14 +361,20 @@ impl Attribution {
                 let u = self.entry(ev.cgroup_id, ev.gpu, MemoryKind::Device);
                 u.failed_allocations += 1;
             }
+            event_kind::OBJECT => {
+                self.objects.insert(key, ev.parent);
+            }
             event_kind::FREE_OBJECT => {
+                // RM frees the object's whole subtree (a client: everything it holds).
+                let whole_client = ev.handle == ev.client;
+                let freed = self.subtree(ev.tgid, ev.client, ev.handle);
                 let doomed: Vec<ObjectKey> = self
                     .live
                     .iter()
                     .filter(|(k, l)| {
                         k.tgid == ev.tgid
                             && k.client == ev.client
-                            && (ev.handle == ev.client || l.parent == ev.handle)
+                            && (whole_client || freed.contains(&l.parent))
                             && l.ts_ns <= ev.ts_ns
                     })
                     .map(|(k, _)| *k)
@@ -325,7 +382,17 @@ impl Attribution {
                 for k in &doomed {
                     self.release(*k, ev.ts_ns, false);
                 }
+                let objects: Vec<ObjectKey> = self
+                    .objects
+                    .range(client_range(ev.tgid, ev.client))
+                    .filter(|(k, _)| whole_client || freed.contains(&k.handle))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in &objects {
+                    self.objects.remove(k);
+                }
                 cleanup.allocs = doomed;
+                cleanup.objects = objects;
             }
             event_kind::EXIT | event_kind::EXEC => {
                 let doomed: Vec<ObjectKey> = self
@@ -345,6 +412,11 @@ impl Attribution {
                     .collect();
                 for k in managed {
                     self.release_managed(k, ev.ts_ns, false);
+                }
+                let objects: Vec<ObjectKey> =
+                    self.objects.range(tgid_range(ev.tgid)).map(|(k, _)| *k).collect();
+                for k in &objects {
+                    self.objects.remove(k);
                 }
                 cleanup.allocs = doomed;
                 cleanup.exited_tgid = Some(ev.tgid);
@@ -639,6 +711,58 @@ mod tests {
         let c = a.apply(&ev(event_kind::EXIT, 10, 7, 40));
         assert!(c.allocs.is_empty());
         assert_eq!(dev_row(&a, 7, 0, 60).usage.bytes, 1000);
+    }
+
+    #[test]
+    fn subtree_free_of_a_device_releases_memory_under_its_subdevices_only() {
+        let mut a = Attribution::new();
+        let object = |handle, parent, ts| Event {
+            handle,
+            parent,
+            ..ev(event_kind::OBJECT, 10, 7, ts)
+        };
+        // Client 0xc1 → devices 0xd0 (GPU 0) and 0xd5; subdevice 0x5d under 0xd0.
+        a.apply(&object(0xd0, 0xc1, 1));
+        a.apply(&object(0xd5, 0xc1, 1));
+        a.apply(&object(0x5d, 0xd0, 2));
+        a.apply(&alloc(10, 7, 1, 0, 100, 3)); // under the device 0xd0
+        a.apply(&Event {
+            parent: 0x5d,
+            ..alloc(10, 7, 2, 0, 200, 4)
+        });
+        a.apply(&Event {
+            parent: 0xd5,
+            ..alloc(10, 7, 3, 0, 400, 4)
+        });
+        assert_eq!(dev_row(&a, 7, 0, 5).usage.bytes, 700);
+        // Freeing the subdevice frees what is under it, not its parent's memory.
+        let c = a.apply(&Event {
+            handle: 0x5d,
+            ..ev(event_kind::FREE_OBJECT, 10, 7, 6)
+        });
+        assert_eq!((c.allocs.len(), c.objects.len()), (1, 1));
+        assert_eq!(dev_row(&a, 7, 0, 7).usage.bytes, 500);
+        // A new subdevice, with memory under it; then the device goes: its whole subtree with it.
+        a.apply(&object(0x5e, 0xd0, 8));
+        a.apply(&Event {
+            parent: 0x5e,
+            ..alloc(10, 7, 4, 0, 800, 9)
+        });
+        let c = a.apply(&Event {
+            handle: 0xd0,
+            ..ev(event_kind::FREE_OBJECT, 10, 7, 10)
+        });
+        assert_eq!(
+            c.allocs.len(),
+            2,
+            "memory under the device and under its subdevice"
+        );
+        assert_eq!(c.objects.len(), 2, "the device and its subdevice");
+        let row = dev_row(&a, 7, 0, 11);
+        assert_eq!((row.usage.bytes, row.usage.released), (400, 3));
+        // The exit clears the rest.
+        let c = a.apply(&ev(event_kind::EXIT, 10, 7, 12));
+        assert_eq!((c.allocs.len(), a.objects.len()), (1, 0));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{Lsm, RawTracePoint, TracePoint, UProbe, links::FdLink, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use hami_ebpf_common::{
-    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, counter, file_kind, names,
+    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, ObjectValue, counter, file_kind,
+    names,
 };
 
 use crate::config::{AgentConfig, SyscallHook};
@@ -338,7 +339,7 @@ pub struct Probes {
     _ebpf: Ebpf,
     events: RingBuf<MapData>,
     allocs: HashMap<MapData, ObjectKey, AllocValue>,
-    objects: HashMap<MapData, ObjectKey, u32>,
+    objects: HashMap<MapData, ObjectKey, ObjectValue>,
     tracked: HashMap<MapData, u32, u64>,
     calls: PerCpuHashMap<MapData, CallKey, u64>,
     limits: HashMap<MapData, LimitKey, u64>,
@@ -393,7 +394,7 @@ impl Probes {
         }
 
         let bpffs = &cfg.paths.bpffs;
-        let maps_dir = bpffs.join("maps");
+        let maps_dir = bpffs.join(format!("maps-v{}", names::MAPS_VERSION));
         let hook = resolve_hook(cfg.syscall_hook)?;
         let hook_name = if hook == SyscallHook::Tracepoint {
             "tp"
@@ -549,10 +550,20 @@ impl Probes {
         self.allocs.iter().filter_map(std::result::Result::ok).collect()
     }
 
-    /// Deletes entries of the live-object map and, for an exited process, its object-map entries.
-    pub fn cleanup(&mut self, allocs: &[ObjectKey], exited_tgid: Option<u32>) {
+    /// The kernel's table of device and subdevice objects.
+    #[must_use]
+    pub fn objects(&self) -> Vec<(ObjectKey, ObjectValue)> {
+        self.objects.iter().filter_map(std::result::Result::ok).collect()
+    }
+
+    /// Deletes entries of the live-object map, entries of the object map (objects freed with an
+    /// ancestor) and, for an exited process, all its object-map entries.
+    pub fn cleanup(&mut self, allocs: &[ObjectKey], objects: &[ObjectKey], exited_tgid: Option<u32>) {
         for k in allocs {
             let _ = self.allocs.remove(k);
+        }
+        for k in objects {
+            let _ = self.objects.remove(k);
         }
         if let Some(tgid) = exited_tgid {
             let doomed: Vec<ObjectKey> = self

@@ -151,6 +151,7 @@ impl Agent {
         agent.sample_utilization();
         let kernel = agent.probes.live_objects();
         let fixed = agent.state.reconcile(&kernel, monotonic_ns());
+        agent.state.seed_objects(&agent.probes.objects());
         // Parsing the kernel's BTF (several MiB of types) leaves freed heap behind; hand it back so
         // the agent's resident set reflects what it keeps.
         #[allow(unsafe_code, reason = "malloc_trim(3) has no preconditions")]
@@ -184,12 +185,12 @@ impl Agent {
         let state = &mut self.state;
         let n = self.probes.drain(timeout_ms, |ev| {
             let c = state.apply(ev);
-            if !c.allocs.is_empty() || c.exited_tgid.is_some() {
+            if !c.allocs.is_empty() || !c.objects.is_empty() || c.exited_tgid.is_some() {
                 cleanups.push(c);
             }
         });
         for c in cleanups {
-            self.probes.cleanup(&c.allocs, c.exited_tgid);
+            self.probes.cleanup(&c.allocs, &c.objects, c.exited_tgid);
         }
         self.state.settle(drain_start);
         if n > 0 && !self.limit_keys.is_empty() {

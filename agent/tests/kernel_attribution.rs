@@ -909,3 +909,51 @@ fn legacy_heap_size_range_and_tiled_surfaces_are_charged_from_their_own_offsets(
     let s = settle(&mut agent);
     assert_eq!(attributed(&s, &c, 0), 0);
 }
+
+#[test]
+fn subtree_free_of_a_device_releases_memory_parented_to_its_subdevice() {
+    // Memory under an NV20_SUBDEVICE_0; the process then frees the NV01_DEVICE_0 (not the memory) and
+    // keeps running: the driver frees the whole subtree, and so must the attribution, at once, not at
+    // the process's exit.
+    let Some(env) = Env::new("subtree", 1, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(17);
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            "2097152",
+            "--raw-alloc",
+            "1048576",
+            "--raw-under-subdevice",
+            "--raw-free-device",
+            "--hold",
+        ],
+        &[],
+    );
+    w.words("raw-allocated");
+    assert_eq!(env.node.ground_truth().bytes(w.pid, 0), 3 * MIB);
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 3 * MIB);
+    w.send();
+    w.words("raw-freed-device");
+    assert_eq!(
+        env.node.ground_truth().bytes(w.pid, 0),
+        0,
+        "the node freed the subtree"
+    );
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), 0);
+    let g = container(&s, &c)
+        .gpus
+        .iter()
+        .find(|g| g.gpu == Some(0))
+        .cloned()
+        .unwrap();
+    assert_eq!((g.released, g.frees, g.allocations), (2, 0, 2));
+    assert_eq!(s.agent.live_objects, 0);
+    assert!(w.try_status().is_none(), "still running: not the exit path");
+    w.finish();
+}

@@ -50,30 +50,20 @@ pub(crate) fn scheduler_binary() -> PathBuf {
     bin
 }
 
-/// The tenant program and the fake libcuda, building them if this test ran alone (`cargo test -p
-/// hami-agent` builds only this package's targets).
+/// The tenant program and the fake libcuda, brought up to date once per test binary (`cargo test -p
+/// hami-agent` builds only this package's targets, and a stale workload would lack new options).
 fn artifacts() -> (PathBuf, PathBuf) {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| cargo_build(&["-p", "hami-fake-cuda"]));
     let t = target_dir();
-    let find = |t: &Path| {
-        let w = t.join("hami-cuda-workload");
-        let lib = [t.join("deps/libcuda.so"), t.join("libcuda.so")]
-            .into_iter()
-            .find(|p| p.exists());
-        (w.exists()).then_some(()).and(lib).map(|l| (w, l))
-    };
-    if let Some(found) = find(&t) {
-        return found;
+    let w = t.join("hami-cuda-workload");
+    let lib = [t.join("deps/libcuda.so"), t.join("libcuda.so")]
+        .into_iter()
+        .find(|p| p.exists());
+    match lib {
+        Some(l) if w.exists() => (w, l),
+        _ => panic!("hami-cuda-workload and libcuda.so after building hami-fake-cuda"),
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let profile_release = t.ends_with("release");
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "hami-fake-cuda"]);
-    if profile_release {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("running cargo build -p hami-fake-cuda");
-    assert!(st.success(), "cargo build -p hami-fake-cuda failed");
-    find(&t).expect("hami-cuda-workload and libcuda.so after building hami-fake-cuda")
 }
 
 /// The fake `libnvidia-ml.so` built with the workspace (built by `cargo test --workspace`; built here

@@ -9,13 +9,18 @@
 
 /// Name of every map and program, shared so the agent opens exactly what the object defines.
 pub mod names {
+    /// Version of the pinned maps' key and value layouts, part of their bpffs directory name
+    /// (`maps-v<N>`): an agent whose layouts differ starts with fresh maps instead of failing to reuse
+    /// incompatible pins (the old ones stay until `hami-agent detach`).
+    pub const MAPS_VERSION: u32 = 2;
     /// `HashMap<FileKey, u32>`: NVIDIA device files (value: [`super::file_kind`]).
     pub const DEVICE_FILES: &str = "HAMI_DEVICE_FILES";
     /// `Array<KernelConfig>` with one entry.
     pub const CONFIG: &str = "HAMI_CONFIG";
     /// `HashMap<u64 pid_tgid, Pending>`: an ioctl between syscall entry and exit.
     pub const PENDING: &str = "HAMI_PENDING";
-    /// `HashMap<ObjectKey, u32 gpu>`: RM device/subdevice objects and the GPU they stand for.
+    /// `HashMap<ObjectKey, ObjectValue>`: RM device/subdevice objects, the GPU they stand for and their
+    /// parent (pinned).
     pub const OBJECTS: &str = "HAMI_OBJECTS";
     /// `HashMap<ObjectKey, AllocValue>`: live device-memory objects (pinned; authoritative).
     pub const ALLOCS: &str = "HAMI_ALLOCS";
@@ -193,6 +198,16 @@ pub struct ObjectKey {
     pub _pad: u32,
 }
 
+/// An RM `NV01_DEVICE_0` or `NV20_SUBDEVICE_0` object, the value of the object map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ObjectValue {
+    /// GPU index (`deviceId` of the device), or [`GPU_UNKNOWN`].
+    pub gpu: u32,
+    /// Parent handle: the client for a device, the device for a subdevice.
+    pub parent: u32,
+}
+
 /// A live device-memory object.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -320,9 +335,12 @@ pub mod event_kind {
     pub const FREE: u32 = 2;
     /// A device-memory allocation came back with a non-zero RM `status` (nothing allocated).
     pub const ALLOC_FAILED: u32 = 3;
-    /// A non-memory object was freed (`handle`; `handle == client` frees the whole client): the agent
-    /// releases the memory objects below it.
+    /// A non-memory object was freed (`handle`; `handle == client` frees the whole client): the driver
+    /// frees its whole subtree, so the agent releases every memory object below it, however deep.
     pub const FREE_OBJECT: u32 = 4;
+    /// An `NV01_DEVICE_0` or `NV20_SUBDEVICE_0` was created (`client`, `handle`, `parent`, `class`,
+    /// `gpu`): the agent keeps the object tree that frees cascade through.
+    pub const OBJECT: u32 = 12;
     /// The thread-group leader exited: every object of the tgid is released.
     pub const EXIT: u32 = 5;
     /// A process forked (`aux` = child tgid).
@@ -480,6 +498,7 @@ const _: () = {
     assert!(core::mem::size_of::<KernelConfig>() == 72);
     assert!(core::mem::size_of::<ObjectKey>() == 16);
     assert!(core::mem::size_of::<AllocValue>() == 32);
+    assert!(core::mem::size_of::<ObjectValue>() == 8);
     assert!(core::mem::size_of::<Pending>() == 24);
     assert!(core::mem::size_of::<UprobePending>() == 24);
     assert!(core::mem::size_of::<CallKey>() == 16);
@@ -490,7 +509,7 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
-    use super::{AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey};
+    use super::{AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, ObjectValue};
     // SAFETY: all are #[repr(C)], Copy, made only of integers, without padding (sizes asserted above).
     unsafe impl aya::Pod for FileKey {}
     // SAFETY: as above.
@@ -499,6 +518,8 @@ mod pod {
     unsafe impl aya::Pod for ObjectKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AllocValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ObjectValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CallKey {}
     // SAFETY: as above.

@@ -39,7 +39,7 @@ use aya_ebpf::{
     programs::{LsmContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 use hami_ebpf_common::{
-    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, Pending, SYS_IOCTL,
+    AllocValue, CallKey, Event, FileKey, KernelConfig, LimitKey, ObjectKey, ObjectValue, Pending, SYS_IOCTL,
     UprobePending, call, counter,
     decode::{self, Decoded},
     event_kind, file_kind, nv, pt_regs,
@@ -52,7 +52,7 @@ static HAMI_CONFIG: Array<KernelConfig> = Array::pinned(1, 0);
 #[map]
 static HAMI_PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
 #[map]
-static HAMI_OBJECTS: HashMap<ObjectKey, u32> = HashMap::pinned(65536, 0);
+static HAMI_OBJECTS: HashMap<ObjectKey, ObjectValue> = HashMap::pinned(65536, 0);
 #[map]
 static HAMI_ALLOCS: HashMap<ObjectKey, AllocValue> = HashMap::pinned(262_144, 0);
 #[map]
@@ -532,7 +532,27 @@ fn gpu_of(tgid: u32, client: u32, handle: u32) -> Option<u32> {
         _pad: 0,
     };
     // SAFETY: plain map lookup.
-    unsafe { HAMI_OBJECTS.get(key) }.copied()
+    unsafe { HAMI_OBJECTS.get(key) }.map(|v| v.gpu)
+}
+
+/// Records a device or subdevice object and tells the agent (the tree frees cascade through).
+#[inline(always)]
+fn record_object(client: u32, handle: u32, parent: u32, gpu: u32, class: u32, nr: u32) {
+    let mut ev = base_event(event_kind::OBJECT);
+    let key = ObjectKey {
+        tgid: ev.tgid,
+        client,
+        handle,
+        _pad: 0,
+    };
+    let _ = HAMI_OBJECTS.insert(key, ObjectValue { gpu, parent }, 0);
+    ev.gpu = gpu;
+    ev.client = client;
+    ev.handle = handle;
+    ev.parent = parent;
+    ev.class = class;
+    ev.nr = nr;
+    emit(&ev);
 }
 
 #[inline(always)]
@@ -561,29 +581,16 @@ fn on_escape(p: &Pending, c: &KernelConfig) -> Option<()> {
             client,
             handle,
             device_id,
-        } => {
-            let key = ObjectKey {
-                tgid,
-                client,
-                handle,
-                _pad: 0,
-            };
-            let _ = HAMI_OBJECTS.insert(key, device_id, 0);
-        }
+        } => record_object(client, handle, client, device_id, nv::CLASS_DEVICE, p.nr),
         Decoded::Subdevice {
             client,
             parent,
             handle,
         } => {
-            if let Some(g) = gpu_of(tgid, client, parent) {
-                let key = ObjectKey {
-                    tgid,
-                    client,
-                    handle,
-                    _pad: 0,
-                };
-                let _ = HAMI_OBJECTS.insert(key, g, 0);
-            }
+            // Kept even under a device allocated before tracing began (GPU unknown): frees still
+            // cascade through it.
+            let gpu = gpu_of(tgid, client, parent).unwrap_or(hami_ebpf_common::GPU_UNKNOWN);
+            record_object(client, handle, parent, gpu, nv::CLASS_SUBDEVICE, p.nr);
         }
         Decoded::Free { client, handle } => record_free(client, handle, p.nr),
         Decoded::Ignored => {}

@@ -190,6 +190,21 @@ impl RmClient {
         )
     }
 
+    /// `NV20_SUBDEVICE_0` (subdevice 0) under `device`, with an `NV2080_ALLOC_PARAMETERS`.
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn alloc_subdevice(&self, device: u32) -> Result<u32, Error> {
+        let mut p = vec![0u8; 4];
+        self.alloc(
+            RmAllocVariant::Nvos21,
+            self.client,
+            device,
+            class::NV20_SUBDEVICE_0,
+            &mut p,
+        )
+    }
+
     /// Device memory of `bytes` under `device` (a device or subdevice handle). Returns the handle.
     ///
     /// # Errors

@@ -107,6 +107,13 @@ struct Args {
     /// Free the raw allocations with RM_FREE before exiting.
     #[arg(long)]
     raw_free: bool,
+    /// Parent the raw allocations to an NV20_SUBDEVICE_0 under the device, not to the device.
+    #[arg(long)]
+    raw_under_subdevice: bool,
+    /// Instead of freeing the raw allocations one by one, free their NV01_DEVICE_0 with RM_FREE: the
+    /// driver frees the whole subtree (subdevice and memory). Prints `raw-freed-device`.
+    #[arg(long)]
+    raw_free_device: bool,
     /// Attempt a raw allocation of this many bytes that is expected to fail; print its NV_STATUS.
     #[arg(long)]
     raw_fail: Option<u64>,
@@ -282,6 +289,8 @@ fn rm_client(xfer: bool) -> Result<RmClient> {
 struct Raw {
     client: RmClient,
     dev: u32,
+    /// The parent of the allocations: `dev` or a subdevice under it.
+    parent: u32,
     handles: Vec<u32>,
 }
 
@@ -291,11 +300,18 @@ fn raw(args: &Args, gpu: u32) -> Result<Option<Raw>> {
     }
     let client = rm_client(args.xfer)?;
     let dev = client.alloc_device(gpu).context("allocating NV01_DEVICE_0")?;
+    let parent = if args.raw_under_subdevice {
+        client
+            .alloc_subdevice(dev)
+            .context("allocating NV20_SUBDEVICE_0")?
+    } else {
+        dev
+    };
     let mut handles = Vec::new();
     for &bytes in &args.raw_alloc {
         handles.push(
             client
-                .alloc_vidmem(dev, bytes, args.raw_via)
+                .alloc_vidmem(parent, bytes, args.raw_via)
                 .context("raw allocation")?,
         );
     }
@@ -312,7 +328,12 @@ fn raw(args: &Args, gpu: u32) -> Result<Option<Raw>> {
             },
         }
     }
-    Ok(Some(Raw { client, dev, handles }))
+    Ok(Some(Raw {
+        client,
+        dev,
+        parent,
+        handles,
+    }))
 }
 
 fn threads() -> Option<u32> {
@@ -751,11 +772,19 @@ fn main() -> Result<()> {
         }
         freed = true;
     }
-    if args.raw_free
+    if args.raw_free_device
+        && let Some(r) = &raw
+    {
+        r.client
+            .free(r.client.client, r.dev)
+            .context("raw RM_FREE of the device")?;
+        println!("raw-freed-device");
+        freed = true;
+    } else if args.raw_free
         && let Some(r) = &raw
     {
         for &h in &r.handles {
-            r.client.free(r.dev, h).context("raw RM_FREE")?;
+            r.client.free(r.parent, h).context("raw RM_FREE")?;
         }
         freed = true;
     }
