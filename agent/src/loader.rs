@@ -154,43 +154,77 @@ fn resolve_hook(hook: SyscallHook) -> Result<SyscallHook> {
     }
 }
 
-/// libcuda uprobes: (program, symbol); whether a program is an entry or a return probe is its own
-/// (`#[uprobe]` / `#[uretprobe]` in the eBPF crate).
-const UPROBES: [(&str, &str); 14] = [
-    ("hami_cu_mem_release", "cuMemRelease"),
-    ("hami_cu_mem_free_async", "cuMemFreeAsync"),
-    ("hami_cu_mem_alloc", "cuMemAlloc_v2"),
-    ("hami_cu_mem_alloc_pitch", "cuMemAllocPitch_v2"),
-    ("hami_cu_mem_create", "cuMemCreate"),
-    ("hami_cu_mem_alloc_async", "cuMemAllocAsync"),
-    ("hami_cu_mem_alloc_managed", "cuMemAllocManaged"),
-    ("hami_cu_mem_free", "cuMemFree_v2"),
-    ("hami_cu_ret", "cuMemAllocManaged"),
-    ("hami_cu_ret", "cuMemFree_v2"),
-    ("hami_cu_launch_kernel", "cuLaunchKernel"),
-    ("hami_cu_launch_kernel_ex", "cuLaunchKernelEx"),
-    ("hami_cu_launch_cooperative", "cuLaunchCooperativeKernel"),
-    ("hami_cu_graph_launch", "cuGraphLaunch"),
-];
+/// Call names of [`hami_ebpf_common::call`] ids, as exported in metric labels (from
+/// [`hami_ebpf_common::PROBES`]).
+#[must_use]
+pub fn call_names() -> Vec<(u32, &'static str)> {
+    hami_ebpf_common::PROBES
+        .iter()
+        .filter_map(|p| p.call.map(|c| (c, p.symbol)))
+        .collect()
+}
 
-/// Call names of [`hami_ebpf_common::call`] ids, as exported in metric labels.
-pub const CALL_NAMES: [(u32, &str); 12] = [
-    (hami_ebpf_common::call::MEM_RELEASE, "cuMemRelease"),
-    (hami_ebpf_common::call::MEM_FREE_ASYNC, "cuMemFreeAsync"),
-    (hami_ebpf_common::call::MEM_ALLOC, "cuMemAlloc_v2"),
-    (hami_ebpf_common::call::MEM_ALLOC_MANAGED, "cuMemAllocManaged"),
-    (hami_ebpf_common::call::MEM_FREE, "cuMemFree_v2"),
-    (hami_ebpf_common::call::LAUNCH_KERNEL, "cuLaunchKernel"),
-    (hami_ebpf_common::call::LAUNCH_KERNEL_EX, "cuLaunchKernelEx"),
-    (
-        hami_ebpf_common::call::LAUNCH_COOPERATIVE,
-        "cuLaunchCooperativeKernel",
-    ),
-    (hami_ebpf_common::call::GRAPH_LAUNCH, "cuGraphLaunch"),
-    (hami_ebpf_common::call::MEM_CREATE, "cuMemCreate"),
-    (hami_ebpf_common::call::MEM_ALLOC_ASYNC, "cuMemAllocAsync"),
-    (hami_ebpf_common::call::MEM_ALLOC_PITCH, "cuMemAllocPitch_v2"),
-];
+/// The libcuda files of `candidates` that exist, and for each, the [`hami_ebpf_common::PROBES`] it
+/// exports (by dynamic symbol). A missing file or symbol is reported, never an error: drivers differ
+/// in what they export and where they install the library.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UprobePlan {
+    /// (library, probes whose symbol it exports).
+    pub libs: Vec<(PathBuf, Vec<hami_ebpf_common::Probe>)>,
+    /// Configured libraries that do not exist or cannot be parsed.
+    pub missing_libs: Vec<PathBuf>,
+    /// (library, symbol) pairs of probes the library does not export.
+    pub missing_symbols: Vec<(PathBuf, &'static str)>,
+}
+
+impl UprobePlan {
+    /// Reads the dynamic symbol tables of `candidates`.
+    #[must_use]
+    pub fn new(candidates: &[PathBuf]) -> Self {
+        use object::{Object as _, ObjectSymbol as _};
+        let mut plan = Self::default();
+        for lib in candidates {
+            let data = match std::fs::read(lib) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(path = %lib.display(), error = %e, "libcuda not found: no uprobes on it");
+                    plan.missing_libs.push(lib.clone());
+                    continue;
+                }
+            };
+            let file = match object::File::parse(&*data) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(path = %lib.display(), error = %e, "libcuda is not an ELF object: no uprobes on it");
+                    plan.missing_libs.push(lib.clone());
+                    continue;
+                }
+            };
+            let exported: std::collections::BTreeSet<&[u8]> = file
+                .dynamic_symbols()
+                .filter(|s| s.is_definition())
+                .filter_map(|s| s.name_bytes().ok())
+                .collect();
+            let mut probes = Vec::new();
+            for p in hami_ebpf_common::PROBES {
+                if exported.contains(p.symbol.as_bytes()) {
+                    probes.push(p);
+                } else if p.call.is_some() {
+                    tracing::warn!(path = %lib.display(), symbol = p.symbol, "libcuda does not export a probed symbol");
+                    plan.missing_symbols.push((lib.clone(), p.symbol));
+                }
+            }
+            plan.libs.push((lib.clone(), probes));
+        }
+        plan
+    }
+
+    /// Attachments the plan makes.
+    #[must_use]
+    pub fn attachments(&self) -> usize {
+        self.libs.iter().map(|(_, p)| p.len()).sum()
+    }
+}
 
 fn object_hash() -> String {
     // FNV-1a, 64 bit: a stable name for this build of the programs.
@@ -349,6 +383,8 @@ pub struct Probes {
     pub adopted: bool,
     /// Uprobe attachments made (0 when adopted).
     pub uprobes_attached: usize,
+    /// Which libcuda files and symbols were attached to or missing.
+    pub uprobe_plan: UprobePlan,
     /// How the ioctl syscall is hooked (`Tracepoint` or `Raw`).
     pub hook: SyscallHook,
     /// How the hard limit is enforced (`None`: the hard limit is off).
@@ -433,13 +469,13 @@ impl Probes {
             )
             .map_err(|e| AgentError::ebpf("config map", e))?;
 
-        let libs: Vec<&PathBuf> = cfg.libcuda.iter().filter(|p| p.exists()).collect();
+        let plan = UprobePlan::new(&cfg.libcuda);
         let ioctl_links = if hook == SyscallHook::Raw {
             RAW_SYSCALL.len()
         } else {
             IOCTL_TRACEPOINTS.len()
         };
-        let expected_links = RAW_TRACEPOINTS.len() + ioctl_links + UPROBES.len() * libs.len();
+        let expected_links = RAW_TRACEPOINTS.len() + ioctl_links + plan.attachments();
         let pinned_links = std::fs::read_dir(&links_dir)
             .map(|d| d.flatten().filter(|e| e.file_name() != LSM_PIN).count())
             .unwrap_or(0);
@@ -478,8 +514,13 @@ impl Probes {
                     .map_err(|e| AgentError::ebpf(format!("attach {prog} to {tp}"), e))?;
                 pins.pin(prog, p.take_link(id))?;
             }
-            for lib in &libs {
-                for (prog, symbol) in UPROBES {
+            for (lib, probes) in &plan.libs {
+                for hami_ebpf_common::Probe {
+                    program: prog,
+                    symbol,
+                    ..
+                } in probes.iter().copied()
+                {
                     let p: &mut UProbe = loaded(&mut ebpf, prog)?;
                     let id = p
                         .attach(symbol, lib.as_path(), UProbeScope::AllProcesses)
@@ -509,6 +550,7 @@ impl Probes {
             _ebpf: ebpf,
             adopted,
             uprobes_attached,
+            uprobe_plan: plan,
             hook,
         })
     }

@@ -118,6 +118,18 @@ pub const METRICS: &[MetricDef] = &[
         "1",
         "Device-memory objects the agent tracks.",
     ),
+    MetricDef::gauge(
+        "hami_agent_libcuda_missing",
+        &["node"],
+        "1",
+        "Configured libcuda files that do not exist or are not ELF objects: calls through them are not seen by the uprobes.",
+    ),
+    MetricDef::gauge(
+        "hami_agent_uprobe_symbols_missing",
+        &["node"],
+        "1",
+        "Probed libcuda symbols (e.g. the _ptsz twins) that a configured libcuda does not export, summed over libraries.",
+    ),
     MetricDef::counter(
         "hami_agent_ioctls_total",
         &["node"],
@@ -273,6 +285,12 @@ pub fn render(s: &Snapshot) -> Result<String> {
     gauge("hami_agent_live_objects", &["node"])?
         .with_label_values(&[s.node.as_str()])
         .set(to_i64(a.live_objects));
+    gauge("hami_agent_libcuda_missing", &["node"])?
+        .with_label_values(&[s.node.as_str()])
+        .set(to_i64(a.libcuda_missing));
+    gauge("hami_agent_uprobe_symbols_missing", &["node"])?
+        .with_label_values(&[s.node.as_str()])
+        .set(to_i64(a.uprobe_symbols_missing));
     let mechanism = gauge("hami_agent_hard_limit_mechanism", &["node", "mechanism"])?;
     for m in ["kill", "lsm"] {
         mechanism

@@ -11,7 +11,7 @@ use crate::attribution::{Attribution, UtilSample};
 use crate::cgroup::{self, CgroupIndex};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::loader::{CALL_NAMES, Probes};
+use crate::loader::{Probes, call_names};
 use crate::snapshot::{self, AgentStats, CgroupFacts, GpuInfo, Snapshot};
 
 /// File name of the saved attribution state in `paths.state_dir`.
@@ -328,7 +328,7 @@ impl Agent {
     pub fn snapshot(&mut self, for_export: bool) -> Snapshot {
         let now = monotonic_ns();
         let rows = self.state.rows(now);
-        let names: BTreeMap<u32, &str> = CALL_NAMES.iter().copied().collect();
+        let names: BTreeMap<u32, &str> = call_names().into_iter().collect();
         let calls: BTreeMap<u64, BTreeMap<String, u64>> = self
             .probes
             .calls()
@@ -374,6 +374,9 @@ impl Agent {
             reconciled: self.state.anomalies.reconciled,
             hard_limit_kills: k[counter::HARD_LIMIT_KILLS as usize],
             hard_limit_mechanism: self.probes.hard_limit.map(|m| m.label().to_owned()),
+            libcuda_missing: u64::try_from(self.probes.uprobe_plan.missing_libs.len()).unwrap_or(u64::MAX),
+            uprobe_symbols_missing: u64::try_from(self.probes.uprobe_plan.missing_symbols.len())
+                .unwrap_or(u64::MAX),
         };
         snapshot::build(&self.node, now, &self.gpus, &rows, &calls, &facts, stats)
     }

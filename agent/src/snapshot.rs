@@ -105,6 +105,12 @@ pub struct AgentStats {
     /// How the kernel hard limit is enforced: `kill` or `lsm` (`None`: off).
     #[serde(default)]
     pub hard_limit_mechanism: Option<String>,
+    /// Configured libcuda files that do not exist or are not ELF objects (no uprobes on them).
+    #[serde(default)]
+    pub libcuda_missing: u64,
+    /// Probed symbols that a configured libcuda does not export (summed over libraries).
+    #[serde(default)]
+    pub uprobe_symbols_missing: u64,
 }
 
 /// The snapshot.

@@ -957,3 +957,50 @@ fn subtree_free_of_a_device_releases_memory_parented_to_its_subdevice() {
     assert!(w.try_status().is_none(), "still running: not the exit path");
     w.finish();
 }
+
+#[test]
+fn uprobes_count_the_ptsz_twins_and_report_missing_libraries() {
+    // Code built with `--default-stream per-thread` calls cuLaunchKernel_ptsz & co.: each twin is
+    // counted under its own name, and the base entry points see nothing. A configured libcuda that does
+    // not exist is reported (metric), not silently skipped.
+    let Some(mut env) = Env::new("ptsz", 1, 256) else {
+        return;
+    };
+    env.cfg.libcuda.push(env.dir.join("no-such-lib/libcuda.so.1"));
+    let mut agent = env.agent();
+    let c = env.container(18);
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--ptsz", "--async", "1048576", "--pool", "2097152", "--launch", "7", "--free", "--hold",
+        ],
+        &[],
+    );
+    w.words("launched");
+    let s = settle(&mut agent);
+    assert_eq!(attributed(&s, &c, 0), env.node.ground_truth().bytes(w.pid, 0));
+    assert_eq!(attributed(&s, &c, 0), 3 * MIB);
+    let k = container(&s, &c);
+    for (call, n) in [
+        ("cuLaunchKernel_ptsz", 7),
+        ("cuMemAllocAsync_ptsz", 1),
+        ("cuMemAllocFromPoolAsync_ptsz", 1),
+    ] {
+        assert_eq!(k.cuda_calls.get(call), Some(&n), "{call}: {:?}", k.cuda_calls);
+    }
+    for base in ["cuLaunchKernel", "cuMemAllocAsync", "cuMemAllocFromPoolAsync"] {
+        assert_eq!(k.cuda_calls.get(base), None, "{base}: {:?}", k.cuda_calls);
+    }
+    assert_eq!((s.agent.libcuda_missing, s.agent.uprobe_symbols_missing), (1, 0));
+    let text = hami_agent::metrics::render(&s).unwrap();
+    assert!(
+        text.contains("hami_agent_libcuda_missing{node=\"test-node\"} 1"),
+        "{text}"
+    );
+    w.send();
+    w.words("freed");
+    let s = settle(&mut agent);
+    assert_eq!(container(&s, &c).cuda_calls.get("cuMemFreeAsync_ptsz"), Some(&2));
+    assert_eq!(attributed(&s, &c, 0), 0);
+    w.finish();
+}

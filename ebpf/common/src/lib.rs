@@ -257,7 +257,7 @@ pub struct UprobePending {
     pub _pad: u32,
 }
 
-/// Hooked libcuda entry points (the uprobe programs, one per symbol).
+/// Hooked libcuda entry points: the call ids counted per cgroup. [`PROBES`] names each one's symbol.
 pub mod call {
     /// `cuMemAlloc_v2`.
     pub const MEM_ALLOC: u32 = 1;
@@ -283,8 +283,144 @@ pub mod call {
     pub const MEM_RELEASE: u32 = 11;
     /// `cuMemFreeAsync`.
     pub const MEM_FREE_ASYNC: u32 = 12;
+    /// `cuLaunchKernel_ptsz` (per-thread default stream: code built with
+    /// `--default-stream per-thread` calls these twins, `cuda.h`'s `__CUDA_API_PTSZ`).
+    pub const LAUNCH_KERNEL_PTSZ: u32 = 13;
+    /// `cuLaunchKernelEx_ptsz`.
+    pub const LAUNCH_KERNEL_EX_PTSZ: u32 = 14;
+    /// `cuLaunchCooperativeKernel_ptsz`.
+    pub const LAUNCH_COOPERATIVE_PTSZ: u32 = 15;
+    /// `cuGraphLaunch_ptsz`.
+    pub const GRAPH_LAUNCH_PTSZ: u32 = 16;
+    /// `cuMemAllocAsync_ptsz`.
+    pub const MEM_ALLOC_ASYNC_PTSZ: u32 = 17;
+    /// `cuMemFreeAsync_ptsz`.
+    pub const MEM_FREE_ASYNC_PTSZ: u32 = 18;
+    /// `cuMemAllocFromPoolAsync`.
+    pub const MEM_ALLOC_FROM_POOL_ASYNC: u32 = 19;
+    /// `cuMemAllocFromPoolAsync_ptsz`.
+    pub const MEM_ALLOC_FROM_POOL_ASYNC_PTSZ: u32 = 20;
     /// One past the largest id.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 21;
+}
+
+/// One uprobe attachment on libcuda.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The eBPF program (`#[uprobe]` or `#[uretprobe]` function of the programs crate).
+    pub program: &'static str,
+    /// The libcuda symbol it attaches to.
+    pub symbol: &'static str,
+    /// The [`call`] id the program counts under `symbol`; `None` for a return probe.
+    pub call: Option<u32>,
+}
+
+const fn entry(program: &'static str, symbol: &'static str, call: u32) -> Probe {
+    Probe {
+        program,
+        symbol,
+        call: Some(call),
+    }
+}
+
+/// Every libcuda attachment, the one list the agent attaches from and names call metrics by (each
+/// entry probe's `call` id appears once). A symbol a library does not export is skipped and counted.
+pub const PROBES: [Probe; 22] = [
+    entry("hami_cu_mem_alloc", "cuMemAlloc_v2", call::MEM_ALLOC),
+    entry(
+        "hami_cu_mem_alloc_pitch",
+        "cuMemAllocPitch_v2",
+        call::MEM_ALLOC_PITCH,
+    ),
+    entry(
+        "hami_cu_mem_alloc_managed",
+        "cuMemAllocManaged",
+        call::MEM_ALLOC_MANAGED,
+    ),
+    entry("hami_cu_mem_free", "cuMemFree_v2", call::MEM_FREE),
+    entry("hami_cu_mem_create", "cuMemCreate", call::MEM_CREATE),
+    entry("hami_cu_mem_release", "cuMemRelease", call::MEM_RELEASE),
+    entry(
+        "hami_cu_mem_alloc_async",
+        "cuMemAllocAsync",
+        call::MEM_ALLOC_ASYNC,
+    ),
+    entry(
+        "hami_cu_mem_alloc_async_ptsz",
+        "cuMemAllocAsync_ptsz",
+        call::MEM_ALLOC_ASYNC_PTSZ,
+    ),
+    entry("hami_cu_mem_free_async", "cuMemFreeAsync", call::MEM_FREE_ASYNC),
+    entry(
+        "hami_cu_mem_free_async_ptsz",
+        "cuMemFreeAsync_ptsz",
+        call::MEM_FREE_ASYNC_PTSZ,
+    ),
+    entry(
+        "hami_cu_mem_alloc_from_pool_async",
+        "cuMemAllocFromPoolAsync",
+        call::MEM_ALLOC_FROM_POOL_ASYNC,
+    ),
+    entry(
+        "hami_cu_mem_alloc_from_pool_async_ptsz",
+        "cuMemAllocFromPoolAsync_ptsz",
+        call::MEM_ALLOC_FROM_POOL_ASYNC_PTSZ,
+    ),
+    entry("hami_cu_launch_kernel", "cuLaunchKernel", call::LAUNCH_KERNEL),
+    entry(
+        "hami_cu_launch_kernel_ptsz",
+        "cuLaunchKernel_ptsz",
+        call::LAUNCH_KERNEL_PTSZ,
+    ),
+    entry(
+        "hami_cu_launch_kernel_ex",
+        "cuLaunchKernelEx",
+        call::LAUNCH_KERNEL_EX,
+    ),
+    entry(
+        "hami_cu_launch_kernel_ex_ptsz",
+        "cuLaunchKernelEx_ptsz",
+        call::LAUNCH_KERNEL_EX_PTSZ,
+    ),
+    entry(
+        "hami_cu_launch_cooperative",
+        "cuLaunchCooperativeKernel",
+        call::LAUNCH_COOPERATIVE,
+    ),
+    entry(
+        "hami_cu_launch_cooperative_ptsz",
+        "cuLaunchCooperativeKernel_ptsz",
+        call::LAUNCH_COOPERATIVE_PTSZ,
+    ),
+    entry("hami_cu_graph_launch", "cuGraphLaunch", call::GRAPH_LAUNCH),
+    entry(
+        "hami_cu_graph_launch_ptsz",
+        "cuGraphLaunch_ptsz",
+        call::GRAPH_LAUNCH_PTSZ,
+    ),
+    Probe {
+        program: "hami_cu_ret",
+        symbol: "cuMemAllocManaged",
+        call: None,
+    },
+    Probe {
+        program: "hami_cu_ret",
+        symbol: "cuMemFree_v2",
+        call: None,
+    },
+];
+
+/// The symbol counted under call id `id` (the metric label), from [`PROBES`].
+#[must_use]
+pub fn call_name(id: u32) -> Option<&'static str> {
+    let mut i = 0;
+    while i < PROBES.len() {
+        if PROBES[i].call == Some(id) {
+            return Some(PROBES[i].symbol);
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Key of the hard-limit maps.

@@ -766,6 +766,28 @@ pub fn hami_cu_ret(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Entry probes that only count their call (per cgroup).
+macro_rules! counting_uprobes {
+    ($($name:ident => $call:expr),* $(,)?) => {$(
+        #[uprobe]
+        pub fn $name(_ctx: ProbeContext) -> u32 {
+            count_call($call);
+            0
+        }
+    )*};
+}
+
+counting_uprobes! {
+    hami_cu_launch_kernel_ptsz => call::LAUNCH_KERNEL_PTSZ,
+    hami_cu_launch_kernel_ex_ptsz => call::LAUNCH_KERNEL_EX_PTSZ,
+    hami_cu_launch_cooperative_ptsz => call::LAUNCH_COOPERATIVE_PTSZ,
+    hami_cu_graph_launch_ptsz => call::GRAPH_LAUNCH_PTSZ,
+    hami_cu_mem_alloc_async_ptsz => call::MEM_ALLOC_ASYNC_PTSZ,
+    hami_cu_mem_free_async_ptsz => call::MEM_FREE_ASYNC_PTSZ,
+    hami_cu_mem_alloc_from_pool_async => call::MEM_ALLOC_FROM_POOL_ASYNC,
+    hami_cu_mem_alloc_from_pool_async_ptsz => call::MEM_ALLOC_FROM_POOL_ASYNC_PTSZ,
+}
+
 #[uprobe]
 pub fn hami_cu_launch_kernel(_ctx: ProbeContext) -> u32 {
     count_call(call::LAUNCH_KERNEL);

@@ -723,12 +723,15 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
 ///
 /// # Safety
 /// `dptr` is null or valid for a write.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync(
+#[allow(non_snake_case, reason = "named after the C entry point it implements")]
+unsafe fn cuMemAllocAsync_impl(
+    ptsz: bool,
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     _stream: CUstream,
 ) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if dptr.is_null() || bytesize == 0 {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -748,8 +751,10 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 ///
 /// # Safety
 /// None beyond the C API's.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, _stream: CUstream) -> CUresult {
+#[allow(non_snake_case, reason = "named after the C entry point it implements")]
+unsafe fn cuMemFreeAsync_impl(ptsz: bool, dptr: CUdeviceptr, _stream: CUstream) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     with_driver(|d| match d.allocs.get(&dptr).copied() {
         Some(mem @ Mem::Async { .. }) => {
             d.allocs.remove(&dptr);
@@ -803,13 +808,16 @@ pub unsafe extern "C" fn cuMemPoolDestroy(pool: *mut c_void) -> CUresult {
 ///
 /// # Safety
 /// `dptr` is null or valid for a write.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+#[allow(non_snake_case, reason = "named after the C entry point it implements")]
+unsafe fn cuMemAllocFromPoolAsync_impl(
+    ptsz: bool,
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     pool: *mut c_void,
     _stream: CUstream,
 ) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if dptr.is_null() || bytesize == 0 {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -1367,8 +1375,13 @@ fn grid(x: c_uint, y: c_uint, z: c_uint) -> u64 {
 ///
 /// # Safety
 /// None beyond the C API's; the parameter arrays are not read.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernel(
+#[allow(
+    non_snake_case,
+    clippy::too_many_arguments,
+    reason = "named after the C entry point it implements, with its arguments"
+)]
+unsafe fn cuLaunchKernel_impl(
+    ptsz: bool,
     f: *mut c_void,
     grid_x: c_uint,
     grid_y: c_uint,
@@ -1381,6 +1394,8 @@ pub unsafe extern "C" fn cuLaunchKernel(
     _kernel_params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if f.is_null() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
@@ -1391,8 +1406,13 @@ pub unsafe extern "C" fn cuLaunchKernel(
 ///
 /// # Safety
 /// None beyond the C API's; the parameter array is not read.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+#[allow(
+    non_snake_case,
+    clippy::too_many_arguments,
+    reason = "named after the C entry point it implements, with its arguments"
+)]
+unsafe fn cuLaunchCooperativeKernel_impl(
+    ptsz: bool,
     f: *mut c_void,
     grid_x: c_uint,
     grid_y: c_uint,
@@ -1404,6 +1424,8 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     _stream: *mut c_void,
     _kernel_params: *mut *mut c_void,
 ) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if f.is_null() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
@@ -1415,13 +1437,16 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
 ///
 /// # Safety
 /// `config` is null or points to a `CUlaunchConfig`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuLaunchKernelEx(
+#[allow(non_snake_case, reason = "named after the C entry point it implements")]
+unsafe fn cuLaunchKernelEx_impl(
+    ptsz: bool,
     config: *const c_uint,
     f: *mut c_void,
     _kernel_params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if config.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -1437,8 +1462,10 @@ pub unsafe extern "C" fn cuLaunchKernelEx(
 ///
 /// # Safety
 /// None beyond the C API's.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGraphLaunch(graph_exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+#[allow(non_snake_case, reason = "named after the C entry point it implements")]
+unsafe fn cuGraphLaunch_impl(ptsz: bool, graph_exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+    // The twins are distinct code in the real library: never let the two entry points merge.
+    std::hint::black_box(ptsz);
     if graph_exec.is_null() {
         return CUDA_ERROR_INVALID_HANDLE;
     }
@@ -1462,6 +1489,51 @@ pub unsafe extern "C" fn cuStreamSynchronize(_stream: *mut c_void) -> CUresult {
     rc
 }
 
+/// The entry points that have a per-thread-default-stream twin (`cuda.h`: code built with
+/// `--default-stream per-thread` calls `<name>_ptsz`). In the real library each is its own exported
+/// function with the base call's arguments; here both do the same work through one implementation,
+/// and are distinct code, so a uprobe on one never sees calls of the other.
+macro_rules! with_ptsz_twin {
+    ($($base:ident / $twin:ident => $imp:ident ( $($arg:ident : $ty:ty),* );)*) => {$(
+        #[doc = concat!("`", stringify!($base), "`.")]
+        ///
+        /// # Safety
+        /// The C API's contract for the pointers passed.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $base($($arg: $ty),*) -> CUresult {
+            // SAFETY: forwarded under the same contract.
+            unsafe { $imp(false, $($arg),*) }
+        }
+
+        #[doc = concat!("`", stringify!($twin), "`: as [`", stringify!($base), "`].")]
+        ///
+        /// # Safety
+        /// As the base call.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $twin($($arg: $ty),*) -> CUresult {
+            // SAFETY: forwarded under the same contract.
+            unsafe { $imp(true, $($arg),*) }
+        }
+    )*};
+}
+
+with_ptsz_twin! {
+    cuMemAllocAsync / cuMemAllocAsync_ptsz => cuMemAllocAsync_impl(
+        dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream);
+    cuMemFreeAsync / cuMemFreeAsync_ptsz => cuMemFreeAsync_impl(dptr: CUdeviceptr, stream: CUstream);
+    cuMemAllocFromPoolAsync / cuMemAllocFromPoolAsync_ptsz => cuMemAllocFromPoolAsync_impl(
+        dptr: *mut CUdeviceptr, bytesize: usize, pool: *mut c_void, stream: CUstream);
+    cuLaunchKernel / cuLaunchKernel_ptsz => cuLaunchKernel_impl(
+        f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
+        shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void);
+    cuLaunchCooperativeKernel / cuLaunchCooperativeKernel_ptsz => cuLaunchCooperativeKernel_impl(
+        f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
+        shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void);
+    cuLaunchKernelEx / cuLaunchKernelEx_ptsz => cuLaunchKernelEx_impl(
+        config: *const c_uint, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void);
+    cuGraphLaunch / cuGraphLaunch_ptsz => cuGraphLaunch_impl(graph_exec: *mut c_void, stream: *mut c_void);
+}
+
 /// The exported entry points by name, for `cuGetProcAddress`.
 fn lookup(symbol: &str) -> Option<*mut c_void> {
     let f: *mut c_void = match symbol {
@@ -1482,13 +1554,16 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuMemFree" | "cuMemFree_v2" => cuMemFree_v2 as *mut c_void,
         "cuMemAllocPitch" | "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *mut c_void,
         "cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
-        "cuMemAllocAsync" | "cuMemAllocAsync_ptsz" => cuMemAllocAsync as *mut c_void,
-        "cuMemAllocFromPoolAsync" | "cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync as *mut c_void,
+        "cuMemAllocAsync" => cuMemAllocAsync as *mut c_void,
+        "cuMemAllocAsync_ptsz" => cuMemAllocAsync_ptsz as *mut c_void,
+        "cuMemAllocFromPoolAsync" => cuMemAllocFromPoolAsync as *mut c_void,
+        "cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync_ptsz as *mut c_void,
         "cuMemPoolCreate" => cuMemPoolCreate as *mut c_void,
         "cuMemPoolDestroy" => cuMemPoolDestroy as *mut c_void,
         "cuArrayCreate" | "cuArrayCreate_v2" => cuArrayCreate_v2 as *mut c_void,
         "cuArrayDestroy" => cuArrayDestroy as *mut c_void,
-        "cuMemFreeAsync" | "cuMemFreeAsync_ptsz" => cuMemFreeAsync as *mut c_void,
+        "cuMemFreeAsync" => cuMemFreeAsync as *mut c_void,
+        "cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *mut c_void,
         "cuMemGetAllocationGranularity" => cuMemGetAllocationGranularity as *mut c_void,
         "cuMemCreate" => cuMemCreate as *mut c_void,
         "cuMemRelease" => cuMemRelease as *mut c_void,
@@ -1499,9 +1574,13 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuMemSetAccess" => cuMemSetAccess as *mut c_void,
         "cuMemGetInfo" | "cuMemGetInfo_v2" => cuMemGetInfo_v2 as *mut c_void,
         "cuLaunchKernel" => cuLaunchKernel as *mut c_void,
+        "cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as *mut c_void,
         "cuLaunchCooperativeKernel" => cuLaunchCooperativeKernel as *mut c_void,
+        "cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as *mut c_void,
         "cuLaunchKernelEx" => cuLaunchKernelEx as *mut c_void,
+        "cuLaunchKernelEx_ptsz" => cuLaunchKernelEx_ptsz as *mut c_void,
         "cuGraphLaunch" => cuGraphLaunch as *mut c_void,
+        "cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *mut c_void,
         "cuStreamSynchronize" => cuStreamSynchronize as *mut c_void,
         "cuGetProcAddress" => cuGetProcAddress as *mut c_void,
         "cuGetProcAddress_v2" => cuGetProcAddress_v2 as *mut c_void,

@@ -129,6 +129,11 @@ struct Args {
     /// Thread blocks per launch (gridDimX).
     #[arg(long, default_value_t = 132)]
     grid: c_uint,
+    /// Call the per-thread-default-stream twins (`cuLaunchKernel_ptsz`, `cuMemAllocAsync_ptsz`,
+    /// `cuMemAllocFromPoolAsync_ptsz`, `cuMemFreeAsync_ptsz`) instead of the base entry points, as
+    /// code built with `--default-stream per-thread` does.
+    #[arg(long)]
+    ptsz: bool,
     /// cuStreamSynchronize after launching.
     #[arg(long)]
     sync: bool,
@@ -272,6 +277,20 @@ fn check(what: &str, rc: c_int) -> Result<()> {
 
 fn hex_list(v: &[u64]) -> String {
     v.iter().map(|p| format!("{p:#x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// `name`, or its per-thread-default-stream twin `name_ptsz`.
+fn twin(name: &'static str, ptsz: bool) -> &'static str {
+    if !ptsz {
+        return name;
+    }
+    match name {
+        "cuLaunchKernel" => "cuLaunchKernel_ptsz",
+        "cuMemAllocAsync" => "cuMemAllocAsync_ptsz",
+        "cuMemAllocFromPoolAsync" => "cuMemAllocFromPoolAsync_ptsz",
+        "cuMemFreeAsync" => "cuMemFreeAsync_ptsz",
+        other => other,
+    }
 }
 
 fn node_dir() -> Result<std::ffi::OsString> {
@@ -598,7 +617,7 @@ fn main() -> Result<()> {
     }
     let mut asyncs = Vec::new();
     if !args.async_alloc.is_empty() {
-        let f = unsafe { lib.func::<FnMemAllocAsync>("cuMemAllocAsync")? };
+        let f = unsafe { lib.func::<FnMemAllocAsync>(twin("cuMemAllocAsync", args.ptsz))? };
         for &bytes in &args.async_alloc {
             let mut p = 0u64;
             check("cuMemAllocAsync", unsafe {
@@ -612,7 +631,7 @@ fn main() -> Result<()> {
         type FnPoolCreate = unsafe extern "C" fn(*mut *mut c_void, *const [u32; 22]) -> c_int;
         type FnAllocFromPool = unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> c_int;
         let create = unsafe { lib.func::<FnPoolCreate>("cuMemPoolCreate")? };
-        let alloc = unsafe { lib.func::<FnAllocFromPool>("cuMemAllocFromPoolAsync")? };
+        let alloc = unsafe { lib.func::<FnAllocFromPool>(twin("cuMemAllocFromPoolAsync", args.ptsz))? };
         // CUmemPoolProps: allocType 1 (PINNED), handleTypes 0, location {DEVICE, dev}, then reserved.
         let mut props = [0u32; 22];
         props[0] = 1;
@@ -703,7 +722,7 @@ fn main() -> Result<()> {
     })?;
     println!("meminfo free {free} total {total}");
     if args.launch > 0 {
-        let launch = unsafe { lib.func::<FnLaunchKernel>("cuLaunchKernel")? };
+        let launch = unsafe { lib.func::<FnLaunchKernel>(twin("cuLaunchKernel", args.ptsz))? };
         // No modules are loaded by this workload; the fake driver accepts any non-null function handle.
         let f = std::ptr::NonNull::<c_void>::dangling().as_ptr();
         let null = std::ptr::null_mut();
@@ -756,7 +775,7 @@ fn main() -> Result<()> {
             }
         }
         if !asyncs.is_empty() {
-            let f = unsafe { lib.func::<FnMemFreeAsync>("cuMemFreeAsync")? };
+            let f = unsafe { lib.func::<FnMemFreeAsync>(twin("cuMemFreeAsync", args.ptsz))? };
             for p in asyncs {
                 check("cuMemFreeAsync", unsafe { f(p, std::ptr::null_mut()) })?;
             }
