@@ -221,7 +221,25 @@ pub(crate) unsafe fn mem_alloc_managed(dptr: *mut u64, bytesize: usize, flags: c
 }
 
 pub(crate) unsafe fn mem_alloc_async(dptr: *mut u64, bytesize: usize, stream: *mut c_void) -> CUresult {
-    let Some(f) = real::cuMemAllocAsync() else {
+    // SAFETY: forwarding.
+    unsafe { mem_alloc_async_with(real::cuMemAllocAsync(), dptr, bytesize, stream) }
+}
+
+/// `cuMemAllocAsync_ptsz` (per-thread default stream): the same hook around the driver's twin.
+pub(crate) unsafe fn mem_alloc_async_ptsz(dptr: *mut u64, bytesize: usize, stream: *mut c_void) -> CUresult {
+    // SAFETY: forwarding.
+    unsafe { mem_alloc_async_with(real::cuMemAllocAsync_ptsz(), dptr, bytesize, stream) }
+}
+
+type MemAllocAsyncFn = unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> CUresult;
+
+unsafe fn mem_alloc_async_with(
+    real: Option<MemAllocAsyncFn>,
+    dptr: *mut u64,
+    bytesize: usize,
+    stream: *mut c_void,
+) -> CUresult {
+    let Some(f) = real else {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwarding.
@@ -325,7 +343,20 @@ pub(crate) unsafe fn mem_free(dptr: u64) -> CUresult {
 }
 
 pub(crate) unsafe fn mem_free_async(dptr: u64, stream: *mut c_void) -> CUresult {
-    let Some(f) = real::cuMemFreeAsync() else {
+    mem_free_async_with(real::cuMemFreeAsync(), dptr, stream)
+}
+
+/// `cuMemFreeAsync_ptsz`: the same hook around the driver's twin.
+pub(crate) unsafe fn mem_free_async_ptsz(dptr: u64, stream: *mut c_void) -> CUresult {
+    mem_free_async_with(real::cuMemFreeAsync_ptsz(), dptr, stream)
+}
+
+fn mem_free_async_with(
+    real: Option<unsafe extern "C" fn(u64, *mut c_void) -> CUresult>,
+    dptr: u64,
+    stream: *mut c_void,
+) -> CUresult {
+    let Some(f) = real else {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwarding.
@@ -493,12 +524,40 @@ pub(crate) unsafe fn launch_kernel(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
-    let Some(real) = real::cuLaunchKernel() else {
+    throttled(real::cuLaunchKernel(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) }
+    })
+}
+
+/// `cuLaunchKernel_ptsz`: the same hook around the driver's twin.
+#[allow(clippy::too_many_arguments, reason = "the C signature")]
+pub(crate) unsafe fn launch_kernel_ptsz(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    throttled(real::cuLaunchKernel_ptsz(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) }
+    })
+}
+
+/// Waits for the SM limiter, then launches through `real` (the driver's entry point, when found).
+fn throttled<F>(real: Option<F>, launch: impl FnOnce(F) -> CUresult) -> CUresult {
+    let Some(real) = real else {
         return CUDA_ERROR_NOT_FOUND;
     };
     crate::throttle::before_launch();
-    // SAFETY: forwarding.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) }
+    launch(real)
 }
 
 pub(crate) unsafe fn launch_kernel_ex(
@@ -507,12 +566,23 @@ pub(crate) unsafe fn launch_kernel_ex(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
-    let Some(real) = real::cuLaunchKernelEx() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    crate::throttle::before_launch();
-    // SAFETY: forwarding.
-    unsafe { real(config, f, params, extra) }
+    throttled(real::cuLaunchKernelEx(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(config, f, params, extra) }
+    })
+}
+
+/// `cuLaunchKernelEx_ptsz`: the same hook around the driver's twin.
+pub(crate) unsafe fn launch_kernel_ex_ptsz(
+    config: *const c_void,
+    f: *mut c_void,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    throttled(real::cuLaunchKernelEx_ptsz(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(config, f, params, extra) }
+    })
 }
 
 #[allow(clippy::too_many_arguments, reason = "the CUDA driver API's signature")]
@@ -528,21 +598,45 @@ pub(crate) unsafe fn launch_cooperative(
     stream: *mut c_void,
     params: *mut *mut c_void,
 ) -> CUresult {
-    let Some(real) = real::cuLaunchCooperativeKernel() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    crate::throttle::before_launch();
-    // SAFETY: forwarding.
-    unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params) }
+    throttled(real::cuLaunchCooperativeKernel(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params) }
+    })
+}
+
+/// `cuLaunchCooperativeKernel_ptsz`: the same hook around the driver's twin.
+#[allow(clippy::too_many_arguments, reason = "the C signature")]
+pub(crate) unsafe fn launch_cooperative_ptsz(
+    f: *mut c_void,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shmem: c_uint,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+) -> CUresult {
+    throttled(real::cuLaunchCooperativeKernel_ptsz(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params) }
+    })
 }
 
 pub(crate) unsafe fn graph_launch(exec: *mut c_void, stream: *mut c_void) -> CUresult {
-    let Some(real) = real::cuGraphLaunch() else {
-        return CUDA_ERROR_NOT_FOUND;
-    };
-    crate::throttle::before_launch();
-    // SAFETY: forwarding.
-    unsafe { real(exec, stream) }
+    throttled(real::cuGraphLaunch(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(exec, stream) }
+    })
+}
+
+/// `cuGraphLaunch_ptsz`: the same hook around the driver's twin.
+pub(crate) unsafe fn graph_launch_ptsz(exec: *mut c_void, stream: *mut c_void) -> CUresult {
+    throttled(real::cuGraphLaunch_ptsz(), |real| {
+        // SAFETY: forwarding.
+        unsafe { real(exec, stream) }
+    })
 }
 
 /// Explicit pools and their device (`cuMemPoolCreate` with a device location).
@@ -584,7 +678,31 @@ pub(crate) unsafe fn mem_alloc_from_pool_async(
     pool: *mut c_void,
     stream: *mut c_void,
 ) -> CUresult {
-    let Some(f) = real::cuMemAllocFromPoolAsync() else {
+    // SAFETY: forwarding.
+    unsafe { from_pool_with(real::cuMemAllocFromPoolAsync(), dptr, bytesize, pool, stream) }
+}
+
+/// `cuMemAllocFromPoolAsync_ptsz`: the same hook around the driver's twin.
+pub(crate) unsafe fn mem_alloc_from_pool_async_ptsz(
+    dptr: *mut u64,
+    bytesize: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: forwarding.
+    unsafe { from_pool_with(real::cuMemAllocFromPoolAsync_ptsz(), dptr, bytesize, pool, stream) }
+}
+
+type FromPoolFn = unsafe extern "C" fn(*mut u64, usize, *mut c_void, *mut c_void) -> CUresult;
+
+unsafe fn from_pool_with(
+    real: Option<FromPoolFn>,
+    dptr: *mut u64,
+    bytesize: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> CUresult {
+    let Some(f) = real else {
         return CUDA_ERROR_NOT_FOUND;
     };
     // SAFETY: forwarding.

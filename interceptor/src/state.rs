@@ -589,6 +589,16 @@ fn setup() -> Mode {
             for (i, l) in limits.iter().enumerate().take(MAX_DEVICES) {
                 region.header.limit_bytes[i].fetch_min(*l, Ordering::AcqRel);
             }
+            // The same for SM limits, where 0 means "none": a non-zero limit replaces 0 or a larger one.
+            for (i, want) in sm.iter().enumerate().take(MAX_DEVICES) {
+                if *want > 0 {
+                    let _ = region.header.sm_limit_percent[i].fetch_update(
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                        |cur| (cur == 0 || *want < cur).then_some(*want),
+                    );
+                }
+            }
             let mut own = Limits::from_region(region);
             for (i, l) in limits.iter().enumerate().take(MAX_DEVICES) {
                 own.memory[i] = own.memory[i].min(*l);

@@ -83,6 +83,7 @@ hooked_symbols! {
     cuMemAllocPitch_v2(dptr: *mut u64, pitch: *mut usize, width: usize, height: usize, elem: c_uint) => hooks::mem_alloc_pitch;
     cuMemAllocManaged(dptr: *mut u64, bytesize: usize, flags: c_uint) => hooks::mem_alloc_managed;
     cuMemAllocAsync(dptr: *mut u64, bytesize: usize, stream: *mut c_void) => hooks::mem_alloc_async;
+    cuMemAllocAsync_ptsz(dptr: *mut u64, bytesize: usize, stream: *mut c_void) => hooks::mem_alloc_async_ptsz;
     cuMemCreate(handle: *mut c_ulonglong, size: usize, prop: *const c_void, flags: c_ulonglong) => hooks::mem_create;
     cuMemRelease(handle: c_ulonglong) => hooks::mem_release;
     cuMemMap(ptr: u64, size: usize, offset: usize, handle: c_ulonglong, flags: c_ulonglong) => hooks::mem_map;
@@ -90,14 +91,20 @@ hooked_symbols! {
     cuMemFree_v2(dptr: u64) => hooks::mem_free;
     cuMemPoolCreate(pool: *mut *mut c_void, props: *const c_void) => hooks::mem_pool_create;
     cuMemAllocFromPoolAsync(dptr: *mut u64, bytesize: usize, pool: *mut c_void, stream: *mut c_void) => hooks::mem_alloc_from_pool_async;
+    cuMemAllocFromPoolAsync_ptsz(dptr: *mut u64, bytesize: usize, pool: *mut c_void, stream: *mut c_void) => hooks::mem_alloc_from_pool_async_ptsz;
     cuArrayCreate_v2(handle: *mut *mut c_void, desc: *const c_void) => hooks::array_create;
     cuArrayDestroy(handle: *mut c_void) => hooks::array_destroy;
     cuMemFreeAsync(dptr: u64, stream: *mut c_void) => hooks::mem_free_async;
+    cuMemFreeAsync_ptsz(dptr: u64, stream: *mut c_void) => hooks::mem_free_async_ptsz;
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => hooks::mem_get_info;
     cuLaunchKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel;
+    cuLaunchKernel_ptsz(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel_ptsz;
     cuLaunchKernelEx(config: *const c_void, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel_ex;
+    cuLaunchKernelEx_ptsz(config: *const c_void, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) => hooks::launch_kernel_ex_ptsz;
     cuLaunchCooperativeKernel(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void) => hooks::launch_cooperative;
+    cuLaunchCooperativeKernel_ptsz(f: *mut c_void, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: *mut c_void, params: *mut *mut c_void) => hooks::launch_cooperative_ptsz;
     cuGraphLaunch(exec: *mut c_void, stream: *mut c_void) => hooks::graph_launch;
+    cuGraphLaunch_ptsz(exec: *mut c_void, stream: *mut c_void) => hooks::graph_launch_ptsz;
     cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) => hooks::device_total_mem;
 }
 

@@ -495,6 +495,56 @@ fn utilisations<const N: usize>(env: &Env, of: &[(usize, u32); N], window: std::
 }
 
 #[test]
+fn the_ptsz_twins_are_held_to_the_memory_and_sm_limits() {
+    // Code built with `--default-stream per-thread` calls cuMemAllocAsync_ptsz,
+    // cuMemAllocFromPoolAsync_ptsz and cuLaunchKernel_ptsz: the same limits apply.
+    let Some(env) = Env::new("ptsz", 4096) else {
+        return;
+    };
+    let o = env.run(
+        &[
+            "--ptsz",
+            "--async",
+            &(768 * MIB).to_string(),
+            "--async",
+            &(512 * MIB).to_string(),
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuMemAllocAsync"), "{}", text(&o));
+    let o = env.run(
+        &[
+            "--ptsz",
+            "--pool",
+            &(768 * MIB).to_string(),
+            "--pool",
+            &(512 * MIB).to_string(),
+        ],
+        &[LIMIT_1G],
+    );
+    assert!(oom(&o, "cuMemAllocFromPoolAsync"), "{}", text(&o));
+    let t = target_dir();
+    let nvml = find(&t, &["deps/libnvidia_ml.so", "libnvidia_ml.so"]).expect("fake NVML built");
+    std::fs::copy(&nvml, env.dir.join("lib/libnvidia-ml.so.1")).expect("copying the fake NVML");
+    let load = ["--ptsz", "--launch-for-ms", "3500", "--grid", "132"];
+    let kernel = ("HAMI_FAKE_CUDA_KERNEL_US", "5000");
+    let limited = env.spawn(&load, &[kernel, LIMIT_1G, ("CUDA_DEVICE_SM_LIMIT", "30")], true);
+    let pid = limited.id();
+    let u = measured_utilisation(
+        &env,
+        pid,
+        std::time::Duration::from_millis(1500),
+        std::time::Duration::from_millis(1500),
+    );
+    let out = limited.wait_with_output().expect("tenant");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        (u - 30.0).abs() <= 5.0,
+        "utilisation {u:.1} % with a 30 % SM limit, launching with cuLaunchKernel_ptsz"
+    );
+}
+
+#[test]
 fn the_sm_limit_holds_utilisation_near_the_target() {
     let Some(env) = Env::new("sm-limit", 4096) else {
         return;

@@ -735,7 +735,7 @@ fn main() -> Result<()> {
         println!("launched {}", args.launch);
     }
     if args.launch_for_ms > 0 {
-        let launch = unsafe { lib.func::<FnLaunchKernel>("cuLaunchKernel")? };
+        let launch = unsafe { lib.func::<FnLaunchKernel>(twin("cuLaunchKernel", args.ptsz))? };
         let sync = unsafe { lib.func::<FnStreamSynchronize>("cuStreamSynchronize")? };
         let f = std::ptr::NonNull::<c_void>::dangling().as_ptr();
         let null = std::ptr::null_mut();
