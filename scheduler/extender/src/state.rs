@@ -498,6 +498,9 @@ pub struct SchedulerState {
     undecodable: HashMap<String, Undecodable>,
     /// Binds of this extender between [`SchedulerState::prepare_bind`] and their outcome.
     in_flight: HashSet<String>,
+    /// Pods bound by this extender (bind finished, not seen back) when the current pod relist began:
+    /// the list, read after their binds, must have them, so any it lacks were deleted.
+    unseen_at_resync: HashSet<String>,
     /// Requests seen by the filter (fragmentation-aware policies only); a mutex so the filter can
     /// record under the shared lock.
     history: Mutex<WorkloadHistory>,
@@ -534,6 +537,7 @@ impl SchedulerState {
         let model = Arc::new(w.default.model());
         Self {
             in_flight: HashSet::new(),
+            unseen_at_resync: HashSet::new(),
             unbound: HashMap::new(),
             history,
             model,
@@ -998,18 +1002,30 @@ impl SchedulerState {
     pub fn begin_pod_resync(&mut self) {
         self.pod_resync = Some(HashSet::new());
         self.synced.pods = false;
+        self.unseen_at_resync = self
+            .pods
+            .iter()
+            .filter(|(uid, r)| r.ours_unseen && !self.in_flight.contains(*uid))
+            .map(|(uid, _)| uid.clone())
+            .collect();
     }
 
     /// Ends a pod relist (`InitDone`): releases the pods the relist no longer has (deletes missed while
-    /// the watch was down, the kube-rs form of a tombstone). Binds of this extender still in flight are
-    /// kept (their own outcome settles them).
+    /// the watch was down, the kube-rs form of a tombstone). Binds of this extender still in flight, or
+    /// finished after the relist began, are kept (the list may predate their writes); one finished
+    /// before it began and absent from it was deleted.
     pub fn end_pod_resync(&mut self) {
         self.synced.pods = true;
+        let before = std::mem::take(&mut self.unseen_at_resync);
         if let Some(seen) = self.pod_resync.take() {
             let gone: Vec<String> = self
                 .pods
                 .iter()
-                .filter(|(uid, r)| !seen.contains(*uid) && !r.ours_unseen && !self.in_flight.contains(*uid))
+                .filter(|(uid, r)| {
+                    !seen.contains(*uid)
+                        && !self.in_flight.contains(*uid)
+                        && (!r.ours_unseen || before.contains(*uid))
+                })
                 .map(|(uid, _)| uid.clone())
                 .collect();
             for uid in gone {

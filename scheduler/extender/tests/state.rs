@@ -150,6 +150,32 @@ fn terminal_failed_and_relisted_pods_release() {
     assert!(st.holds("uid-a"));
 }
 
+/// A pod this extender bound and then deleted while the pod watch was down: a relist that began after
+/// the bind finished and lacks the pod releases it (found by a CI run under load: the slots stayed held
+/// for good). A bind that finishes during the relist is kept: the list may predate its write.
+#[test]
+fn c03_a_bound_pod_deleted_while_the_watch_was_down_is_released_by_the_relist() {
+    let mut st = state();
+    st.apply_node(&node("n", &gpus("n", 1, 16_384)));
+    let a = gpu_pod("a", 1, 4000, 10);
+    st.prepare_bind(&a, "n", NOW).expect("fits");
+    st.finish_bind("uid-a");
+    assert!(st.holds("uid-a"));
+    // B's bind is still being written when the watch drops.
+    let b = gpu_pod("b", 1, 4000, 10);
+    st.prepare_bind(&b, "n", NOW).expect("fits");
+    // The watch drops; A is deleted meanwhile; the relist has neither.
+    st.begin_pod_resync();
+    st.finish_bind("uid-b");
+    st.end_pod_resync();
+    assert!(!st.holds("uid-a"), "deleted while the watch was down");
+    assert!(
+        st.holds("uid-b"),
+        "bound during the relist: the list may predate it"
+    );
+    assert_eq!(usage(&st, "GPU-n-0"), (1, 4000, 10));
+}
+
 /// C02/C14: a GPU-less init container keeps its empty segment; init containers count once (peak), not
 /// summed with the app containers.
 #[test]
