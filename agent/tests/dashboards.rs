@@ -58,6 +58,9 @@ const MAY_BE_ZERO: &[&str] = &[
     "hami_agent_ringbuf_dropped_total",
     "hami_agent_alloc_map_full_total",
     "hami_agent_unmatched_frees_total",
+    // Every configured libcuda exists here and exports every probed symbol.
+    "hami_agent_libcuda_missing",
+    "hami_agent_uprobe_symbols_missing",
     // Hard-limit mode is off here: both mechanisms report 0.
     "hami_agent_hard_limit_mechanism",
 ];

@@ -550,6 +550,23 @@ async fn task_priority_reaches_the_env_and_the_trusted_limits() {
     }
 }
 
+/// C29 at the last line of defence: a signed decision that gives a GPU 0 MiB (no scheduler of ours
+/// writes one) is refused by Allocate, naming the GPU; no limits file or region is written.
+#[tokio::test]
+async fn c29_a_zero_mib_decision_is_refused_by_allocate() {
+    let mut rig = Rig::new("c29").await;
+    let (_, mut c) = rig.connect().await;
+    rig.api
+        .insert_pod(signed_pod("zero", &format!("{GPU_A},NVIDIA,0,10:;"), 100));
+    let e = allocate(&mut c, &[id(GPU_A, 0)]).await.unwrap_err();
+    assert!(
+        e.message().contains("0 MiB") && e.message().contains(GPU_A),
+        "{e:?}"
+    );
+    assert!(!rig.regions_dir.join("uid-zero_main.limits").exists());
+    assert!(!rig.regions_dir.join("uid-zero_main").exists());
+}
+
 #[tokio::test]
 async fn c19_allocate_for_b_gets_bs_decision_and_leaves_as_region_alone() {
     let mut rig = Rig::new("c19").await;

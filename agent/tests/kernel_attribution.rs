@@ -1004,3 +1004,39 @@ fn uprobes_count_the_ptsz_twins_and_report_missing_libraries() {
     assert_eq!(attributed(&s, &c, 0), 0);
     w.finish();
 }
+
+#[test]
+fn a_device_allocated_without_params_is_device_instance_0() {
+    // NV01_DEVICE_0's parameters are optional; without them RM takes device instance 0. Memory under
+    // such a device is charged to GPU 0, not left on an unknown GPU or counted as malformed.
+    let Some(env) = Env::new("device-no-params", 2, 256) else {
+        return;
+    };
+    let mut agent = env.agent();
+    let c = env.container(19);
+    let mut w = env.spawn(
+        &c,
+        &[
+            "--raw-alloc",
+            "1048576",
+            "--raw-device-without-params",
+            "--raw-under-subdevice",
+            "--hold",
+        ],
+        &[],
+    );
+    w.words("raw-allocated");
+    let t = env.node.ground_truth();
+    assert_eq!((t.bytes(w.pid, 0), t.bytes(w.pid, 1)), (MIB, 0));
+    let s = settle(&mut agent);
+    assert_eq!((attributed(&s, &c, 0), attributed(&s, &c, 1)), (MIB, 0));
+    let unknown: u64 = container(&s, &c)
+        .gpus
+        .iter()
+        .filter(|g| g.gpu.is_none())
+        .map(|g| g.memory_bytes)
+        .sum();
+    assert_eq!(unknown, 0, "nothing on an unknown GPU");
+    assert_eq!(s.agent.malformed_ioctls, 0);
+    w.finish();
+}

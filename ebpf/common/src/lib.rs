@@ -723,7 +723,7 @@ pub mod decode {
             client: u32,
             /// New handle.
             handle: u32,
-            /// RM `deviceId` (GPU index).
+            /// RM `deviceId`: the driver's device instance.
             device_id: u32,
         },
         /// An `NV20_SUBDEVICE_0` was created under `parent`.
@@ -793,10 +793,13 @@ pub mod decode {
                     })
                 }
             }
+            // Without parameters (they are optional) RM takes device instance
+            // `externalClassId - NV01_DEVICE_0` = 0 (`deviceConstruct_IMPL`,
+            // src/nvidia/src/kernel/gpu/device.c); unreadable ones are malformed (`None`).
             nv::CLASS_DEVICE if status == 0 => Some(Decoded::Device {
                 client,
                 handle,
-                device_id: r.u32_at(params, 0)?,
+                device_id: if params == 0 { 0 } else { r.u32_at(params, 0)? },
             }),
             nv::CLASS_SUBDEVICE if status == 0 => Some(Decoded::Subdevice {
                 client,

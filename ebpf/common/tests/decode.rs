@@ -297,6 +297,21 @@ fn device_and_subdevice_objects() {
             handle: 0x5d
         })
     );
+    // Without parameters (null pAllocParms) RM takes device instance 0.
+    let mut no_params = alloc_595(RmAllocVariant::Nvos64, nv::CLASS_DEVICE, 0xd1, 0);
+    put64(&mut no_params, 16, 0);
+    let mem = Mem::default().with(ARG, no_params);
+    assert_eq!(
+        decode::rm_alloc(&mem, ARG, 48, &abi),
+        Some(Decoded::Device {
+            client: 0xc100_0001,
+            handle: 0xd1,
+            device_id: 0
+        })
+    );
+    // Parameters that cannot be read are malformed, not a guess.
+    let mem = Mem::default().with(ARG, alloc_595(RmAllocVariant::Nvos64, nv::CLASS_DEVICE, 0xd2, 0));
+    assert_eq!(decode::rm_alloc(&mem, ARG, 48, &abi), None);
     // A failed device allocation and other classes are ignored.
     let mem = Mem::default().with(
         ARG,

@@ -176,6 +176,25 @@ fn c03_a_bound_pod_deleted_while_the_watch_was_down_is_released_by_the_relist() 
     assert_eq!(usage(&st, "GPU-n-0"), (1, 4000, 10));
 }
 
+/// C30, after the first sync: every pod relist (a dropped watch) makes the pod view incomplete again,
+/// and binds and filters are refused until it ends; then they are decided on the relisted view.
+#[test]
+fn c30_decisions_wait_for_every_relist_not_only_the_first() {
+    let mut st = state();
+    st.apply_node(&node("n", &gpus("n", 1, 16_384)));
+    let a = gpu_pod("a", 1, 4000, 10);
+    st.begin_pod_resync();
+    let e = st.prepare_bind(&a, "n", NOW).expect_err("relisting");
+    assert!(matches!(e, Error::NotSynced { .. }), "{e:?}");
+    let names = vec!["n".to_owned()];
+    let e = st
+        .evaluate_nodes(&a, &names, &HashMap::new(), NOW)
+        .expect_err("relisting");
+    assert!(matches!(e, Error::NotSynced { .. }), "{e:?}");
+    st.end_pod_resync();
+    st.prepare_bind(&a, "n", NOW).expect("synced again");
+}
+
 /// C02/C14: a GPU-less init container keeps its empty segment; init containers count once (peak), not
 /// summed with the app containers.
 #[test]

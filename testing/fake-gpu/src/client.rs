@@ -190,6 +190,21 @@ impl RmClient {
         )
     }
 
+    /// `NV01_DEVICE_0` without allocation parameters (they are optional: RM then takes device
+    /// instance 0).
+    ///
+    /// # Errors
+    /// The syscall or RM status.
+    pub fn alloc_device_without_params(&self) -> Result<u32, Error> {
+        self.alloc(
+            RmAllocVariant::Nvos64,
+            self.client,
+            self.client,
+            class::NV01_DEVICE_0,
+            &mut [],
+        )
+    }
+
     /// `NV20_SUBDEVICE_0` (subdevice 0) under `device`, with an `NV2080_ALLOC_PARAMETERS`.
     ///
     /// # Errors

@@ -211,9 +211,12 @@ fn rm_alloc(model: &mut DeviceModel, caller: &Caller<'_>, buf: &mut [u8]) {
 
 /// Reads the class's allocation parameters from the caller. Returns the object params and, for memory,
 /// the size to write back.
+///
+/// The size copied in is the class's own parameter size, whatever the caller's `paramsSize` says (RM
+/// sizes the copy from its class table).
 fn alloc_params(caller: &Caller<'_>, a: &abi::RmAlloc) -> Result<(ObjectParams, Option<u64>), u32> {
     let read = |want: usize| -> Result<Vec<u8>, u32> {
-        if a.p_alloc_parms == 0 || (a.params_size as usize) < want {
+        if a.p_alloc_parms == 0 {
             return Err(status::NV_ERR_INVALID_ARGUMENT);
         }
         caller
@@ -222,6 +225,9 @@ fn alloc_params(caller: &Caller<'_>, a: &abi::RmAlloc) -> Result<(ObjectParams, 
             .ok_or(status::NV_ERR_INVALID_POINTER)
     };
     match a.h_class {
+        // deviceConstruct_IMPL (src/nvidia/src/kernel/gpu/device.c): without parameters the device
+        // instance is `externalClassId - NV01_DEVICE_0`, i.e. 0.
+        class::NV01_DEVICE_0 if a.p_alloc_parms == 0 => Ok((ObjectParams::Device { device_id: 0 }, None)),
         class::NV01_DEVICE_0 => {
             let p = read(abi::NV0080_ALLOC_PARAMETERS_SIZE)?;
             Ok((
@@ -528,7 +534,11 @@ mod tests {
             RmAllocVariant::Nvos21,
             &rm(client, dev, 0x40, 0x3000, 64),
         );
-        assert_eq!(st, status::NV_ERR_INVALID_ARGUMENT, "paramsSize too small");
+        assert_eq!(
+            st,
+            status::NV_ERR_NO_MEMORY,
+            "RM sizes the copy by the class, not the caller's paramsSize: the same outcome as above"
+        );
         let (_, st) = alloc(&mut m, &c, RmAllocVariant::Nvos21, &rm(client, dev, 0x1234, 0, 0));
         assert_eq!(st, status::NV_ERR_INVALID_CLASS);
         let mut a = rm(client, dev, 0x40, 0x3000, 128);

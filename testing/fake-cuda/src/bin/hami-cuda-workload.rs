@@ -107,6 +107,9 @@ struct Args {
     /// Free the raw allocations with RM_FREE before exiting.
     #[arg(long)]
     raw_free: bool,
+    /// Allocate the raw allocations' NV01_DEVICE_0 without parameters (device instance 0).
+    #[arg(long)]
+    raw_device_without_params: bool,
     /// Parent the raw allocations to an NV20_SUBDEVICE_0 under the device, not to the device.
     #[arg(long)]
     raw_under_subdevice: bool,
@@ -318,7 +321,12 @@ fn raw(args: &Args, gpu: u32) -> Result<Option<Raw>> {
         return Ok(None);
     }
     let client = rm_client(args.xfer)?;
-    let dev = client.alloc_device(gpu).context("allocating NV01_DEVICE_0")?;
+    let dev = if args.raw_device_without_params {
+        client.alloc_device_without_params()
+    } else {
+        client.alloc_device(gpu)
+    }
+    .context("allocating NV01_DEVICE_0")?;
     let parent = if args.raw_under_subdevice {
         client
             .alloc_subdevice(dev)
