@@ -162,6 +162,8 @@ struct Driver {
     devices: HashMap<u32, u32>,
     contexts: HashMap<usize, u32>,
     next_ctx: usize,
+    /// Primary contexts (`cuDevicePrimaryCtxRetain`): GPU index → (context, retain count).
+    primary: HashMap<u32, (usize, u32)>,
     allocs: HashMap<u64, Mem>,
     next_va: u64,
     /// `cuMemAddressReserve` ranges: base → bytes.
@@ -338,6 +340,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
             devices: HashMap::new(),
             contexts: HashMap::new(),
             next_ctx: 0x1000,
+            primary: HashMap::new(),
             allocs: HashMap::new(),
             next_va: VA_BASE,
             reservations: BTreeMap::new(),
@@ -493,10 +496,14 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attrib: c_int, 
         if gpu(d, dev).is_none() {
             return CUDA_ERROR_INVALID_DEVICE;
         }
+        // `CUdevice_attribute` numbers from `cuda.h`; values of an H100 SXM.
         let v = match attrib {
-            16 => 132,
-            75 => 9,
-            76 => 0,
+            1 => 1024,  // MAX_THREADS_PER_BLOCK
+            10 => 32,   // WARP_SIZE
+            16 => 132,  // MULTIPROCESSOR_COUNT
+            39 => 2048, // MAX_THREADS_PER_MULTIPROCESSOR
+            75 => 9,    // COMPUTE_CAPABILITY_MAJOR
+            76 => 0,    // COMPUTE_CAPABILITY_MINOR
             _ => return CUDA_ERROR_INVALID_VALUE,
         };
         // SAFETY: checked non-null above.
@@ -529,6 +536,81 @@ pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, _flags: c_uint, de
         unsafe { pctx.write(id as CUcontext) };
         CUDA_SUCCESS
     })
+}
+
+/// `cuDevicePrimaryCtxRetain`: the device's primary context (created, with the GPU's RM device, on
+/// first retain; not made current), its retain count raised. The CUDA runtime's first call on a
+/// device.
+///
+/// # Safety
+/// `pctx` is null or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+    if pctx.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    with_driver(|d| {
+        let Some(index) = gpu(d, dev).map(|g| g.index) else {
+            return CUDA_ERROR_INVALID_DEVICE;
+        };
+        if let Err(e) = device_handle(d, index) {
+            return e;
+        }
+        let id = match d.primary.get_mut(&index) {
+            Some((id, n)) => {
+                *n += 1;
+                *id
+            }
+            None => {
+                let id = d.next_ctx;
+                d.next_ctx += 0x10;
+                d.contexts.insert(id, index);
+                d.primary.insert(index, (id, 1));
+                id
+            }
+        };
+        // SAFETY: checked non-null above.
+        unsafe { pctx.write(id as CUcontext) };
+        CUDA_SUCCESS
+    })
+}
+
+/// `cuDevicePrimaryCtxRelease_v2`: lowers the retain count; the last release destroys the context.
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
+    with_driver(|d| {
+        let Some(index) = gpu(d, dev).map(|g| g.index) else {
+            return CUDA_ERROR_INVALID_DEVICE;
+        };
+        let Some((id, n)) = d.primary.get_mut(&index) else {
+            return CUDA_ERROR_INVALID_CONTEXT;
+        };
+        *n -= 1;
+        if *n == 0 {
+            let id = *id;
+            d.primary.remove(&index);
+            d.contexts.remove(&id);
+            CURRENT.with(|c| {
+                if c.get() == id {
+                    c.set(0);
+                }
+            });
+        }
+        CUDA_SUCCESS
+    })
+}
+
+/// `cuDevicePrimaryCtxRelease` (the pre-11 name of the same call).
+///
+/// # Safety
+/// None beyond the C API's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(dev: CUdevice) -> CUresult {
+    // SAFETY: same contract.
+    unsafe { cuDevicePrimaryCtxRelease_v2(dev) }
 }
 
 /// `cuCtxDestroy_v2`.
@@ -1546,6 +1628,9 @@ fn lookup(symbol: &str) -> Option<*mut c_void> {
         "cuDeviceGetUuid" => cuDeviceGetUuid as *mut c_void,
         "cuDeviceGetAttribute" => cuDeviceGetAttribute as *mut c_void,
         "cuCtxCreate" | "cuCtxCreate_v2" => cuCtxCreate_v2 as *mut c_void,
+        "cuDevicePrimaryCtxRetain" => cuDevicePrimaryCtxRetain as *mut c_void,
+        "cuDevicePrimaryCtxRelease" => cuDevicePrimaryCtxRelease as *mut c_void,
+        "cuDevicePrimaryCtxRelease_v2" => cuDevicePrimaryCtxRelease_v2 as *mut c_void,
         "cuCtxDestroy" | "cuCtxDestroy_v2" => cuCtxDestroy_v2 as *mut c_void,
         "cuCtxGetCurrent" => cuCtxGetCurrent as *mut c_void,
         "cuCtxGetDevice" => cuCtxGetDevice as *mut c_void,

@@ -197,3 +197,41 @@ fn nvidia_visible_devices_renumbers_the_gpus_as_in_a_container() {
         assert!(!w.finish().status.success(), "{visible} device {device}");
     }
 }
+
+#[test]
+fn the_runtime_start_up_path_primary_context_and_attributes() {
+    // What the CUDA runtime (and so PyTorch) calls first: cuDeviceGetAttribute for the SM count,
+    // threads per SM and warp size, then cuDevicePrimaryCtxRetain; memory allocated in that context
+    // lands on the device, and releasing the context at the end succeeds.
+    if !privileged_or_skip("the_runtime_start_up_path_primary_context_and_attributes") {
+        return;
+    }
+    let node = FakeNode::start_temp(DeviceModel::uniform(2, 1024)).unwrap();
+    let lib = lib_dir("primary");
+    let mut w = Workload::spawn(
+        &node,
+        &lib.0,
+        "nvos21",
+        &[
+            "--device",
+            "1",
+            "--primary-ctx",
+            "--alloc",
+            "2097152",
+            "--free",
+            "--hold",
+        ],
+    );
+    assert_eq!(
+        w.line("attributes").unwrap().trim(),
+        "attributes sm 132 threads-per-sm 2048 warp 32"
+    );
+    assert_eq!(w.line("allocated").unwrap().split_whitespace().count(), 2);
+    let t = read_ground_truth(node.dir()).unwrap();
+    assert_eq!((t.bytes(w.pid(), 1), t.bytes(w.pid(), 0)), (2 * MIB, 0));
+    w.send();
+    assert!(w.line("freed").is_some());
+    w.send();
+    assert!(w.line("released primary context").is_some());
+    assert!(w.finish().status.success());
+}

@@ -52,7 +52,7 @@ use hami_fake_gpu::GroundTruth;
 use hami_fake_gpu::model::GpuTruth;
 use nvml_wrapper_sys::bindings as sys;
 pub use sys::{
-    nvmlDevice_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_t,
+    nvmlDevice_t, nvmlMemory_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessInfo_t, nvmlProcessInfo_v1_t,
     nvmlProcessUtilizationSample_t, nvmlReturn_t, nvmlUtilization_t,
 };
 
@@ -618,19 +618,56 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     info_count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
+    // SAFETY: forwarded under the same contract.
+    unsafe {
+        running_processes(device, info_count, infos, |pid, bytes| nvmlProcessInfo_t {
+            pid,
+            usedGpuMemory: bytes,
+            gpuInstanceId: NVML_VALUE_NOT_AVAILABLE,
+            computeInstanceId: NVML_VALUE_NOT_AVAILABLE,
+        })
+    }
+}
+
+/// `nvmlDeviceGetComputeRunningProcesses` (the unversioned name, `nvmlProcessInfo_v1_t`: pid and
+/// bytes only), which programs linked against old NVML headers still call at start-up.
+///
+/// # Safety
+/// As [`nvmlDeviceGetComputeRunningProcesses_v3`], with `nvmlProcessInfo_v1_t` entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    device: nvmlDevice_t,
+    info_count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_v1_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded under the same contract.
+    unsafe {
+        running_processes(device, info_count, infos, |pid, bytes| nvmlProcessInfo_v1_t {
+            pid,
+            usedGpuMemory: bytes,
+        })
+    }
+}
+
+/// Every process holding device memory on the GPU, as entries made by `entry(pid, bytes)`.
+///
+/// # Safety
+/// `info_count` is null or valid for reads and writes; `infos` is null or valid for `*info_count`
+/// entries of `T`.
+unsafe fn running_processes<T>(
+    device: nvmlDevice_t,
+    info_count: *mut c_uint,
+    infos: *mut T,
+    entry: impl Fn(c_uint, c_ulonglong) -> T,
+) -> nvmlReturn_t {
     if info_count.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     with_live_gpu(device, |t, g| {
-        let procs: Vec<nvmlProcessInfo_t> = t
+        let procs: Vec<T> = t
             .bytes_per_pid(g.index)
             .into_iter()
-            .map(|(pid, bytes)| nvmlProcessInfo_t {
-                pid,
-                usedGpuMemory: bytes,
-                gpuInstanceId: NVML_VALUE_NOT_AVAILABLE,
-                computeInstanceId: NVML_VALUE_NOT_AVAILABLE,
-            })
+            .map(|(pid, bytes)| entry(pid, bytes))
             .collect();
         let n = c_uint::try_from(procs.len()).unwrap_or(c_uint::MAX);
         // SAFETY: checked non-null above.

@@ -176,6 +176,16 @@ fn nvml_wrapper_discovers_the_simulated_gpus_and_their_processes() {
         );
     }
     assert_eq!(gpu_procs(&lines, 1), BTreeMap::from([(pid, 3 * MIB)]));
+    // The unversioned call (nvmlProcessInfo_v1_t) answers the same.
+    let v1: BTreeMap<u32, u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("gpu 1 proc-v1 "))
+        .map(|l| {
+            let (p, b) = l.split_once(' ').expect("pid and bytes");
+            (p.parse().expect("pid"), b.parse().expect("bytes"))
+        })
+        .collect();
+    assert_eq!(v1, BTreeMap::from([(pid, 3 * MIB)]));
     assert!(gpu_procs(&lines, 0).is_empty());
 
     // The tenant exits without freeing: the driver frees on close; NVML follows.

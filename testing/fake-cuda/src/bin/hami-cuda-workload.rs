@@ -123,6 +123,12 @@ struct Args {
     /// Fork a child that allocates this many bytes of vidmem with its own RM client.
     #[arg(long)]
     fork_alloc: Option<u64>,
+    /// Start as the CUDA runtime does: the device's primary context (cuDevicePrimaryCtxRetain +
+    /// cuCtxSetCurrent, released with cuDevicePrimaryCtxRelease_v2 at the end) instead of
+    /// cuCtxCreate_v2, after reading the attributes frameworks read at start-up; prints
+    /// `attributes sm <n> threads-per-sm <n> warp <n>`.
+    #[arg(long)]
+    primary_ctx: bool,
     /// Resolve cuMemAlloc through cuGetProcAddress_v2 instead of dlsym.
     #[arg(long)]
     proc_address: bool,
@@ -169,6 +175,10 @@ type FnInit = unsafe extern "C" fn(c_uint) -> c_int;
 type FnDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
 type FnTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> c_int;
 type FnCtxCreate = unsafe extern "C" fn(*mut *mut c_void, c_uint, c_int) -> c_int;
+type FnCtxSet = unsafe extern "C" fn(*mut c_void) -> c_int;
+type FnPrimaryRetain = unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int;
+type FnPrimaryRelease = unsafe extern "C" fn(c_int) -> c_int;
+type FnDeviceAttribute = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
 type FnMemAlloc = unsafe extern "C" fn(*mut u64, usize) -> c_int;
 type FnMemAllocPitch = unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> c_int;
 type FnMemAllocManaged = unsafe extern "C" fn(*mut u64, usize, c_uint) -> c_int;
@@ -576,7 +586,27 @@ fn main() -> Result<()> {
     check("cuDeviceTotalMem_v2", unsafe { total_mem(&raw mut total, dev) })?;
     println!("device {dev} total {total}");
     let mut ctx: *mut c_void = std::ptr::null_mut();
-    check("cuCtxCreate_v2", unsafe { ctx_create(&raw mut ctx, 0, dev) })?;
+    if args.primary_ctx {
+        let attribute = unsafe { lib.func::<FnDeviceAttribute>("cuDeviceGetAttribute")? };
+        let attr = |a: c_int| -> Result<c_int> {
+            let mut v: c_int = 0;
+            check("cuDeviceGetAttribute", unsafe { attribute(&raw mut v, a, dev) })?;
+            Ok(v)
+        };
+        // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, _MAX_THREADS_PER_MULTIPROCESSOR, _WARP_SIZE.
+        println!(
+            "attributes sm {} threads-per-sm {} warp {}",
+            attr(16)?,
+            attr(39)?,
+            attr(10)?
+        );
+        let retain = unsafe { lib.func::<FnPrimaryRetain>("cuDevicePrimaryCtxRetain")? };
+        let set = unsafe { lib.func::<FnCtxSet>("cuCtxSetCurrent")? };
+        check("cuDevicePrimaryCtxRetain", unsafe { retain(&raw mut ctx, dev) })?;
+        check("cuCtxSetCurrent", unsafe { set(ctx) })?;
+    } else {
+        check("cuCtxCreate_v2", unsafe { ctx_create(&raw mut ctx, 0, dev) })?;
+    }
 
     // Everything freed with cuMemFree_v2 at the end (plain, pitched and managed pointers).
     let mut ptrs = Vec::new();
@@ -681,7 +711,6 @@ fn main() -> Result<()> {
         // The function pointers are plain C functions, safe to call from any thread.
         let (alloc_fn, free_fn) = (mem_alloc as usize, mem_free as usize);
         let ctx_addr = ctx as usize;
-        type FnCtxSet = unsafe extern "C" fn(*mut c_void) -> c_int;
         let set_current = unsafe { lib.func::<FnCtxSet>("cuCtxSetCurrent")? } as usize;
         // Every thread finishes its churn before any starts holding, so a holder is only ever refused
         // by blocks that are held, never by another thread's short-lived one.
@@ -822,5 +851,10 @@ fn main() -> Result<()> {
         }
     }
     drop(raw);
+    if args.primary_ctx {
+        let release = unsafe { lib.func::<FnPrimaryRelease>("cuDevicePrimaryCtxRelease_v2")? };
+        check("cuDevicePrimaryCtxRelease_v2", unsafe { release(dev) })?;
+        println!("released primary context");
+    }
     Ok(())
 }

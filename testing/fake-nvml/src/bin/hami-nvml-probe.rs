@@ -16,7 +16,7 @@
 )]
 #![allow(
     unsafe_code,
-    reason = "`util` calls nvmlDeviceGetProcessUtilization raw, to check its C-level answers"
+    reason = "`util` and `probe` call NVML functions raw, to check their C-level answers"
 )]
 
 use std::ffi::OsStr;
@@ -30,7 +30,7 @@ use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
-use nvml_wrapper_sys::bindings::{NvmlLib, nvmlProcessUtilizationSample_t};
+use nvml_wrapper_sys::bindings::{NvmlLib, nvmlProcessInfo_v1_t, nvmlProcessUtilizationSample_t};
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -54,6 +54,9 @@ fn probe(lib: &OsStr) {
         Err(e) => panic!("nvml init: {e:?}"),
     };
     println!("nvml init ok");
+    // The same library, for the unversioned calls the wrapper does not make.
+    // SAFETY: the fake NVML library, whose symbols have the nvml-wrapper-sys signatures.
+    let sys_lib = unsafe { NvmlLib::new(lib) }.unwrap();
     println!("nvml driver {}", nvml.sys_driver_version().unwrap());
     println!("nvml cuda {}", nvml.sys_cuda_driver_version().unwrap());
     let count = nvml.device_count().unwrap();
@@ -85,6 +88,30 @@ fn probe(lib: &OsStr) {
                 UsedGpuMemory::Unavailable => "unavailable".to_owned(),
             };
             println!("nvml gpu {i} proc {} {bytes}", p.pid);
+        }
+        // The unversioned nvmlDeviceGetComputeRunningProcesses (nvmlProcessInfo_v1_t entries), which
+        // programs built against old headers call.
+        // SAFETY: a handle of the live library, used while `nvml` lives.
+        let h = unsafe { d.handle() };
+        let mut n: u32 = 0;
+        // SAFETY: a valid count pointer and no buffer: asks for the count.
+        let rc = unsafe { sys_lib.nvmlDeviceGetComputeRunningProcesses(h, &raw mut n, std::ptr::null_mut()) };
+        let mut v1 = vec![
+            nvmlProcessInfo_v1_t {
+                pid: 0,
+                usedGpuMemory: 0
+            };
+            n as usize
+        ];
+        if n > 0 {
+            // SAFETY: `v1` holds `n` entries.
+            let rc = unsafe { sys_lib.nvmlDeviceGetComputeRunningProcesses(h, &raw mut n, v1.as_mut_ptr()) };
+            assert_eq!(rc, 0, "unversioned running processes");
+        } else {
+            assert_eq!(rc, 0, "unversioned running processes, none");
+        }
+        for p in v1.iter().take(n as usize) {
+            println!("nvml gpu {i} proc-v1 {} {}", p.pid, p.usedGpuMemory);
         }
     }
     let missing = nvml.device_by_uuid("GPU-00000000-0000-0000-0000-000000000000");
