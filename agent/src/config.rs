@@ -11,7 +11,8 @@
 //!   "hard_limit": false,                 // kill (SIGKILL from eBPF) a process that takes its container
 //!                                        // past the limit in its shared region
 //!   "driver_version": null,              // e.g. "595.45.04"; default: read paths.driver_version_file
-//!   "libcuda": ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"],  // uprobe targets (missing files skipped)
+//!   "libcuda": ["/usr/lib/x86_64-linux-gnu/libcuda.so.1"],  // uprobe targets (a missing file or
+//!                                        // symbol is a warning and a metric, not an error)
 //!   "nvml_lib": null,                    // NVML for discovery; default libnvidia-ml.so.1
 //!   "paths": {
 //!     "dev_dir": "/dev",                 // nvidiactl, nvidia<N>, nvidia-uvm are looked up here

@@ -19,6 +19,7 @@
 //! - `cargo xtask metrics-doc`: regenerate docs/metrics.md.
 //! - `cargo xtask chart`: the Helm chart check alone.
 //! - `cargo xtask plots [--reuse]` (root): PNG plots of the agent's series from Prometheus (docs/img).
+//! - `cargo xtask gpu-kit DIR`: the bundle for a real GPU node (see [`gpu_kit`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -29,6 +30,7 @@ use anyhow::{Context, Result, bail};
 
 mod chart;
 mod fuzz;
+mod gpu_kit;
 mod plots;
 
 fn root() -> PathBuf {
@@ -431,9 +433,10 @@ fn dispatch() -> Result<()> {
         Some("lint") => lint(),
         Some("chart") => chart::check(),
         Some("plots") => plots::plots(&rest),
+        Some("gpu-kit") => gpu_kit::gpu_kit(&rest),
         Some("metrics-doc") => {
             std::fs::write(root().join("docs/metrics.md"), metrics_doc()?).context("writing docs/metrics.md")
         }
-        _ => bail!("usage: cargo xtask <sim|ci|fuzz|soak|bench|lint|metrics-doc|chart|plots> [args]"),
+        _ => bail!("usage: cargo xtask <sim|ci|fuzz|soak|bench|lint|metrics-doc|chart|plots|gpu-kit> [args]"),
     }
 }
