@@ -688,3 +688,42 @@ impl Probes {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{OBJECT, call_names};
+    use hami_ebpf_common::{PROBES, call};
+
+    #[test]
+    fn the_probe_list_names_every_call_once_and_every_program_exists() {
+        // One entry probe per call id, 1..COUNT, each symbol once.
+        let mut ids: Vec<u32> = call_names().iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..call::COUNT).collect::<Vec<_>>());
+        let mut symbols: Vec<&str> = call_names().iter().map(|(_, s)| *s).collect();
+        symbols.sort_unstable();
+        symbols.dedup();
+        assert_eq!(symbols.len(), ids.len());
+        if OBJECT.is_empty() {
+            eprintln!("skipped the object check: built with HAMI_EBPF_STUB=1");
+            return;
+        }
+        // Every program the list attaches is a function of the built eBPF object.
+        use object::{Object as _, ObjectSymbol as _};
+        let file = object::File::parse(OBJECT).expect("the eBPF object is ELF");
+        let functions: std::collections::BTreeSet<&str> = file
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text)
+            .filter_map(|s| s.name().ok())
+            .collect();
+        assert!(functions.contains("hami_sys_enter"), "{functions:?}");
+        assert!(!functions.contains("hami_no_such_program"));
+        for p in PROBES {
+            assert!(
+                functions.contains(p.program),
+                "{} is not in the object",
+                p.program
+            );
+        }
+    }
+}
