@@ -6,7 +6,7 @@
 //! `OUT_DIR/hami-ebpf`, where `src/loader.rs` embeds it.
 //!
 //! Needs the nightly toolchain with `rust-src` and `bpf-linker` 0.10.4 on PATH
-//! (`reference/ebpf-toolchain.md`; `cargo xtask ci` installs both). With `HAMI_EBPF_STUB=1` an empty
+//! (`cargo xtask ci` installs both; the versions are in `xtask/src/main.rs`). With `HAMI_EBPF_STUB=1` an empty
 //! stub is written instead, so `cargo check` works without the eBPF toolchain; an agent built that way
 //! refuses to load (it says why).
 use anyhow::{Context as _, anyhow};

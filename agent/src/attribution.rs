@@ -328,12 +328,7 @@ impl Attribution {
     pub fn apply(&mut self, ev: &Event) -> Cleanup {
         self.events += 1;
         let mut cleanup = Cleanup::default();
-        let key = ObjectKey {
-            tgid: ev.tgid,
-            client: ev.client,
-            handle: ev.handle,
-            _pad: 0,
-        };
+        let key = ObjectKey::new(ev.tgid, ev.client, ev.handle);
         match ev.kind {
             event_kind::ALLOC => {
                 let live = Live {

@@ -198,6 +198,20 @@ pub struct ObjectKey {
     pub _pad: u32,
 }
 
+impl ObjectKey {
+    /// The key of object `handle` of client `client` created by process `tgid`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn new(tgid: u32, client: u32, handle: u32) -> Self {
+        Self {
+            tgid,
+            client,
+            handle,
+            _pad: 0,
+        }
+    }
+}
+
 /// An RM `NV01_DEVICE_0` or `NV20_SUBDEVICE_0` object, the value of the object map.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

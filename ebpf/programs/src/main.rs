@@ -330,12 +330,7 @@ fn record_alloc(client: u32, handle: u32, parent: u32, bytes: u64, class: u32, n
     ev.bytes = bytes;
     ev.class = class;
     ev.nr = nr;
-    let key = ObjectKey {
-        tgid: ev.tgid,
-        client,
-        handle,
-        _pad: 0,
-    };
+    let key = ObjectKey::new(ev.tgid, client, handle);
     let val = AllocValue {
         cgroup_id: ev.cgroup_id,
         bytes,
@@ -476,12 +471,7 @@ fn record_failed(client: u32, parent: u32, bytes: u64, status: u32, nr: u32) {
 #[inline(always)]
 fn record_free(client: u32, handle: u32, nr: u32) {
     let mut ev = base_event(event_kind::FREE);
-    let key = ObjectKey {
-        tgid: ev.tgid,
-        client,
-        handle,
-        _pad: 0,
-    };
+    let key = ObjectKey::new(ev.tgid, client, handle);
     ev.client = client;
     ev.handle = handle;
     ev.nr = nr;
@@ -525,12 +515,7 @@ impl decode::Reader for UserMem {
 
 #[inline(always)]
 fn gpu_of(tgid: u32, client: u32, handle: u32) -> Option<u32> {
-    let key = ObjectKey {
-        tgid,
-        client,
-        handle,
-        _pad: 0,
-    };
+    let key = ObjectKey::new(tgid, client, handle);
     // SAFETY: plain map lookup.
     unsafe { HAMI_OBJECTS.get(key) }.map(|v| v.gpu)
 }
@@ -539,12 +524,7 @@ fn gpu_of(tgid: u32, client: u32, handle: u32) -> Option<u32> {
 #[inline(always)]
 fn record_object(client: u32, handle: u32, parent: u32, gpu: u32, class: u32, nr: u32) {
     let mut ev = base_event(event_kind::OBJECT);
-    let key = ObjectKey {
-        tgid: ev.tgid,
-        client,
-        handle,
-        _pad: 0,
-    };
+    let key = ObjectKey::new(ev.tgid, client, handle);
     let _ = HAMI_OBJECTS.insert(key, ObjectValue { gpu, parent }, 0);
     ev.gpu = gpu;
     ev.client = client;

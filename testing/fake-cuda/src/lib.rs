@@ -512,6 +512,21 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(value: *mut c_int, attrib: c_int, 
     })
 }
 
+/// The GPU index of ordinal `dev` for a new context, its RM device allocated on first use.
+fn context_device(d: &mut Driver, dev: CUdevice) -> Result<u32, CUresult> {
+    let index = gpu(d, dev).map(|g| g.index).ok_or(CUDA_ERROR_INVALID_DEVICE)?;
+    device_handle(d, index)?;
+    Ok(index)
+}
+
+/// A new context on GPU `index`; returns its handle.
+fn new_context(d: &mut Driver, index: u32) -> usize {
+    let id = d.next_ctx;
+    d.next_ctx += 0x10;
+    d.contexts.insert(id, index);
+    id
+}
+
 /// `cuCtxCreate_v2`: allocates the GPU's RM device on first use and makes the context current.
 ///
 /// # Safety
@@ -522,15 +537,11 @@ pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, _flags: c_uint, de
         return CUDA_ERROR_INVALID_VALUE;
     }
     with_driver(|d| {
-        let Some(index) = gpu(d, dev).map(|g| g.index) else {
-            return CUDA_ERROR_INVALID_DEVICE;
+        let index = match context_device(d, dev) {
+            Ok(i) => i,
+            Err(e) => return e,
         };
-        if let Err(e) = device_handle(d, index) {
-            return e;
-        }
-        let id = d.next_ctx;
-        d.next_ctx += 0x10;
-        d.contexts.insert(id, index);
+        let id = new_context(d, index);
         CURRENT.with(|c| c.set(id));
         // SAFETY: checked non-null above.
         unsafe { pctx.write(id as CUcontext) };
@@ -550,21 +561,17 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUd
         return CUDA_ERROR_INVALID_VALUE;
     }
     with_driver(|d| {
-        let Some(index) = gpu(d, dev).map(|g| g.index) else {
-            return CUDA_ERROR_INVALID_DEVICE;
+        let index = match context_device(d, dev) {
+            Ok(i) => i,
+            Err(e) => return e,
         };
-        if let Err(e) = device_handle(d, index) {
-            return e;
-        }
         let id = match d.primary.get_mut(&index) {
             Some((id, n)) => {
                 *n += 1;
                 *id
             }
             None => {
-                let id = d.next_ctx;
-                d.next_ctx += 0x10;
-                d.contexts.insert(id, index);
+                let id = new_context(d, index);
                 d.primary.insert(index, (id, 1));
                 id
             }
